@@ -79,17 +79,18 @@ def _check(c: NFTConfig) -> None:
     if not isinstance(c.adv_steps, int) or c.adv_steps < 1:
         raise bad("adv_steps", "an integer >= 1")
     checks = {
-        "lr": (c.lr > 0, "> 0"),
-        "momentum": (0 <= c.momentum < 1, "in [0, 1)"),
-        "lr_min": (0 <= c.lr_min <= c.lr, f"in [0, lr={c.lr}]"),
-        "schedule_alpha": (0 < c.schedule_alpha <= 1, "in (0, 1]"),
-        "schedule_beta": (c.schedule_beta >= 0, ">= 0"),
-        "eta_c": (c.eta_c >= 0, ">= 0"),
-        "mix_alpha": (c.mix_alpha > 0, "> 0"),
-        "adv_share": (0 <= c.adv_share <= 1, "in [0, 1]"),
-        "adv_eps": (0 < c.adv_eps <= 1, "in (0, 1]"),
+        "lr": (lambda v: v > 0, "> 0"),
+        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "lr_min": (lambda v: 0 <= v <= c.lr, f"in [0, lr={c.lr}]"),
+        "schedule_alpha": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "schedule_beta": (lambda v: v >= 0, ">= 0"),
+        "eta_c": (lambda v: v >= 0, ">= 0"),
+        "mix_alpha": (lambda v: v > 0, "> 0"),
+        "adv_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "adv_eps": (lambda v: 0 < v <= 1, "in (0, 1]"),
     }
     for name, (ok, allowed) in checks.items():
         value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not is_number or not ok(value):
             raise bad(name, f"a finite number {allowed}")
