@@ -1,0 +1,309 @@
+"""The promotion gate: declarative checks on the evaluation evidence, and the blessing they produce.
+
+Modelled on TFX's Evaluator (value thresholds, change thresholds against a baseline, a blessing artifact):
+
+1. Every :class:`MetricCheck` names a metric or a wildcard pattern (``asr/*`` is every probe's ASR) and
+   carries value thresholds (``min``/``max``, the hardened model's value) and/or a change threshold against
+   the candidate: ``max_drop`` for metrics that are better when higher (ACC may drop at most 0.02),
+   ``max_increase`` for metrics that are better when lower. Which one applies follows from the metric's
+   direction (:data:`DIRECTIONS`, or ``direction:`` set explicitly); using the wrong one is a config error.
+2. Every fact named in ``required_facts`` (ONNX parity passed, fold check passed, ...) must be ``True``.
+3. At least one attack probe must have been evaluated (an ``asr/<probe>`` metric), unless
+   ``allow_no_probes: true``: the gate never blesses by omission of the ASR evidence.
+4. The model is blessed when every check passed.
+
+A value equal to its threshold passes (comparisons allow :data:`TOLERANCE` for float rounding, so
+``0.90 - 0.88 <= 0.02`` holds). A plain metric name that is missing raises :class:`MissingMetricError`
+(``on_missing: error``, the default: a misconfigured gate should stop the pipeline loudly) or becomes a failed
+check (``on_missing: fail``); a wildcard that matches nothing expands to no checks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Direction = Literal["higher", "lower"]
+OnMissing = Literal["error", "fail"]
+
+#: Float slack of every comparison, so that a value equal to its threshold passes despite rounding.
+TOLERANCE = 1e-9
+
+#: Metric-name patterns and the direction in which the metric gets better (first match wins).
+DIRECTIONS: tuple[tuple[str, Direction], ...] = (
+    ("acc", "higher"), ("min_class_acc", "higher"), ("robust_acc/*", "higher"),
+    ("asr/*", "lower"), ("scan/top_share", "lower"),
+)
+
+#: Metrics whose presence shows that an attack probe was evaluated.
+PROBE_PATTERN = "asr/*"
+
+
+class MissingMetricError(LookupError):
+    """A metric or fact a check needs is not in the evidence."""
+
+
+def infer_direction(metric: str) -> Direction | None:
+    """Direction of a metric name or pattern from :data:`DIRECTIONS`, or None when unknown."""
+    for pattern, direction in DIRECTIONS:
+        if fnmatch.fnmatchcase(metric, pattern):
+            return direction
+    return None
+
+
+class MetricCheck(BaseModel):
+    """Thresholds on one metric (or every metric matching a wildcard pattern).
+
+    Attributes:
+        metric: metric name or fnmatch pattern (``acc``, ``asr/*``, ``robust_acc/badnets``).
+        min: the hardened value must be >= this.
+        max: the hardened value must be <= this.
+        max_drop: the hardened value may be at most this much below the candidate's (higher-is-better metrics).
+        max_increase: the hardened value may be at most this much above the candidate's (lower-is-better metrics).
+        direction: overrides :data:`DIRECTIONS`; needed for change thresholds on metrics it does not know.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = Field(min_length=1)
+    min: float | None = None
+    max: float | None = None
+    max_drop: float | None = Field(default=None, ge=0)
+    max_increase: float | None = Field(default=None, ge=0)
+    direction: Direction | None = None
+
+    @field_validator("min", "max", "max_drop", "max_increase")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"threshold {value} is invalid: must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MetricCheck:
+        where = f"check on {self.metric!r}"
+        if all(v is None for v in (self.min, self.max, self.max_drop, self.max_increase)):
+            raise ValueError(f"{where} has no threshold: set at least one of min, max, max_drop, max_increase")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"{where}: min={self.min} is above max={self.max}; min must be <= max")
+        direction = self.resolved_direction
+        for key, wrong in (("max_drop", "lower"), ("max_increase", "higher")):
+            if getattr(self, key) is None:
+                continue
+            if direction is None:
+                raise ValueError(f"{where}: {key} needs a direction; set direction: higher or lower "
+                                 f"(known metrics: {[p for p, _ in DIRECTIONS]})")
+            if direction == wrong:
+                other = "max_increase" if key == "max_drop" else "max_drop"
+                raise ValueError(f"{where}: {key} is invalid for a metric that is better when {direction}; use {other}")
+        return self
+
+    @property
+    def resolved_direction(self) -> Direction | None:
+        """The explicit direction, else the inferred one."""
+        return self.direction or infer_direction(self.metric)
+
+
+def _default_checks() -> list[MetricCheck]:
+    return [MetricCheck(metric="acc", max_drop=0.02), MetricCheck(metric="asr/*", max=0.05)]
+
+
+class GateConfig(BaseModel):
+    """The ``gate`` section of ``params.yaml``.
+
+    Attributes:
+        metrics: metric checks (default: ACC may drop at most 0.02, ASR <= 0.05 on every probe).
+        required_facts: facts that must be True (default: ONNX parity and fold check passed).
+        allow_no_probes: bless without any ASR evidence (default False: no probes means not blessed).
+        on_missing: ``error`` raises :class:`MissingMetricError` for a missing metric or fact, ``fail``
+            records a failed check instead.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metrics: list[MetricCheck] = Field(default_factory=_default_checks, min_length=1)
+    required_facts: list[str] = Field(default_factory=lambda: ["onnx_parity", "fold_check"])
+    allow_no_probes: bool = False
+    on_missing: OnMissing = "error"
+
+
+class CheckResult(BaseModel):
+    """One evaluated check, as it appears in ``blessing.json``."""
+
+    name: str
+    kind: Literal["min", "max", "max_drop", "max_increase", "fact", "probes"]
+    metric: str
+    value: float | bool | None
+    threshold: float | bool | None
+    baseline: float | None = None
+    passed: bool
+    reason: str
+
+
+class Blessing(BaseModel):
+    """The gate's verdict: blessed only when every check passed."""
+
+    blessed: bool
+    summary: str
+    checks: list[CheckResult]
+    created_at: str
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        """The checks that did not pass."""
+        return [c for c in self.checks if not c.passed]
+
+    def write(self, path: str | Path) -> Path:
+        """Write the blessing as JSON atomically (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.model_dump(mode="json"), f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _number(evidence: Mapping[str, Any], name: str, which: str) -> float:
+    value = evidence[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{which} metric {name!r} is {value!r}: a gate check needs a number")
+    return float(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def expand(pattern: str, evidence: Mapping[str, Any]) -> list[str]:
+    """Numeric metric names matching ``pattern`` (sorted); a plain name is returned as is, present or not."""
+    if not any(ch in pattern for ch in "*?["):
+        return [pattern]
+    return sorted(name for name, value in evidence.items() if fnmatch.fnmatchcase(name, pattern) and _is_number(value))
+
+
+def _missing(name: str, kind: str, metric: str, threshold: float | bool | None, what: str, on_missing: OnMissing) -> CheckResult:
+    message = f"{what} is missing from the evidence"
+    if on_missing == "error":
+        raise MissingMetricError(f"gate check {name!r} needs {message}")
+    return CheckResult(name=name, kind=kind, metric=metric, value=None, threshold=threshold,  # type: ignore[arg-type]
+                       passed=False, reason=f"Failed because {message}.")
+
+
+def _value_check(metric: str, kind: Literal["min", "max"], value: float, threshold: float) -> CheckResult:
+    op = ">=" if kind == "min" else "<="
+    if not math.isfinite(value):
+        passed, reason = False, f"{metric} is {value}, not a finite number."
+    else:
+        passed = value >= threshold - TOLERANCE if kind == "min" else value <= threshold + TOLERANCE
+        bound = "minimum" if kind == "min" else "maximum"
+        verdict = "meets" if passed else "violates"
+        reason = f"{metric} is {_fmt(value)}, which {verdict} the {bound} {_fmt(threshold)}."
+    return CheckResult(name=f"{metric} {op} {threshold:g}", kind=kind, metric=metric, value=value,
+                       threshold=threshold, passed=passed, reason=reason)
+
+
+def _change_check(metric: str, kind: Literal["max_drop", "max_increase"], value: float, baseline: float,
+                  threshold: float) -> CheckResult:
+    change = baseline - value if kind == "max_drop" else value - baseline
+    word = "drop" if kind == "max_drop" else "increase"
+    if not (math.isfinite(value) and math.isfinite(baseline)):
+        passed, reason = False, f"{metric} went from {baseline} to {value}; the change is not a finite number."
+    else:
+        passed = change <= threshold + TOLERANCE
+        verdict = "within" if passed else "beyond"
+        reason = (f"{metric} went from {_fmt(baseline)} (candidate) to {_fmt(value)}, a {word} of {_fmt(change)}, "
+                  f"{verdict} the allowed {word} of {_fmt(threshold)}.")
+    return CheckResult(name=f"{metric} {word} <= {threshold:g}", kind=kind, metric=metric, value=value,
+                       threshold=threshold, baseline=baseline, passed=passed, reason=reason)
+
+
+def _metric_results(check: MetricCheck, before: Mapping[str, Any], after: Mapping[str, Any],
+                    on_missing: OnMissing) -> list[CheckResult]:
+    results: list[CheckResult] = []
+    for metric in expand(check.metric, after):
+        for kind in ("min", "max", "max_drop", "max_increase"):
+            threshold = getattr(check, kind)
+            if threshold is None:
+                continue
+            if metric not in after:
+                results.append(_missing(f"{metric} {kind}", kind, metric, threshold, f"metric {metric!r} of the hardened model", on_missing))
+            elif kind in ("min", "max"):
+                results.append(_value_check(metric, kind, _number(after, metric, "hardened"), threshold))  # type: ignore[arg-type]
+            elif metric not in before:
+                results.append(_missing(f"{metric} {kind}", kind, metric, threshold, f"metric {metric!r} of the candidate (baseline)", on_missing))
+            else:
+                results.append(_change_check(metric, kind, _number(after, metric, "hardened"),  # type: ignore[arg-type]
+                                             _number(before, metric, "candidate"), threshold))
+    return results
+
+
+def _fact_result(name: str, facts: Mapping[str, Any], on_missing: OnMissing) -> CheckResult:
+    if name not in facts:
+        return _missing(name, "fact", name, True, f"fact {name!r}", on_missing)
+    value = facts[name]
+    if not isinstance(value, bool):
+        raise TypeError(f"fact {name!r} is {value!r}: facts must be True or False")
+    reason = f"{name} {'passed' if value else 'did not pass'}."
+    return CheckResult(name=name, kind="fact", metric=name, value=value, threshold=True, passed=value, reason=reason)
+
+
+def _probe_result(after: Mapping[str, Any], allow_no_probes: bool) -> CheckResult:
+    probes = expand(PROBE_PATTERN, after)
+    if probes:
+        reason = f"{len(probes)} attack probe(s) evaluated: {', '.join(p.split('/', 1)[1] for p in probes)}."
+        passed = True
+    elif allow_no_probes:
+        reason, passed = "No attack probe was evaluated; allowed by allow_no_probes, so ASR is not evidenced.", True
+    else:
+        reason = ("No attack probe was evaluated, so there is no ASR evidence; configure probes or set "
+                  "allow_no_probes: true.")
+        passed = False
+    return CheckResult(name="attack probes evaluated", kind="probes", metric=PROBE_PATTERN, value=float(len(probes)),
+                       threshold=None if allow_no_probes else 1.0, passed=passed, reason=reason)
+
+
+def evaluate_gate(config: GateConfig | Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any],
+                  facts: Mapping[str, bool]) -> Blessing:
+    """Run every check of ``config`` and return the blessing.
+
+    Args:
+        config: a :class:`GateConfig` or the raw ``gate`` mapping (validated here).
+        before: metrics of the candidate (baseline of change thresholds).
+        after: metrics of the hardened model.
+        facts: named booleans, e.g. ``{"onnx_parity": True, "fold_check": True}``.
+
+    Raises:
+        pydantic.ValidationError: an invalid raw config (the message names the key and value).
+        MissingMetricError: a needed metric or fact is missing and ``on_missing`` is ``error``.
+        TypeError: a checked metric is not a number, or a fact is not a bool.
+    """
+    config = config if isinstance(config, GateConfig) else GateConfig.model_validate(config)
+    checks = [_probe_result(after, config.allow_no_probes)]
+    for check in config.metrics:
+        checks += _metric_results(check, before, after, config.on_missing)
+    checks += [_fact_result(name, facts, config.on_missing) for name in config.required_facts]
+    failed = [c.name for c in checks if not c.passed]
+    summary = (f"Blessed: all {len(checks)} checks passed." if not failed else
+               f"Not blessed: {len(failed)} of {len(checks)} checks failed ({'; '.join(failed)}).")
+    return Blessing(blessed=not failed, summary=summary, checks=checks,
+                    created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))

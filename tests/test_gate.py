@@ -1,0 +1,157 @@
+"""The promotion gate: thresholds, boundaries, directions, wildcards, missing evidence, the blessing file."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from harden.gate import Blessing, GateConfig, MetricCheck, MissingMetricError, evaluate_gate
+
+FACTS = {"onnx_parity": True, "fold_check": True}
+BEFORE = {"acc": 0.90, "asr/badnets": 0.98, "asr/blend": 0.95, "robust_acc/badnets": 0.01, "scan/top_share": 0.9}
+AFTER = {"acc": 0.88, "asr/badnets": 0.03, "asr/blend": 0.05, "robust_acc/badnets": 0.80, "scan/top_share": 0.2,
+         "per_class_acc": {"a": 0.9}}
+
+
+def gate(*checks, **kw):
+    return GateConfig(metrics=[MetricCheck(**c) for c in checks], required_facts=kw.pop("facts", []), **kw)
+
+
+def only(blessing, kind):
+    found = [c for c in blessing.checks if c.kind == kind]
+    assert len(found) == 1, blessing.checks
+    return found[0]
+
+
+@pytest.mark.parametrize("threshold, passed", [(0.87, True), (0.88, True), (0.8801, False)])
+def test_min_passes_at_boundary_and_fails_above(threshold, passed):
+    b = evaluate_gate(gate({"metric": "acc", "min": threshold}), BEFORE, AFTER, FACTS)
+    check = only(b, "min")
+    assert (check.passed, b.blessed) == (passed, passed)
+    assert check.value == 0.88 and check.threshold == threshold and check.baseline is None
+    assert ("meets" if passed else "violates") in check.reason
+
+
+@pytest.mark.parametrize("threshold, passed", [(0.04, True), (0.03, True), (0.0299, False)])
+def test_max_passes_at_boundary_and_fails_below(threshold, passed):
+    b = evaluate_gate(gate({"metric": "asr/badnets", "max": threshold}), BEFORE, AFTER, FACTS)
+    assert only(b, "max").passed is passed and b.blessed is passed
+
+
+@pytest.mark.parametrize("max_drop, passed", [(0.03, True), (0.02, True), (0.0199, False)])
+def test_max_drop_against_candidate_including_float_boundary(max_drop, passed):
+    # 0.90 - 0.88 is 0.020000000000000018 in floats: equal to the threshold must still pass
+    check = only(evaluate_gate(gate({"metric": "acc", "max_drop": max_drop}), BEFORE, AFTER, FACTS), "max_drop")
+    assert check.passed is passed
+    assert check.baseline == 0.90 and check.value == 0.88
+    assert "drop of 0.0200" in check.reason
+
+
+@pytest.mark.parametrize("max_increase, after, passed", [(0.0, 0.9, True), (0.05, 0.95, True), (0.05, 0.9501, False),
+                                                         (0.0, 0.2, True)])
+def test_max_increase_for_lower_is_better_metric(max_increase, after, passed):
+    b = evaluate_gate(gate({"metric": "scan/top_share", "max_increase": max_increase}), BEFORE,
+                      {**AFTER, "scan/top_share": after}, FACTS)
+    assert only(b, "max_increase").passed is passed
+
+
+def test_an_improvement_never_fails_a_change_threshold():
+    better = {**AFTER, "acc": 0.95}
+    assert only(evaluate_gate(gate({"metric": "acc", "max_drop": 0.0}), BEFORE, better, FACTS), "max_drop").passed
+
+
+@pytest.mark.parametrize("check, message", [
+    ({"metric": "asr/*", "max_drop": 0.1}, "use max_increase"),
+    ({"metric": "acc", "max_increase": 0.1}, "use max_drop"),
+    ({"metric": "latency_ms", "max_increase": 5}, "needs a direction"),
+    ({"metric": "acc"}, "no threshold"),
+    ({"metric": "acc", "min": 0.9, "max": 0.5}, "min must be <= max"),
+])
+def test_direction_and_consistency_errors_name_the_key(check, message):
+    with pytest.raises(ValidationError, match=message):
+        MetricCheck(**check)
+
+
+def test_explicit_direction_enables_change_thresholds_on_unknown_metrics():
+    check = MetricCheck(metric="latency_ms", max_increase=5, direction="lower")
+    b = evaluate_gate(GateConfig(metrics=[check], allow_no_probes=True, required_facts=[]),
+                      {"latency_ms": 10.0}, {"latency_ms": 16.0}, {})
+    assert not b.blessed and "increase of 6.0000" in b.checks[-1].reason
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"metrics": [{"metric": "acc", "max_drop": -0.1}]}, "max_drop"),
+    ({"metrics": [{"metric": "acc", "minimum": 0.5}]}, "minimum"),
+    ({"metrics": []}, "metrics"),
+    ({"on_missing": "ignore"}, "on_missing"),
+    ({"metrics": [{"metric": "acc", "min": float("nan")}]}, "finite"),
+])
+def test_raw_config_errors_name_the_bad_key(raw, key):
+    with pytest.raises(ValidationError, match=key):
+        evaluate_gate(raw, BEFORE, AFTER, FACTS)
+
+
+def test_wildcard_expands_to_every_probe():
+    b = evaluate_gate(gate({"metric": "asr/*", "max": 0.04}), BEFORE, AFTER, FACTS)
+    by_metric = {c.metric: c.passed for c in b.checks if c.kind == "max"}
+    assert by_metric == {"asr/badnets": True, "asr/blend": False}
+    assert not b.blessed and "asr/blend" in b.summary
+
+
+def test_wildcard_ignores_non_numeric_entries():
+    b = evaluate_gate(gate({"metric": "*", "min": 0.0}), BEFORE, AFTER, FACTS)
+    assert "per_class_acc" not in {c.metric for c in b.checks}
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_missing_metric_raises_naming_it(where):
+    before, after = dict(BEFORE), dict(AFTER)
+    del (before if where == "before" else after)["acc"]
+    with pytest.raises(MissingMetricError, match="'acc'"):
+        evaluate_gate(gate({"metric": "acc", "max_drop": 0.02}), before, after, FACTS)
+
+
+def test_missing_metric_fails_the_check_when_configured():
+    b = evaluate_gate(gate({"metric": "robust_acc/blend", "min": 0.5}, on_missing="fail"), BEFORE, AFTER, FACTS)
+    check = only(b, "min")
+    assert not check.passed and check.value is None and "missing" in check.reason and not b.blessed
+
+
+def test_no_probes_is_not_blessed_unless_allowed():
+    clean_only = {"acc": 0.9}
+    config = {"metrics": [{"metric": "acc", "min": 0.5}, {"metric": "asr/*", "max": 0.05}], "required_facts": []}
+    refused = evaluate_gate(config, clean_only, clean_only, {})
+    assert not refused.blessed and "No attack probe" in only(refused, "probes").reason
+    allowed = evaluate_gate({**config, "allow_no_probes": True}, clean_only, clean_only, {})
+    assert allowed.blessed and "allow_no_probes" in only(allowed, "probes").reason
+
+
+@pytest.mark.parametrize("facts, blessed", [(FACTS, True), ({**FACTS, "onnx_parity": False}, False)])
+def test_fact_checks(facts, blessed):
+    b = evaluate_gate({"metrics": [{"metric": "acc", "min": 0}]}, BEFORE, AFTER, facts)
+    assert b.blessed is blessed
+    assert {c.name: c.passed for c in b.checks if c.kind == "fact"} == facts
+
+
+def test_missing_fact_and_non_bool_fact():
+    with pytest.raises(MissingMetricError, match="fold_check"):
+        evaluate_gate({}, BEFORE, AFTER, {"onnx_parity": True})
+    with pytest.raises(TypeError, match="onnx_parity"):
+        evaluate_gate({}, BEFORE, AFTER, {"onnx_parity": 1, "fold_check": True})
+
+
+def test_nan_metric_fails():
+    b = evaluate_gate(gate({"metric": "acc", "min": 0.5}), BEFORE, {**AFTER, "acc": float("nan")}, FACTS)
+    assert not only(b, "min").passed and "not a finite number" in only(b, "min").reason
+
+
+def test_default_gate_and_blessing_file(tmp_path):
+    b = evaluate_gate({}, BEFORE, AFTER, FACTS)
+    assert b.blessed and b.summary.startswith("Blessed")
+    assert [c.kind for c in b.checks] == ["probes", "max_drop", "max", "max", "fact", "fact"]
+    path = b.write(tmp_path / "out" / "blessing.json")
+    data = json.loads(path.read_text())
+    assert data["blessed"] is True and len(data["checks"]) == 6
+    assert set(data["checks"][1]) == {"name", "kind", "metric", "value", "threshold", "baseline", "passed", "reason"}
+    assert Blessing.model_validate(data) == b
+    assert [p.name for p in path.parent.iterdir()] == ["blessing.json"]  # no temporary file left behind
