@@ -142,3 +142,25 @@ def mask_l1_distance(model: nn.Module) -> torch.Tensor:
     """sum over all masks of |m - 1| (the NFT regulariser before its weight eta)."""
     params = mask_parameters(model)
     return torch.stack([(p - 1).abs().sum() for p in params]).sum()
+
+
+def mask_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Mask values keyed by the owning module's path (what the purify stage saves beside the weights)."""
+    return {name: m.mask.detach().cpu().clone() for name, m in mask_modules(model)}
+
+
+@torch.no_grad()
+def load_mask_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved mask values into the masks attached to ``model``.
+
+    Raises:
+        ValueError: the saved masks belong to other layers or have other sizes.
+    """
+    masks = dict(mask_modules(model))
+    if set(masks) != set(state):
+        missing, unexpected = sorted(set(masks) - set(state)), sorted(set(state) - set(masks))
+        raise ValueError(f"saved masks do not match the model's masked layers: missing {missing}, unexpected {unexpected}")
+    for name, values in state.items():
+        if values.shape != masks[name].mask.shape:
+            raise ValueError(f"mask of {name!r} has shape {tuple(values.shape)}, the layer needs {tuple(masks[name].mask.shape)}")
+        masks[name].mask.copy_(values)

@@ -6,7 +6,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from nft_core.fold import fold_masks
-from nft_core.masks import attach_masks, forward_order, mask_l1_distance, mask_modules, mask_parameters
+from nft_core.masks import (
+    attach_masks,
+    forward_order,
+    load_mask_state,
+    mask_l1_distance,
+    mask_modules,
+    mask_parameters,
+    mask_state,
+)
 from nft_core.models import Normalized, build_model
 
 ARCHS = [("small_cnn", {}), ("preact_resnet18", {"width": 8}), ("small_vit", {"dim": 24, "depth": 2, "heads": 2})]
@@ -138,3 +146,19 @@ def test_mask_modules_sorted_by_layer_index():
     model = _model("preact_resnet18", {"width": 8})
     attach_masks(model, "weight", torch.rand(1, 3, 32, 32))
     assert [m.layer_index for _, m in mask_modules(model)] == list(range(1, len(mask_modules(model)) + 1))
+
+
+def test_mask_state_round_trip_and_mismatch():
+    source = _model("small_cnn", {})
+    x = torch.rand(1, 3, 32, 32)
+    attach_masks(source, "weight", x)
+    _randomise_masks(source)
+    state = mask_state(source)
+    target = _model("small_cnn", {})
+    attach_masks(target, "weight", x)
+    load_mask_state(target, state)
+    assert torch.equal(torch.cat(list(mask_state(target).values())), torch.cat(list(state.values())))
+    other = _model("small_cnn", {})
+    attach_masks(other, "norm", x)
+    with pytest.raises(ValueError, match="do not match"):
+        load_mask_state(other, state)
