@@ -1,0 +1,177 @@
+"""Model packages: round trip, and every way a hostile or broken package is refused."""
+
+import json
+import logging
+import pickle
+
+import pytest
+import safetensors.torch
+import torch
+
+from harden.integrity import sha256_file
+from harden.package import InputSpec, ModelSpec, PackageError, load_package, save_package
+
+
+class _Payload:
+    """Unpickling this object creates ``marker`` (stands in for arbitrary code execution)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _edit_json(pkg, **changes):
+    spec = json.loads((pkg / "model.json").read_text())
+    spec.update(changes)
+    (pkg / "model.json").write_text(json.dumps(spec))
+
+
+def _rewrite_weights(pkg, state):
+    """Replace the weights and re-record their sha256, so that only the content check can object."""
+    safetensors.torch.save_file(state, str(pkg / "model.safetensors"))
+    _edit_json(pkg, weights_sha256=sha256_file(pkg / "model.safetensors"))
+
+
+def test_round_trip_outputs_identical(make_package):
+    net, spec, pkg = make_package()
+    loaded, loaded_spec = load_package(pkg)
+    x = torch.rand(5, 3, 32, 32)
+    assert not loaded.training
+    assert torch.equal(net(x), loaded(x))
+    assert loaded_spec.model_dump(exclude={"weights_sha256"}) == spec.model_dump(exclude={"weights_sha256"})
+    assert loaded_spec.weights_sha256 == sha256_file(pkg / "model.safetensors")
+
+
+def test_save_replaces_existing_package_atomically(make_package, tmp_path):
+    _, _, pkg = make_package(seed=0)
+    _, _, again = make_package(seed=1)
+    assert again == pkg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]  # no temporary or .old leftovers
+
+
+def test_failed_save_leaves_previous_package(make_package):
+    net, spec, pkg = make_package()
+    before = sha256_file(pkg / "model.safetensors")
+    wrong = spec.model_copy(update={"num_classes": 5})
+    with pytest.raises(PackageError, match="classifier"):
+        save_package(net, wrong, pkg)
+    assert sha256_file(pkg / "model.safetensors") == before
+    load_package(pkg)
+
+
+def test_unknown_builder_refused(make_package):
+    _, _, pkg = make_package()
+    _edit_json(pkg, builder="evil.module.Backdoor")
+    with pytest.raises(PackageError, match="evil.module.Backdoor.*allow-list"):
+        load_package(pkg)
+
+
+def test_unknown_spec_key_refused(make_package):
+    _, _, pkg = make_package()
+    _edit_json(pkg, entry_point="os.system")
+    with pytest.raises(PackageError, match="entry_point"):
+        load_package(pkg)
+
+
+def test_tampered_sha256_refused(make_package):
+    _, _, pkg = make_package()
+    _edit_json(pkg, weights_sha256="0" * 64)
+    with pytest.raises(PackageError, match="sha256"):
+        load_package(pkg)
+
+
+@pytest.mark.parametrize("record_sha", [True, False], ids=["sha-recorded", "no-sha"])
+def test_truncated_safetensors_refused(make_package, record_sha):
+    _, _, pkg = make_package()
+    weights = pkg / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if not record_sha:
+        _edit_json(pkg, weights_sha256=None)
+    with pytest.raises(PackageError, match="sha256" if record_sha else "truncated or corrupt"):
+        load_package(pkg)
+
+
+def test_missing_weights_refused(make_package):
+    _, _, pkg = make_package()
+    (pkg / "model.safetensors").unlink()
+    with pytest.raises(PackageError, match="model.safetensors is missing"):
+        load_package(pkg)
+
+
+def test_wrong_key_refused(make_package):
+    net, _, pkg = make_package()
+    state = dict(net.state_dict())
+    state["classifier.extra"] = state.pop("classifier.bias")
+    _rewrite_weights(pkg, state)
+    with pytest.raises(PackageError, match=r"missing \['classifier.bias'\].*unexpected \['classifier.extra'\]"):
+        load_package(pkg)
+
+
+def test_wrong_shape_refused(make_package):
+    net, _, pkg = make_package()
+    state = dict(net.state_dict())
+    state["features.0.weight"] = torch.zeros(8, 3, 5, 5)
+    _rewrite_weights(pkg, state)
+    with pytest.raises(PackageError, match=r"'features.0.weight' has shape \(8, 3, 5, 5\).*\(8, 3, 3, 3\)"):
+        load_package(pkg)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_refused(make_package, bad):
+    net, _, pkg = make_package()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["features.1.weight"][3] = bad
+    _rewrite_weights(pkg, state)
+    with pytest.raises(PackageError, match="'features.1.weight' has 1 non-finite"):
+        load_package(pkg)
+
+
+def test_num_classes_mismatch_refused(make_package):
+    _, _, pkg = make_package()
+    _edit_json(pkg, num_classes=5)
+    with pytest.raises(PackageError, match=r"'classifier.weight' has shape \(10, 32\).*\(5, 32\)"):
+        load_package(pkg)
+
+
+def test_spec_validation_names_the_value():
+    with pytest.raises(ValueError, match="kwargs.num_classes=5 != num_classes=10"):
+        ModelSpec(builder="small_cnn", kwargs={"num_classes": 5}, num_classes=10,
+                  input=InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3))
+    with pytest.raises(ValueError, match="input.std has 1 values, expected channels=3"):
+        InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25])
+
+
+def test_input_size_inconsistent_with_model_refused(make_package):
+    _, _, pkg = make_package()
+    _edit_json(pkg, input={"channels": 1, "height": 32, "width": 32, "mean": [0.5], "std": [0.25]})
+    with pytest.raises(PackageError, match=r"does not accept input \(1, 1, 32, 32\)"):
+        load_package(pkg)
+
+
+def _pickle_only_package(make_package, tmp_path):
+    """A package whose weights were replaced by a malicious pickle; returns (dir, marker)."""
+    _, _, pkg = make_package()
+    marker = tmp_path / "pwned"
+    (pkg / "model.safetensors").unlink()
+    (pkg / "model.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    return pkg, marker
+
+
+def test_pickle_refused_and_never_unpickled(make_package, tmp_path):
+    pkg, marker = _pickle_only_package(make_package, tmp_path)
+    with pytest.raises(PackageError, match=r"model.pkl.*allow_pickle=True"):
+        load_package(pkg)
+    assert not marker.exists()
+
+
+def test_pickle_opt_in_warns_and_loads_weights(make_package, tmp_path, caplog):
+    net, _, pkg = make_package()
+    (pkg / "model.safetensors").unlink()
+    torch.save(net, pkg / "model.pt")
+    with caplog.at_level(logging.WARNING, logger="harden.package"):
+        loaded, _ = load_package(pkg, allow_pickle=True)
+    assert "allow_pickle=True" in caplog.text
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(net(x), loaded(x))
