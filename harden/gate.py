@@ -21,16 +21,15 @@ check (``on_missing: fail``); a wildcard that matches nothing expands to no chec
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from harden.integrity import write_json_atomic
 
 Direction = Literal["higher", "lower"]
 OnMissing = Literal["error", "fail"]
@@ -164,19 +163,7 @@ class Blessing(BaseModel):
 
     def write(self, path: str | Path) -> Path:
         """Write the blessing as JSON atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.model_dump(mode="json"), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json_atomic(path, self.model_dump(mode="json"))
 
 
 def _fmt(value: float) -> str:

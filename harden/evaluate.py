@@ -1,0 +1,261 @@
+"""Evaluation of the candidate (PyTorch) and of the hardened model as it ships (ONNX through ONNX Runtime).
+
+Both paths feed the same metric functions (:mod:`nft_core.metrics`) and return one plain dict:
+
+- ``acc``, ``min_class_acc``, ``per_class_acc`` ({class name: accuracy}), ``n/test``;
+- per probe: ``asr/<probe>``, ``robust_acc/<probe>``, ``n/<probe>`` (triggered samples whose true label
+  differs from the target, the ones ASR counts);
+- ``eval_time_s``. The trigger-free scan (:func:`scan_metrics`, PyTorch only: it needs gradients) adds
+  ``scan/top_share``, ``scan/top_label`` and ``scan/flip_rate``.
+
+A :class:`Probe` is a named attack applied to the clean test set, or a user-supplied npz of triggered inputs.
+Mask statistics of a purification (per layer mean/min/share at the lower bound) live here as well.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from harden.onnx_export import onnx_predict_logits, onnx_session
+from nft_core.attacks import ATTACKS, make_attack
+from nft_core.data import ImageData
+from nft_core.masks import MaskedLayer, mask_state
+from nft_core.metrics import accuracy, attack_success_rate, per_class_accuracy, predict_logits, robust_accuracy
+from nft_core.purify import PurifyResult
+from nft_core.scan import adversarial_label_concentration
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+Probes = Sequence["Probe"]
+
+#: Tolerance for "a mask sits at its lower bound" (same as the purify loop's history).
+AT_BOUND_TOL = 1e-6
+
+
+class ProbeError(ValueError):
+    """A probe cannot be used with this test set; the message names the probe, file and key."""
+
+
+class Probe(BaseModel):
+    """An attack probe: a named trigger applied to the clean test set, or an npz of triggered inputs.
+
+    The npz holds ``x`` (uint8 N x H x W x C, the dataset convention, or float N x C x H x W in [0, 1]),
+    ``y_true`` and ``y_target`` (integer, shape (N,)).
+
+    Attributes:
+        name: key of the probe's metrics (``asr/<name>``); default: the attack name or the npz file stem.
+        attack: trigger name from :data:`nft_core.attacks.ATTACKS`.
+        target: target label (all2one) of the attack.
+        mode: ``all2one`` or ``all2all``.
+        npz: path of a user-supplied probe file (instead of ``attack``).
+        seed: seed of the trigger's random parts.
+        options: attack-specific options (``alpha`` for blend, ...), see :func:`nft_core.attacks.make_attack`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    attack: str | None = None
+    target: int = Field(default=0, ge=0)
+    mode: Literal["all2one", "all2all"] = "all2one"
+    npz: Path | None = None
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "name" not in data:
+            source = data.get("attack") or (Path(data["npz"]).stem if data.get("npz") else None)
+            if source is not None:
+                return {**data, "name": re.sub(r"[^A-Za-z0-9_.-]", "_", str(source))}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Probe:
+        if (self.attack is None) == (self.npz is None):
+            raise ValueError(f"probe {self.name!r}: set exactly one of 'attack' and 'npz'")
+        if self.attack is not None and self.attack not in ATTACKS:
+            raise ValueError(f"probe {self.name!r}: attack={self.attack!r} is unknown; use one of {sorted(ATTACKS)}")
+        if self.npz is not None and self.options:
+            raise ValueError(f"probe {self.name!r}: options apply to attacks, not to an npz file")
+        return self
+
+
+def _npz_labels(path: Path, arrays: Mapping[str, np.ndarray], key: str, n: int, num_classes: int) -> torch.Tensor:
+    if key not in arrays:
+        raise ProbeError(f"probe file {path}: key {key!r} is missing (has {sorted(arrays)})")
+    a = arrays[key]
+    if a.dtype.kind not in "iu" or a.shape != (n,):
+        raise ProbeError(f"probe file {path}: {key!r} must be integers of shape ({n},), got {a.dtype} {a.shape}")
+    if n and (a.min() < 0 or a.max() >= num_classes):
+        raise ProbeError(f"probe file {path}: {key!r} spans [{a.min()}, {a.max()}], outside [0, {num_classes})")
+    return torch.from_numpy(a.astype(np.int64))
+
+
+def load_probe_npz(path: str | Path, num_classes: int, image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+    """Read and check a probe file; returns ``(x float NCHW in [0, 1], y_true, y_target)``.
+
+    Raises:
+        ProbeError: missing key, wrong shape or dtype, pixel values out of range, labels outside the classes.
+    """
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as arrays:
+        arrays = dict(arrays)
+    if "x" not in arrays:
+        raise ProbeError(f"probe file {path}: key 'x' is missing (has {sorted(arrays)})")
+    x, (c, h, w) = arrays["x"], image_shape
+    if x.dtype == np.uint8 and x.shape[1:] == (h, w, c):
+        images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    elif x.dtype.kind == "f" and x.shape[1:] == (c, h, w):
+        images = torch.from_numpy(x.astype(np.float32))
+        if images.numel() and not (images.isfinite().all() and images.min() >= 0 and images.max() <= 1):
+            raise ProbeError(f"probe file {path}: float 'x' must lie in [0, 1]")
+    else:
+        raise ProbeError(f"probe file {path}: 'x' is {x.dtype} {x.shape}; expected uint8 (N, {h}, {w}, {c}) "
+                         f"or float (N, {c}, {h}, {w})")
+    if len(images) == 0:
+        raise ProbeError(f"probe file {path}: 'x' holds no samples")
+    n = len(images)
+    return images, _npz_labels(path, arrays, "y_true", n, num_classes), _npz_labels(path, arrays, "y_target", n, num_classes)
+
+
+def probe_inputs(probe: Probe, test: ImageData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triggered inputs of ``probe`` for ``test``: ``(x float NCHW in [0, 1], y_true, y_target)``.
+
+    Raises:
+        ProbeError: the target is not a label of ``test``, or the probe file is invalid.
+    """
+    if probe.target >= test.num_classes:
+        raise ProbeError(f"probe {probe.name!r}: target={probe.target} is outside the labels [0, {test.num_classes})")
+    image_shape = tuple(test.x.shape[1:])
+    if probe.npz is not None:
+        return load_probe_npz(probe.npz, test.num_classes, image_shape)  # type: ignore[arg-type]
+    attack = make_attack(probe.attack, target=probe.target, mode=probe.mode, num_classes=test.num_classes,
+                         image_shape=image_shape, seed=probe.seed, **probe.options)
+    x, y_true, y_target = attack.probe(test)
+    return x, torch.as_tensor(y_true).long(), torch.as_tensor(y_target).long()
+
+
+def _evaluate(logits: LogitsFn, test: ImageData, probes: Probes) -> dict[str, Any]:
+    names = [p.name for p in probes]
+    if len(set(names)) != len(names):
+        raise ProbeError(f"probe names must be unique, got {names}")
+    t0 = time.perf_counter()
+    y = test.y
+    pred = logits(test.images()).argmax(1)
+    per_class = per_class_accuracy(pred, y, test.num_classes)
+    class_names = list(test.class_names) if test.class_names else [str(c) for c in range(test.num_classes)]
+    metrics: dict[str, Any] = {
+        "acc": accuracy(pred, y),
+        "min_class_acc": min(a for a in per_class if a is not None),
+        "per_class_acc": dict(zip(class_names, per_class)),
+        "n/test": len(y),
+    }
+    for probe in probes:
+        x, y_true, y_target = probe_inputs(probe, test)
+        p = logits(x).argmax(1)
+        metrics[f"asr/{probe.name}"] = attack_success_rate(p, y_true, y_target)
+        metrics[f"robust_acc/{probe.name}"] = robust_accuracy(p, y_true, y_target)
+        metrics[f"n/{probe.name}"] = int((y_true != y_target).sum())
+    metrics["eval_time_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def evaluate_torch(model: nn.Module, test: ImageData, probes: Probes = (), *, batch_size: int = 512,
+                   device: str | torch.device | None = None) -> dict[str, Any]:
+    """Metrics of a PyTorch model (taking images in [0, 1]) on ``test`` and on every probe."""
+    return _evaluate(lambda x: predict_logits(model, x, batch_size, device), test, probes)
+
+
+def evaluate_onnx(onnx_path: str | Path, test: ImageData, probes: Probes = (), *, batch_size: int = 512) -> dict[str, Any]:
+    """Metrics of an exported ONNX model, run by ONNX Runtime, on ``test`` and on every probe."""
+    session = onnx_session(onnx_path)
+    return _evaluate(lambda x: onnx_predict_logits(session, x, batch_size), test, probes)
+
+
+def scan_metrics(model: nn.Module, test: ImageData, *, samples: int = 500, eps: float = 8 / 255, steps: int = 10,
+                 seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
+    """Trigger-free scan (:mod:`nft_core.scan`) on ``samples`` random clean images of ``test``.
+
+    Returns ``scan/top_share``, ``scan/top_label`` and ``scan/flip_rate``. PyTorch only (the attack needs
+    gradients): the hardened model is scanned through its folded PyTorch twin, which the ONNX parity check
+    ties to the shipped file.
+    """
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:samples]
+    result = adversarial_label_concentration(model, test.images()[idx], test.y[idx], eps=eps, steps=steps,
+                                             batch_size=batch_size, seed=seed, num_classes=test.num_classes)
+    return {"scan/top_share": result.top_share, "scan/top_label": result.top_label, "scan/flip_rate": result.flip_rate}
+
+
+def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Numeric entries of a metrics dict, nested dicts as ``key/subkey`` (bools and None dropped)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}/{k}": v for k, v in flatten(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = value
+    return flat
+
+
+def compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{metric: {"before", "after", "delta"}}`` over the numeric metrics of either side (None where absent)."""
+    b, a = flatten(before), flatten(after)
+    keys = list(b) + [k for k in a if k not in b]
+    return {k: {"before": b.get(k), "after": a.get(k),
+                "delta": a[k] - b[k] if k in a and k in b else None} for k in keys}
+
+
+@dataclass(frozen=True)
+class LayerMasks:
+    """The mask values of one masked layer (``index`` is l, 1-based, in forward order)."""
+
+    index: int
+    name: str
+    lower_bound: float
+    values: np.ndarray
+
+
+def layer_masks(masks: Mapping[str, torch.Tensor], layers: Sequence[MaskedLayer],
+                lower_bounds: Sequence[float]) -> list[LayerMasks]:
+    """Mask values by layer, in forward order, with their lower bounds mu(l).
+
+    For a purification: ``layer_masks(mask_state(result.model), result.layers, result.lower_bounds)``
+    (read the masks before :func:`nft_core.fold.fold_masks` removes them, or load the saved mask state).
+
+    Raises:
+        ValueError: the masks and the layers name different modules.
+    """
+    if set(masks) != {layer.name for layer in layers}:
+        raise ValueError(f"masks of {sorted(masks)} do not match the masked layers {[layer.name for layer in layers]}")
+    return [LayerMasks(layer.index, layer.name, float(lower_bounds[layer.index - 1]),
+                       masks[layer.name].detach().float().cpu().numpy()) for layer in sorted(layers, key=lambda l: l.index)]
+
+
+def purification_summary(result: PurifyResult) -> dict[str, Any]:
+    """Wall time, size and mask statistics of a purification (call before folding its model)."""
+    stats = mask_statistics(layer_masks(mask_state(result.model), result.layers, result.lower_bounds))
+    return {"wall_time_s": result.wall_time_s, "device": result.device, "epochs": len(result.history),
+            "trainable_params": result.trainable_params, "total_params": result.total_params,
+            "eta": result.eta, "samples_per_class": result.samples_per_class, "masks": stats}
+
+
+def mask_statistics(layers: Sequence[LayerMasks]) -> dict[str, Any]:
+    """Overall and per-layer mean, min and share of masks at their lower bound."""
+    def stats(values: np.ndarray, at_bound: np.ndarray) -> dict[str, float]:
+        return {"mean": float(values.mean()), "min": float(values.min()), "share_at_lower_bound": float(at_bound.mean())}
+
+    bound = [layer.values <= layer.lower_bound + AT_BOUND_TOL for layer in layers]
+    rows = [{"index": layer.index, "name": layer.name, "size": int(layer.values.size),
+             "lower_bound": layer.lower_bound, **stats(layer.values, b)} for layer, b in zip(layers, bound)]
+    return {**stats(np.concatenate([l.values for l in layers]), np.concatenate(bound)), "layers": rows}

@@ -1,0 +1,149 @@
+"""Evaluation: probes (attack and npz), metrics, PyTorch vs ONNX Runtime agreement, comparison, mask statistics."""
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from harden.evaluate import (LayerMasks, Probe, ProbeError, compare, evaluate_onnx, evaluate_torch, flatten,
+                             layer_masks, mask_statistics, probe_inputs)
+from harden.onnx_export import export_onnx
+from nft_core.data import make_synthetic
+from nft_core.masks import MaskedLayer
+from nft_core.models import Normalized, build_model
+
+K, SIZE = 5, 16
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return make_synthetic(100, seed=1, train=False, num_classes=K, image_size=SIZE)
+
+
+def constant_model(label: int) -> nn.Module:
+    """Predicts ``label`` for every input."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, K))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.arange(K) == label)
+    return model
+
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_probe_validation():
+    assert Probe(attack="badnets").name == "badnets"
+    assert Probe(npz="/data/my probe.npz").name == "my_probe"
+    with pytest.raises(ValidationError, match="exactly one of 'attack' and 'npz'"):
+        Probe(name="x", attack="badnets", npz="a.npz")
+    with pytest.raises(ValidationError, match="exactly one"):
+        Probe(name="x")
+    with pytest.raises(ValidationError, match="attack='nope' is unknown"):
+        Probe(attack="nope")
+    with pytest.raises(ValidationError, match="target"):
+        Probe(attack="badnets", target=-1)
+    with pytest.raises(ValidationError, match="mode"):
+        Probe(attack="badnets", mode="one2one")
+
+
+def test_target_outside_labels_names_the_probe(test_set):
+    with pytest.raises(ProbeError, match=r"probe 'bad': target=5 is outside the labels \[0, 5\)"):
+        probe_inputs(Probe(name="bad", attack="badnets", target=5), test_set)
+
+
+def test_asr_counts_only_samples_whose_label_differs_from_the_target(test_set):
+    target = 2
+    probe = Probe(attack="badnets", target=target)
+    always_target = evaluate_torch(constant_model(target), test_set, [probe])
+    assert always_target["asr/badnets"] == 1.0 and always_target["robust_acc/badnets"] == 0.0
+    assert always_target["n/badnets"] == int((test_set.y != target).sum())
+    assert always_target["acc"] == pytest.approx(float((test_set.y == target).float().mean()))
+    assert always_target["min_class_acc"] == 0.0
+    assert always_target["per_class_acc"]["diamond"] == 1.0 and always_target["n/test"] == len(test_set)
+    never_target = evaluate_torch(constant_model(0), test_set, [probe])
+    assert never_target["asr/badnets"] == 0.0
+
+
+def test_npz_probe_equals_attack_probe_in_both_layouts(tmp_path, test_set):
+    model = Normalized(build_model("small_cnn", num_classes=K, width=4), [0.5] * 3, [0.25] * 3)
+    attack = Probe(name="blend", attack="blend", target=1)
+    x, y_true, y_target = probe_inputs(attack, test_set)
+    uint8 = write_npz(tmp_path / "u8.npz", x=(x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
+                      y_true=y_true.numpy(), y_target=y_target.numpy().astype(np.int32))
+    floats = write_npz(tmp_path / "f32.npz", x=x.numpy(), y_true=y_true.numpy(), y_target=y_target.numpy())
+    metrics = evaluate_torch(model, test_set, [attack, Probe(npz=uint8), Probe(npz=floats)])
+    assert metrics["asr/blend"] == metrics["asr/u8"] == metrics["asr/f32"]
+    assert metrics["robust_acc/blend"] == metrics["robust_acc/u8"] == metrics["robust_acc/f32"]
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y_true": np.zeros(4, np.int64), "y_target": np.ones(4, np.int64)}, "key 'x' is missing"),
+    ({"x": np.zeros((4, 16, 16, 3), np.uint8), "y_target": np.ones(4, np.int64)}, "key 'y_true' is missing"),
+    ({"x": np.zeros((4, 3, 16, 16), np.uint8), "y_true": np.zeros(4, np.int64), "y_target": np.ones(4, np.int64)},
+     r"'x' is uint8 \(4, 3, 16, 16\); expected uint8 \(N, 16, 16, 3\)"),
+    ({"x": np.full((4, 3, 16, 16), 2.0, np.float32), "y_true": np.zeros(4, np.int64), "y_target": np.ones(4, np.int64)},
+     r"must lie in \[0, 1\]"),
+    ({"x": np.zeros((4, 16, 16, 3), np.uint8), "y_true": np.zeros(4, np.float32), "y_target": np.ones(4, np.int64)},
+     "'y_true' must be integers of shape"),
+    ({"x": np.zeros((4, 16, 16, 3), np.uint8), "y_true": np.zeros(4, np.int64), "y_target": np.full(4, 7)},
+     r"'y_target' spans \[7, 7\], outside \[0, 5\)"),
+    ({"x": np.zeros((4, 16, 16, 3), np.uint8), "y_true": np.zeros(3, np.int64), "y_target": np.ones(4, np.int64)},
+     r"shape \(4,\)"),
+])
+def test_bad_npz_names_file_and_key(tmp_path, test_set, arrays, message):
+    path = write_npz(tmp_path / "probe.npz", **arrays)
+    with pytest.raises(ProbeError, match=message) as err:
+        probe_inputs(Probe(npz=path), test_set)
+    assert str(path) in str(err.value)
+
+
+def test_duplicate_probe_names_are_refused(test_set):
+    with pytest.raises(ProbeError, match="unique"):
+        evaluate_torch(constant_model(0), test_set, [Probe(attack="badnets"), Probe(attack="badnets", target=1)])
+
+
+def test_torch_and_onnx_evaluations_agree(tmp_path, test_set):
+    torch.manual_seed(0)
+    model = Normalized(build_model("small_cnn", num_classes=K, width=4), [0.5] * 3, [0.25] * 3).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so the export has something to get wrong
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    path = export_onnx(model, (3, SIZE, SIZE), tmp_path / "model.onnx")
+    probes = [Probe(attack="badnets", target=1), Probe(attack="sig", target=3)]
+    pt, ox = evaluate_torch(model, test_set, probes), evaluate_onnx(path, test_set, probes)
+    del pt["eval_time_s"], ox["eval_time_s"]
+    assert pt.keys() == ox.keys()
+    flat_ox = flatten(ox)
+    for key, value in flatten(pt).items():
+        assert flat_ox[key] == pytest.approx(value, abs=1.5 / len(test_set)), key  # at most one argmax tie
+
+
+def test_compare_and_flatten():
+    before = {"acc": 0.9, "per_class_acc": {"a": 0.8, "b": None}, "asr/x": 1.0, "note": "text"}
+    after = {"acc": 0.85, "per_class_acc": {"a": 0.9, "b": 0.5}, "scan/top_share": 0.3}
+    diff = compare(before, after)
+    assert diff["acc"] == {"before": 0.9, "after": 0.85, "delta": pytest.approx(-0.05)}
+    assert diff["per_class_acc/a"]["delta"] == pytest.approx(0.1)
+    assert diff["per_class_acc/b"] == {"before": None, "after": 0.5, "delta": None}
+    assert diff["asr/x"]["after"] is None and "note" not in diff
+
+
+def test_mask_statistics_per_layer_and_overall():
+    layers = [LayerMasks(1, "a", 0.5, np.array([1.0, 0.5, 0.5, 0.9], np.float32)),
+              LayerMasks(2, "b", 0.2, np.array([0.2, 0.2000005, 1.0, 1.0], np.float32))]
+    stats = mask_statistics(layers)
+    assert stats["layers"][0] == {"index": 1, "name": "a", "size": 4, "lower_bound": 0.5, "mean": pytest.approx(0.725),
+                                  "min": 0.5, "share_at_lower_bound": 0.5}
+    assert stats["layers"][1]["share_at_lower_bound"] == 0.5  # within the 1e-6 tolerance
+    assert stats["share_at_lower_bound"] == 0.5 and stats["min"] == pytest.approx(0.2)
+
+
+def test_layer_masks_refuses_mismatched_state():
+    with pytest.raises(ValueError, match="do not match"):
+        layer_masks({"x": torch.ones(2)}, [MaskedLayer(1, "y", "BatchNorm2d", 2)], [0.5])
