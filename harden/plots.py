@@ -1,0 +1,102 @@
+"""Figures of the hardening report, drawn on :class:`matplotlib.figure.Figure` objects (no pyplot state, no
+backend switch at import): PNG output goes through the Agg canvas.
+
+- :func:`mask_histogram`: distribution of the learned mask values, one colour per depth tercile.
+- :func:`mask_heatmap`: layers x neurons mask values, as in the NFT supplementary's Fig. 1-2.
+- :func:`before_after_bars`: ACC, ASR and robust accuracy per probe, candidate vs hardened.
+- :func:`training_curve`: loss and mask statistics per epoch of the purification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from harden.evaluate import LayerMasks
+from harden.integrity import atomic_file
+
+BEFORE_COLOR, AFTER_COLOR = "#c44e52", "#4c72b0"
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, list(np.atleast_1d(fig.subplots(1, ncols)))
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically and return the path."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def mask_histogram(layers: Sequence[LayerMasks]) -> Figure:
+    """Histogram of mask values, stacked by depth (first, middle, last third of the masked layers)."""
+    fig, (ax,) = _figure(6.4, 3.6)
+    thirds = np.array_split(np.arange(len(layers)), min(3, len(layers)))
+    groups, labels = [], []
+    for part in thirds:
+        lo, hi = layers[part[0]].index, layers[part[-1]].index
+        groups.append(np.concatenate([layers[i].values for i in part]))
+        labels.append(f"layers {lo}-{hi}" if lo != hi else f"layer {lo}")
+    lowest = min(layer.lower_bound for layer in layers)
+    ax.hist(groups, bins=np.linspace(min(lowest, min(g.min() for g in groups)), 1.0, 41), stacked=True,
+            label=labels, color=["#8172b2", "#55a868", "#dd8452"][:len(groups)])
+    ax.set(xlabel="mask value m", ylabel="neurons", title="Learned mask values (1 = unchanged neuron)")
+    ax.legend(frameon=False)
+    return fig
+
+
+def mask_heatmap(layers: Sequence[LayerMasks]) -> Figure:
+    """Mask values as a layers x neurons image (neurons beyond a layer's width left blank)."""
+    width = max(layer.values.size for layer in layers)
+    grid = np.full((len(layers), width), np.nan)
+    for row, layer in enumerate(layers):
+        grid[row, :layer.values.size] = layer.values
+    fig, (ax,) = _figure(8.0, 1.2 + 0.32 * len(layers))
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
+                      cmap=colormaps["viridis"].with_extremes(bad="#eeeeee"), vmin=0.0, vmax=1.0)
+    ax.set_yticks(range(len(layers)), [f"l={layer.index} {layer.name}" for layer in layers], fontsize=7)
+    ax.set(xlabel="neuron (channel) index", title="Mask heatmap per layer (yellow = kept, dark = suppressed)")
+    fig.colorbar(image, ax=ax, label="mask value", fraction=0.04, pad=0.01)
+    return fig
+
+
+def before_after_bars(comparison: Mapping[str, Mapping[str, float | None]]) -> Figure:
+    """Grouped bars of ACC, ASR/* and robust_acc/* before (candidate) and after (hardened)."""
+    keys = [k for k in comparison if k == "acc" or k.startswith(("asr/", "robust_acc/"))]
+    fig, (ax,) = _figure(max(4.0, 1.1 * len(keys) + 1.5), 3.6)
+    pos = np.arange(len(keys))
+    for offset, side, color, label in ((-0.2, "before", BEFORE_COLOR, "candidate"), (0.2, "after", AFTER_COLOR, "hardened")):
+        values = [comparison[k][side] for k in keys]
+        bars = ax.bar(pos + offset, [np.nan if v is None else v for v in values], 0.4, color=color, label=label)
+        ax.bar_label(bars, labels=["" if v is None else f"{v:.2f}" for v in values], fontsize=7, padding=1)
+    ax.set_xticks(pos, keys, rotation=20, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), ylabel="rate", title="Candidate vs hardened")
+    ax.legend(frameon=False, ncols=2, loc="upper center", fontsize=8)
+    return fig
+
+
+def training_curve(history: Sequence[Mapping[str, float]]) -> Figure:
+    """Purification loss terms (left) and mask statistics (right) per epoch."""
+    fig, (loss_ax, mask_ax) = _figure(9.0, 3.4, ncols=2)
+    epochs = [row["epoch"] for row in history]
+    for key in ("loss", "ce"):
+        loss_ax.plot(epochs, [row[key] for row in history], marker=".", label=key)
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="NFT objective")
+    for key in ("mask_mean", "mask_min", "frac_at_lower_bound"):
+        mask_ax.plot(epochs, [row[key] for row in history], marker=".", label=key)
+    mask_ax.set(xlabel="epoch", ylim=(-0.02, 1.02), title="Masks")
+    for ax in (loss_ax, mask_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(frameon=False, fontsize=8)
+        ax.grid(alpha=0.3)
+    return fig

@@ -1,0 +1,193 @@
+"""The reviewer's report and the machine-readable evidence of one hardening run.
+
+:func:`write_report` writes into one folder:
+
+- ``report.html``: self-contained (plots embedded as base64 PNG), for MLflow artifacts and KFP ``HTML``;
+- ``report.md``: the same content, plots referenced as ``plots/*.png`` next to it (KFP ``Markdown``);
+- ``metrics.json``: before/after/delta of every numeric metric, the verdict and the purification summary
+  (DVC ``metrics``);
+- ``plots/*.png`` and DVC plot data: ``plots/training.csv`` (per epoch), ``plots/masks.csv`` (per layer),
+  ``plots/before_after.json`` (rows ``{metric, model, value}``).
+
+Templates live in ``harden/templates`` (Jinja2, autoescaped HTML).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from harden import plots
+from harden.evaluate import LayerMasks, compare, mask_statistics
+from harden.gate import Blessing
+from harden.integrity import write_bytes_atomic, write_json_atomic
+
+#: Plot key -> (file name, caption).
+PLOTS: dict[str, tuple[str, str]] = {
+    "before_after": ("before_after.png", "ACC, ASR and robust accuracy per probe, candidate vs hardened"),
+    "training": ("training.png", "Purification: loss and mask statistics per epoch"),
+    "mask_heatmap": ("mask_heatmap.png", "Mask values per layer and neuron (cf. NFT supplementary Fig. 1-2)"),
+    "mask_histogram": ("mask_histogram.png", "Distribution of the learned mask values"),
+}
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths written by :func:`write_report`."""
+
+    html: Path
+    markdown: Path
+    metrics: Path
+    plots: dict[str, Path]
+    plot_data: dict[str, Path]
+
+
+def _sign(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.4f}"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _md(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("harden", "templates"),
+                             autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",)),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(num=_num, sign=_sign, md=_md)
+    return env
+
+
+def _table_rows(comparison: Mapping[str, Mapping[str, float | None]]) -> list[dict[str, Any]]:
+    """Headline rows: ACC, worst-class ACC, then ASR and robust accuracy per probe, then the scan."""
+    probes = sorted(k.split("/", 1)[1] for k in comparison if k.startswith("asr/"))
+    keys = ["acc", "min_class_acc"] + [f"{m}/{p}" for p in probes for m in ("asr", "robust_acc")]
+    keys += ["scan/top_share", "scan/top_label", "scan/flip_rate"]
+    return [{"metric": k, **comparison[k]} for k in keys if k in comparison]
+
+
+def metrics_document(before: Mapping[str, Any], after: Mapping[str, Any], blessing: Blessing | None = None,
+                     purification: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The content of ``metrics.json``: ``before``/``after``/``delta`` maps of numeric metrics, ``blessed``
+    (when a blessing is given) and ``purification`` (wall time, mask statistics, ...)."""
+    comparison = compare(before, after)
+    doc: dict[str, Any] = {side: {k: v[side] for k, v in comparison.items() if v[side] is not None}
+                           for side in ("before", "after", "delta")}
+    if blessing is not None:
+        doc["blessed"] = blessing.blessed
+    if purification is not None:
+        doc["purification"] = dict(purification)
+    return doc
+
+
+def _csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def write_plot_data(plot_dir: Path, comparison: Mapping[str, Mapping[str, float | None]],
+                    history: Sequence[Mapping[str, float]] | None, mask_layers: Sequence[Mapping[str, Any]] | None) -> dict[str, Path]:
+    """DVC plot data: per-epoch training rows, per-layer mask rows and before/after rows."""
+    rows = [{"metric": row["metric"], "model": model, "value": row[side]}
+            for row in _table_rows(comparison) for side, model in (("before", "candidate"), ("after", "hardened"))
+            if row[side] is not None]
+    written = {"before_after": write_json_atomic(plot_dir / "before_after.json", rows)}
+    if history:
+        written["training"] = write_bytes_atomic(plot_dir / "training.csv", _csv_bytes(history))
+    if mask_layers:
+        written["masks"] = write_bytes_atomic(plot_dir / "masks.csv", _csv_bytes(mask_layers))
+    return written
+
+
+def _figures(comparison: Mapping[str, Mapping[str, float | None]], history: Sequence[Mapping[str, float]] | None,
+             masks: Sequence[LayerMasks] | None) -> dict[str, Any]:
+    figures = {"before_after": plots.before_after_bars(comparison)}
+    if history:
+        figures["training"] = plots.training_curve(history)
+    if masks:
+        figures["mask_heatmap"] = plots.mask_heatmap(masks)
+        figures["mask_histogram"] = plots.mask_histogram(masks)
+    return figures
+
+
+def _identity_rows(identity: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for key, value in identity.items():
+        if isinstance(value, Mapping):
+            rows += _identity_rows(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", _num(value)))
+    return rows
+
+
+def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Mapping[str, Any],
+                 after: Mapping[str, Any], blessing: Blessing, masks: Sequence[LayerMasks] | None = None,
+                 history: Sequence[Mapping[str, float]] | None = None,
+                 purification: Mapping[str, Any] | None = None, title: str = "Backdoor hardening report") -> ReportFiles:
+    """Write the HTML and Markdown reports, ``metrics.json``, the plots and their DVC data into ``out_dir``.
+
+    Args:
+        out_dir: folder to write to (created; files in it are replaced atomically one by one).
+        identity: model identity and lineage (name, versions, hashes, ...), shown as given; nested dicts are
+            flattened to ``a.b`` keys.
+        before: metrics of the candidate (:func:`harden.evaluate.evaluate_torch`).
+        after: metrics of the hardened model (:func:`harden.evaluate.evaluate_onnx`).
+        blessing: the gate's verdict.
+        masks: learned masks by layer (:func:`harden.evaluate.layer_masks`), for the heatmap and histogram.
+        history: ``PurifyResult.history`` for the training curve.
+        purification: summary of the purification (:func:`harden.evaluate.purification_summary`); mask
+            statistics are computed from ``masks`` when it has none.
+        title: report heading.
+    """
+    out = Path(out_dir)
+    comparison = compare(before, after)
+    purification = dict(purification or {})
+    if masks and "masks" not in purification:
+        purification["masks"] = mask_statistics(masks)
+    mask_layers = purification.get("masks", {}).get("layers")
+
+    metrics_path = write_json_atomic(out / "metrics.json", metrics_document(before, after, blessing, purification))
+    plot_data = write_plot_data(out / "plots", comparison, history, mask_layers)
+    images, plot_paths = [], {}
+    for key, fig in _figures(comparison, history, masks).items():
+        file_name, caption = PLOTS[key]
+        plot_paths[key] = plots.save_png(fig, out / "plots" / file_name)
+        images.append({"key": key, "caption": caption, "file": f"plots/{file_name}",
+                       "data": base64.b64encode(plot_paths[key].read_bytes()).decode("ascii")})
+
+    per_class = [{"metric": k.split("/", 1)[1], **v} for k, v in comparison.items() if k.startswith("per_class_acc/")]
+    context = {
+        "title": title, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "blessing": blessing, "identity": _identity_rows(identity), "rows": _table_rows(comparison),
+        "per_class": per_class, "mask_layers": mask_layers or [],
+        "purification": [(k, _num(v)) for k, v in purification.items() if k != "masks"],
+        "images": images,
+    }
+    env = _environment()
+    html = write_bytes_atomic(out / "report.html", env.get_template("report.html.j2").render(context).encode())
+    markdown = write_bytes_atomic(out / "report.md", env.get_template("report.md.j2").render(context).encode())
+    return ReportFiles(html=html, markdown=markdown, metrics=metrics_path, plots=plot_paths, plot_data=plot_data)
+

@@ -1,0 +1,102 @@
+"""The report renders from a real (short) purification: HTML parses, plots are real PNGs, Markdown has the tables,
+and the DVC metrics/plot files hold the same numbers."""
+
+import base64
+import csv
+import json
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from harden.evaluate import Probe, evaluate_torch, layer_masks, purification_summary
+from harden.gate import evaluate_gate
+from harden.report import write_report
+from nft_core.config import NFTConfig
+from nft_core.data import make_synthetic
+from nft_core.fold import fold_masks
+from nft_core.masks import mask_state
+from nft_core.models import Normalized, build_model
+from nft_core.purify import purify
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables, self.text = [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self.tables += tag == "table"
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A real short run: random small CNN, 3 NFT epochs, evaluation, gate, report."""
+    torch.manual_seed(0)
+    clean = make_synthetic(50, seed=0, num_classes=5, image_size=16)
+    test = make_synthetic(60, seed=0, train=False, num_classes=5, image_size=16)
+    candidate = Normalized(build_model("small_cnn", num_classes=5, width=4), [0.5] * 3, [0.25] * 3)
+    result = purify(candidate, clean.dataset(), NFTConfig(epochs=3, batch_size=16, lr=0.5, lr_min=0.0, progress=False))
+    masks = layer_masks(mask_state(result.model), result.layers, result.lower_bounds)
+    summary = purification_summary(result)
+    hardened = fold_masks(result.model)
+    probes = [Probe(attack="badnets", target=1), Probe(attack="blend", target=2)]
+    before, after = evaluate_torch(candidate, test, probes), evaluate_torch(hardened, test, probes)
+    blessing = evaluate_gate({"metrics": [{"metric": "acc", "max_drop": 0.02}, {"metric": "asr/*", "max": 0.05}]},
+                             before, after, {"onnx_parity": True, "fold_check": True})
+    identity = {"name": "demo-candidate", "version": 3, "lineage": {"source": "models:/demo@candidate", "sha256": "ab|cd"}}
+    files = write_report(tmp_path_factory.mktemp("report"), identity=identity, before=before, after=after,
+                         blessing=blessing, masks=masks, history=result.history, purification=summary)
+    return files, before, after, blessing, result
+
+
+def test_html_is_self_contained_with_real_pngs(run):
+    files, before, _, blessing, _ = run
+    parser = _Collector()
+    parser.feed(files.html.read_text())
+    parser.close()
+    assert len(parser.images) == 4 and parser.tables >= 4
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data.startswith(PNG) and len(data) > 5000
+    text = " ".join(parser.text)
+    assert "NOT BLESSED" in text or "BLESSED" in text
+    assert f"{before['acc']:.4f}" in text and "ab|cd" in text  # real numbers and lineage, escaped as text
+    assert all(c.reason in text for c in blessing.checks)
+
+
+def test_markdown_has_tables_and_references_png_files(run):
+    files, before, after, blessing, _ = run
+    md = files.markdown.read_text()
+    assert "| Metric | Candidate | Hardened | Δ |" in md
+    assert f"| asr/badnets | {before['asr/badnets']:.4f} | {after['asr/badnets']:.4f} |" in md
+    assert "| lineage.sha256 | ab\\|cd |" in md  # pipes escaped
+    assert md.count("| attack probes evaluated |") == 1 and ("BLESSED" in md)
+    for path in files.plots.values():
+        assert f"]({path.relative_to(files.markdown.parent).as_posix()})" in md
+        assert path.read_bytes().startswith(PNG)
+
+
+def test_metrics_json_and_dvc_plot_data(run):
+    files, before, after, blessing, result = run
+    doc = json.loads(files.metrics.read_text())
+    assert doc["before"]["acc"] == before["acc"] and doc["after"]["asr/blend"] == after["asr/blend"]
+    assert doc["delta"]["acc"] == pytest.approx(after["acc"] - before["acc"])
+    assert doc["blessed"] is blessing.blessed
+    assert doc["purification"]["wall_time_s"] == result.wall_time_s
+    assert len(doc["purification"]["masks"]["layers"]) == len(result.layers)
+    with open(files.plot_data["training"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and float(rows[-1]["loss"]) == pytest.approx(result.history[-1]["loss"])
+    with open(files.plot_data["masks"]) as f:
+        assert len(list(csv.DictReader(f))) == len(result.layers)
+    rows = json.loads(files.plot_data["before_after"].read_text())
+    assert {"metric": "acc", "model": "hardened", "value": after["acc"]} in rows
