@@ -4,6 +4,7 @@ model packages, and deselection of GPU tests on machines without CUDA."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -69,7 +70,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--serve-artifacts",
-             "--artifacts-destination", str(root / "mlartifacts")],
+             "--artifacts-destination", str(root / "mlartifacts"),
+             "--uvicorn-opts", "--timeout-graceful-shutdown 3"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
         )
         try:
@@ -79,22 +81,47 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
-                    proc.wait(timeout=15)
+                    proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
 
 
-@pytest.fixture
-def sqlite_registry(tmp_path: Path) -> str:
-    """An embedded MLflow tracking/registry URI backed by sqlite in ``tmp_path``."""
-    return f"sqlite:///{tmp_path}/mlflow.db"
+@pytest.fixture(scope="session")
+def sqlite_registry(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An embedded MLflow tracking/registry URI backed by sqlite in a temporary directory.
+
+    Session-scoped (creating the schema takes seconds); tests stay independent by using unique model names.
+    """
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite')}/mlflow.db"
 
 
 @pytest.fixture(params=["sqlite", "server"])
 def registry_uri(request: pytest.FixtureRequest) -> str:
     """Each registry test runs against the embedded sqlite store and against the real server."""
     return request.getfixturevalue("mlflow_server" if request.param == "server" else "sqlite_registry")
+
+
+@pytest.fixture
+def closed_port_uri() -> str:
+    """An ``http://127.0.0.1:<port>`` URI where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+class _Payload:
+    """Unpickling this object creates ``marker`` (stands in for arbitrary code execution)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture
+def malicious_pickle() -> Callable[[Path], bytes]:
+    """Factory: pickle bytes whose unpickling creates the file ``marker``."""
+    return lambda marker: pickle.dumps(_Payload(marker))
 
 
 @pytest.fixture

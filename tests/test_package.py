@@ -2,7 +2,6 @@
 
 import json
 import logging
-import pickle
 
 import pytest
 import safetensors.torch
@@ -10,16 +9,6 @@ import torch
 
 from harden.integrity import sha256_file
 from harden.package import InputSpec, ModelSpec, PackageError, load_package, save_package
-
-
-class _Payload:
-    """Unpickling this object creates ``marker`` (stands in for arbitrary code execution)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
 
 
 def _edit_json(pkg, **changes):
@@ -150,17 +139,11 @@ def test_input_size_inconsistent_with_model_refused(make_package):
         load_package(pkg)
 
 
-def _pickle_only_package(make_package, tmp_path):
-    """A package whose weights were replaced by a malicious pickle; returns (dir, marker)."""
+def test_pickle_refused_and_never_unpickled(make_package, malicious_pickle, tmp_path):
     _, _, pkg = make_package()
     marker = tmp_path / "pwned"
     (pkg / "model.safetensors").unlink()
-    (pkg / "model.pkl").write_bytes(pickle.dumps(_Payload(marker)))
-    return pkg, marker
-
-
-def test_pickle_refused_and_never_unpickled(make_package, tmp_path):
-    pkg, marker = _pickle_only_package(make_package, tmp_path)
+    (pkg / "model.pkl").write_bytes(malicious_pickle(marker))
     with pytest.raises(PackageError, match=r"model.pkl.*allow_pickle=True"):
         load_package(pkg)
     assert not marker.exists()

@@ -1,0 +1,433 @@
+"""MLflow model registry adapter: pull a candidate package, register candidates and hardened versions.
+
+Conventions (see DESIGN.md): aliases (``@candidate``, ``@champion``) and tags only, never stages. Every
+call takes the tracking URI explicitly (``sqlite:///<dir>/mlflow.db`` embedded, or an ``http://`` server);
+the registry URI is the same. Nothing global is left changed: ``mlflow.onnx.log_model`` reads the global
+tracking URI, so it runs inside :func:`_global_tracking_uri`, which restores the previous value.
+
+Decision: input normalisation is baked into the registered ONNX graph (see :mod:`harden.onnx_export`):
+the served model takes [0, 1] float32 NCHW images named ``input`` and returns ``logits``, so a consumer of
+the model version needs no mean/std from anywhere else, and the evaluated file is exactly the served one.
+
+A hardened version is created with ``hardening.status=pending``; the status becomes ``blessed`` or
+``rejected`` (with ``hardening.reasons``) once everything is logged, and only a blessed version receives
+the alias, as the very last step. Any failure after the run started tags the version ``failed``, leaves the
+alias where it was and raises :class:`RegistryError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModel, Metric, RunTag
+from mlflow.exceptions import MlflowException
+
+from harden.integrity import atomic_dir, sha256_file, sha256_tree, write_json_atomic
+from harden.package import SPEC_FILE, WEIGHTS_FILE, find_pickles, load_package, save_package
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "nft-hardening"
+STATUS_TAG = "hardening.status"
+REASONS_TAG = "hardening.reasons"
+ONNX_SHA_TAG = "hardening.onnx_sha256"
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+_REF = re.compile(r"^(?:models:/)?(?P<name>[^@/\s]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+))$")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation failed; the message names the model, alias, version or URI."""
+
+
+@dataclass
+class Provenance:
+    """Where a pulled package came from (written to ``provenance.json``)."""
+
+    model_name: str
+    version: int
+    run_id: str | None
+    source_uri: str
+    aliases: list[str]
+    tracking_uri: str
+    files_sha256: dict[str, str]
+    pulled_at: str
+
+
+@dataclass
+class RegisteredVersion:
+    """Outcome of :func:`register_hardened`; ``status`` is ``"blessed"`` or ``"rejected"``."""
+
+    name: str
+    version: int
+    run_id: str
+    alias_moved: bool
+    status: str
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
+    """Split ``models:/name@alias``, ``models:/name/3``, ``name@alias`` or ``name/3``.
+
+    Returns:
+        ``(name, alias, version)`` with exactly one of alias/version set.
+
+    Raises:
+        RegistryError: ``ref`` has none of these forms.
+    """
+    match = _REF.match(ref.strip())
+    if match is None:
+        raise RegistryError(f"bad model reference {ref!r}: expected 'models:/NAME@ALIAS', 'models:/NAME/VERSION', "
+                            "'NAME@ALIAS' or 'NAME/VERSION'")
+    version = match["version"]
+    return match["name"], match["alias"], int(version) if version is not None else None
+
+
+def strip_credentials(uri: str) -> str:
+    """``uri`` without ``user:password@`` (safe to record in provenance and logs)."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def wait_reachable(tracking_uri: str, *, retries: int = 3, backoff_s: float = 0.5, timeout_s: float = 5.0) -> None:
+    """For an ``http(s)`` URI, check the server answers, retrying with exponential backoff.
+
+    Any HTTP response (even 401/404) counts as reachable; refused connections, DNS errors and timeouts do
+    not. Other schemes (``sqlite``, ``file``) are local and return at once. This bounds the time lost on a
+    dead server (MLflow's own HTTP retries would otherwise wait minutes).
+
+    Raises:
+        RegistryError: still unreachable after ``retries`` attempts.
+    """
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return
+    last: Exception | None = None
+    for attempt in range(max(1, retries)):
+        try:
+            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError) as err:
+            last = err
+            logger.warning("registry %s unreachable (attempt %d/%d): %s", strip_credentials(tracking_uri),
+                           attempt + 1, retries, err)
+            if attempt + 1 < retries:
+                time.sleep(backoff_s * 2 ** attempt)
+    raise RegistryError(f"MLflow registry at {strip_credentials(tracking_uri)} is unreachable after "
+                        f"{max(1, retries)} attempts: {last}")
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextmanager
+def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Temporarily set MLflow's global tracking URI (for fluent-only APIs), then restore the previous one."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _is_not_found(err: MlflowException) -> bool:
+    return err.error_code == _NOT_FOUND or "not found" in str(err).lower()
+
+
+def _resolve(client: MlflowClient, name: str, alias: str | None, version: int | None):
+    """The :class:`ModelVersion` for ``name@alias`` or ``name/version``; RegistryError naming what is missing."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if _is_not_found(err):
+            raise RegistryError(f"registered model {name!r} does not exist") from err
+        raise RegistryError(f"cannot read registered model {name!r}: {err}") from err
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        if _is_not_found(err):
+            raise RegistryError(f"registered model {name!r} has no {what}") from err
+        raise RegistryError(f"cannot resolve {what} of model {name!r}: {err}") from err
+
+
+def _locate_package(root: Path) -> Path:
+    """The directory under ``root`` holding ``model.json`` + ``model.safetensors`` (shallowest), else the
+    directory of the first pickle (so that :func:`load_package` refuses or, with opt-in, loads it)."""
+    for spec in sorted(root.rglob(SPEC_FILE), key=lambda p: len(p.parts)):
+        if (spec.parent / WEIGHTS_FILE).is_file():
+            return spec.parent
+    pickles = find_pickles(root)
+    if pickles:
+        return pickles[0].parent
+    raise RegistryError(f"no model package ({SPEC_FILE} + {WEIGHTS_FILE}) in the downloaded artifacts "
+                        f"{sorted(p.relative_to(root).as_posix() for p in root.rglob('*') if p.is_file())[:20]}")
+
+
+def _download_version(client: MlflowClient, tracking_uri: str, mv, into: Path) -> tuple[Path, str]:
+    """Download the version's source artifacts into ``into``; fall back to the run's ``package/``."""
+    source = client.get_model_version_download_uri(mv.name, mv.version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into / "source"),
+                                                     tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    has_package = any((p.parent / WEIGHTS_FILE).is_file() for p in local.rglob(SPEC_FILE)) if local.is_dir() else False
+    if not has_package and not find_pickles(local) and mv.run_id:
+        try:
+            local = Path(client.download_artifacts(mv.run_id, "package", str(into / "run")))
+            source = f"runs:/{mv.run_id}/package"
+        except (MlflowException, OSError) as err:
+            logger.info("run %s has no 'package' artifact: %s", mv.run_id, err)
+    return local, source
+
+
+def pull(ref: str, dest: str | Path, *, tracking_uri: str, allow_pickle: bool = False, retries: int = 3,
+         backoff_s: float = 0.5) -> Provenance:
+    """Pull a model version's package from the registry, verify it, and record its provenance.
+
+    Writes ``dest/package/`` (``model.json`` + ``model.safetensors``, verified by :func:`load_package`) and
+    ``dest/provenance.json``, each atomically; nothing is written when any step fails.
+
+    Args:
+        ref: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``NAME@ALIAS`` or ``NAME/VERSION``.
+        dest: output directory.
+        tracking_uri: MLflow tracking/registry URI.
+        allow_pickle: opt in to loading a pickled model (logs a WARNING); it is re-saved as safetensors.
+        retries: attempts to reach an ``http(s)`` registry before giving up.
+        backoff_s: first wait between attempts (doubles each time).
+
+    Raises:
+        RegistryError: bad ref, registry unreachable, model/alias/version missing, no package found.
+        PackageError: the package fails verification (or is a pickle and ``allow_pickle`` is False).
+    """
+    name, alias, version = parse_model_ref(ref)
+    wait_reachable(tracking_uri, retries=retries, backoff_s=backoff_s)
+    client = _client(tracking_uri)
+    mv = _resolve(client, name, alias, version)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest) as tmp:
+        try:
+            local, source = _download_version(client, tracking_uri, mv, Path(tmp))
+        except (MlflowException, OSError) as err:
+            raise RegistryError(f"cannot download artifacts of {name!r} version {mv.version}: {err}") from err
+        files = sha256_tree(local) if local.is_dir() else {local.name: sha256_file(local)}
+        pkg = _locate_package(local if local.is_dir() else local.parent)
+        net, spec = load_package(pkg, allow_pickle=allow_pickle)
+        with atomic_dir(dest / "package") as out:
+            if (pkg / WEIGHTS_FILE).is_file():
+                shutil.copy2(pkg / SPEC_FILE, out / SPEC_FILE)
+                shutil.copy2(pkg / WEIGHTS_FILE, out / WEIGHTS_FILE)
+            else:
+                save_package(net, spec, out)
+    prov = Provenance(
+        model_name=name, version=int(mv.version), run_id=mv.run_id, source_uri=source,
+        aliases=sorted(mv.aliases or []), tracking_uri=strip_credentials(tracking_uri), files_sha256=files,
+        pulled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_json_atomic(dest / "provenance.json", asdict(prov))
+    logger.info("pulled %s version %s (%s) into %s", name, mv.version, source, dest)
+    return prov
+
+
+def _experiment_id(client: MlflowClient, tracking_uri: str, experiment: str) -> str:
+    """Get or create ``experiment``; for a sqlite store its artifacts go next to the database file."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    parts = urlsplit(tracking_uri)
+    if parts.scheme == "sqlite":
+        db = Path(tracking_uri[len("sqlite:///"):])
+        location = (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def register_candidate(pkg_dir: str | Path, name: str, *, tracking_uri: str, alias: str | None = "candidate",
+                       tags: dict | None = None, experiment: str = DEFAULT_EXPERIMENT) -> int:
+    """Log a package as run artifacts (``package/``) and create a model version from it.
+
+    The package is verified with :func:`load_package` first. Used by demos, tests and users who start from
+    a state dict. Returns the new version number; ``alias`` (if not None) is moved to it.
+
+    Raises:
+        PackageError: the package does not verify.
+        RegistryError: the registry is unreachable or refuses an operation.
+    """
+    pkg_dir = Path(pkg_dir)
+    load_package(pkg_dir)
+    wait_reachable(tracking_uri)
+    client = _client(tracking_uri)
+    try:
+        run = client.create_run(_experiment_id(client, tracking_uri, experiment), run_name=f"candidate-{name}",
+                                tags={k: str(v) for k, v in (tags or {}).items()})
+        run_id = run.info.run_id
+        client.log_artifacts(run_id, str(pkg_dir), "package")
+        _ensure_registered_model(client, name)
+        mv = client.create_model_version(name, f"{run.info.artifact_uri}/package", run_id=run_id,
+                                         tags={k: str(v) for k, v in (tags or {}).items()})
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, mv.version)
+        client.set_terminated(run_id)
+    except MlflowException as err:
+        raise RegistryError(f"cannot register candidate {name!r} from {pkg_dir}: {err}") from err
+    return int(mv.version)
+
+
+def _describe(description: str, status: str, onnx_sha: str, metrics: dict[str, float], reasons: list[str]) -> str:
+    lines = [description.strip(), "", f"Hardening status: {status}", f"ONNX sha256: {onnx_sha}",
+             "Input: float32 NCHW images in [0, 1] named 'input' (normalisation is inside the graph); "
+             "output 'logits'."]
+    if metrics:
+        lines += ["", "Metrics:"] + [f"- {k}: {v:.4g}" for k, v in sorted(metrics.items())]
+    if reasons:
+        lines += ["", "Reasons:"] + [f"- {r}" for r in reasons]
+    return "\n".join(lines)
+
+
+def _check_inputs(package_dir: Path, onnx_path: Path, evidence: dict[str, Path], onnx_sha256: str | None) -> str:
+    """Verify the files before anything is logged; returns the ONNX file's sha256."""
+    missing = [str(p) for p in [onnx_path, *evidence.values()] if not Path(p).is_file()]
+    if missing:
+        raise RegistryError(f"cannot register: missing file(s) {missing}")
+    load_package(package_dir)
+    actual = sha256_file(onnx_path)
+    if onnx_sha256 is not None and actual != onnx_sha256:
+        raise RegistryError(f"ONNX file {onnx_path} has sha256 {actual}, not the evaluated {onnx_sha256}; "
+                            "refusing to register a file other than the one evaluated")
+    return actual
+
+
+def _log_onnx(client: MlflowClient, tracking_uri: str, experiment_id: str, run_id: str, onnx_path: Path,
+              expected_sha: str, input_example: np.ndarray | None) -> LoggedModel:
+    """Log the ONNX flavour as a LoggedModel of the run; check the logged file is byte-identical."""
+    logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    with _global_tracking_uri(tracking_uri):
+        mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", model_id=logged.model_id, run_id=run_id,
+                              input_example=input_example, save_as_external_data=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = mlflow.artifacts.download_artifacts(artifact_uri=f"{logged.artifact_location}/model.onnx",
+                                                  dst_path=tmp, tracking_uri=tracking_uri)
+        logged_sha = sha256_file(got)
+    if logged_sha != expected_sha:
+        raise RegistryError(f"logged ONNX sha256 {logged_sha} differs from the evaluated file's {expected_sha}")
+    return logged
+
+
+def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, onnx_path: str | Path,
+                      evidence: dict[str, Path], metrics: dict[str, float], tags: dict[str, str],
+                      description: str, blessed: bool, alias: str = "champion", onnx_sha256: str | None = None,
+                      input_example: np.ndarray | None = None, reasons: list[str] | None = None,
+                      experiment: str = DEFAULT_EXPERIMENT) -> RegisteredVersion:
+    """Register the hardened model with its evidence; move ``alias`` only when ``blessed``.
+
+    Order: verify inputs (files present, package loads, ONNX sha256 equals ``onnx_sha256``) → run with
+    tags and metrics → package (``package/``) and evidence (``evidence/``) artifacts → ONNX flavour
+    (checked byte-identical after upload) → model version with lineage ``tags``, ``hardening.onnx_sha256``,
+    status ``pending`` and a readable description → status ``blessed``/``rejected`` (+ reasons) → alias
+    (blessed only, last).
+
+    Args:
+        name: registered model name.
+        tracking_uri: MLflow tracking/registry URI.
+        package_dir: the hardened model package.
+        onnx_path: the evaluated ONNX file.
+        evidence: artifact files by role (``metrics``, ``blessing``, ``report``...), logged under ``evidence/``.
+        metrics: logged on the run.
+        tags: lineage tags (source model/version, data and params hashes, code version), on run and version.
+        description: human-readable summary for the version (status, ONNX hash, metrics are appended).
+        blessed: whether the gate blessed this model.
+        alias: serving alias moved to the new version when blessed.
+        onnx_sha256: sha256 of the evaluated ONNX file; registration is refused when the file differs.
+        input_example: optional example batch (float32 NCHW in [0, 1]) stored with the ONNX model.
+        reasons: why the model was rejected (tagged ``hardening.reasons``).
+        experiment: MLflow experiment of the run.
+
+    Raises:
+        RegistryError: inputs invalid, hash mismatch, registry unreachable, or any later failure (then the
+            version, if created, is tagged ``hardening.status=failed`` and the alias is untouched).
+    """
+    package_dir, onnx_path = Path(package_dir), Path(onnx_path)
+    onnx_sha = _check_inputs(package_dir, onnx_path, evidence, onnx_sha256)
+    status = "blessed" if blessed else "rejected"
+    reasons = [] if blessed else (reasons or ["not blessed by the gate (no reasons given)"])
+    wait_reachable(tracking_uri)
+    client = _client(tracking_uri)
+    run_id, version = None, None
+    try:
+        experiment_id = _experiment_id(client, tracking_uri, experiment)
+        run_id = client.create_run(experiment_id, run_name=f"harden-{name}").info.run_id
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         tags=[RunTag(k, str(v)) for k, v in {**tags, ONNX_SHA_TAG: onnx_sha}.items()])
+        client.log_artifacts(run_id, str(package_dir), "package")
+        for path in evidence.values():
+            client.log_artifact(run_id, str(path), "evidence")
+        logged = _log_onnx(client, tracking_uri, experiment_id, run_id, onnx_path, onnx_sha, input_example)
+        _ensure_registered_model(client, name)
+        # source = the artifact location, not models:/<id>: the sqlite store resolves the latter through the
+        # *global* tracking URI (an MLflow TODO), which would break explicit-URI use.
+        mv = client.create_model_version(
+            name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+            tags={**{k: str(v) for k, v in tags.items()}, ONNX_SHA_TAG: onnx_sha, STATUS_TAG: "pending"},
+            description=_describe(description, status, onnx_sha, metrics, reasons))
+        version = mv.version
+        if reasons:
+            client.set_model_version_tag(name, version, REASONS_TAG, "; ".join(reasons)[:5000])
+        client.set_model_version_tag(name, version, STATUS_TAG, status)
+        client.set_terminated(run_id)
+        if blessed:
+            client.set_registered_model_alias(name, alias, version)
+    except (MlflowException, RegistryError, OSError) as err:
+        _mark_failed(client, name, version, run_id, err)
+        raise RegistryError(f"registering hardened model {name!r} failed"
+                            f"{f' (version {version} tagged failed)' if version else ''}: {err}") from err
+    logger.info("registered %s version %s: %s%s", name, version, status, f", @{alias} moved" if blessed else "")
+    return RegisteredVersion(name=name, version=int(version), run_id=run_id, alias_moved=blessed, status=status)
+
+
+def _mark_failed(client: MlflowClient, name: str, version: str | None, run_id: str | None, err: Exception) -> None:
+    """Best effort: tag the version failed and the run FAILED; a second failure is logged, not raised."""
+    try:
+        if version is not None:
+            client.set_model_version_tag(name, version, STATUS_TAG, "failed")
+            client.set_model_version_tag(name, version, REASONS_TAG, f"registration failed: {err}"[:5000])
+        if run_id is not None:
+            client.set_terminated(run_id, status="FAILED")
+    except MlflowException as second:
+        logger.error("could not mark %s version %s as failed: %s", name, version, second)

@@ -1,0 +1,175 @@
+"""MLflow registry adapter against a real embedded sqlite registry and a real ``mlflow server``."""
+
+import json
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from harden.integrity import sha256_file
+from harden.onnx_export import export_onnx
+from harden.package import InputSpec, ModelSpec, PackageError, load_package, save_package
+from harden.registry import (
+    ONNX_SHA_TAG,
+    REASONS_TAG,
+    STATUS_TAG,
+    RegistryError,
+    parse_model_ref,
+    pull,
+    register_candidate,
+    register_hardened,
+    strip_credentials,
+)
+
+
+@pytest.mark.parametrize("ref,expected", [
+    ("models:/resnet@candidate", ("resnet", "candidate", None)),
+    ("models:/resnet/3", ("resnet", None, 3)),
+    ("resnet@champion", ("resnet", "champion", None)),
+    ("resnet/12", ("resnet", None, 12)),
+])
+def test_parse_model_ref(ref, expected):
+    assert parse_model_ref(ref) == expected
+
+
+@pytest.mark.parametrize("ref", ["resnet", "models:/resnet", "resnet/latest", "a/b/3", "resnet@", ""])
+def test_parse_model_ref_rejects(ref):
+    with pytest.raises(RegistryError, match=f"bad model reference {ref!r}"):
+        parse_model_ref(ref)
+
+
+def test_strip_credentials():
+    assert strip_credentials("https://bob:s3cret@mlflow.example:8443/x") == "https://mlflow.example:8443/x"
+    assert strip_credentials("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+def test_pull_by_alias_and_version_with_provenance(registry_uri, model_name, make_package, tmp_path):
+    net, _, pkg = make_package()
+    _, _, other = make_package(name="other", seed=1)
+    v1 = register_candidate(pkg, model_name, tracking_uri=registry_uri)
+    v2 = register_candidate(other, model_name, tracking_uri=registry_uri, alias=None)
+    assert (v1, v2) == (1, 2)
+
+    prov = pull(f"models:/{model_name}@candidate", tmp_path / "by-alias", tracking_uri=registry_uri)
+    assert (prov.model_name, prov.version, prov.aliases) == (model_name, 1, ["candidate"])
+    assert prov.run_id and prov.tracking_uri == registry_uri and prov.source_uri
+    assert prov.files_sha256 == {"model.json": sha256_file(pkg / "model.json"),
+                                 "model.safetensors": sha256_file(pkg / "model.safetensors")}
+    on_disk = json.loads((tmp_path / "by-alias" / "provenance.json").read_text())
+    assert on_disk["version"] == 1 and on_disk["files_sha256"] == prov.files_sha256
+    pulled, _ = load_package(tmp_path / "by-alias" / "package")
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(pulled(x), net(x))
+
+    prov2 = pull(f"{model_name}/2", tmp_path / "by-version", tracking_uri=registry_uri)
+    assert (prov2.version, prov2.aliases) == (2, [])
+    assert prov2.files_sha256["model.safetensors"] == sha256_file(other / "model.safetensors")
+
+
+def test_pull_missing_model_alias_version(registry_uri, model_name, make_package, tmp_path):
+    with pytest.raises(RegistryError, match=f"registered model '{model_name}' does not exist"):
+        pull(f"{model_name}@candidate", tmp_path / "a", tracking_uri=registry_uri)
+    register_candidate(make_package()[2], model_name, tracking_uri=registry_uri)
+    with pytest.raises(RegistryError, match=f"'{model_name}' has no alias 'nope'"):
+        pull(f"{model_name}@nope", tmp_path / "b", tracking_uri=registry_uri)
+    with pytest.raises(RegistryError, match=f"'{model_name}' has no version 7"):
+        pull(f"{model_name}/7", tmp_path / "c", tracking_uri=registry_uri)
+    assert not (tmp_path / "b" / "package").exists() and not (tmp_path / "c").exists()
+
+
+def test_pickled_version_refused_without_opt_in(registry_uri, model_name, make_package, malicious_pickle,
+                                                 tmp_path):
+    _, _, pkg = make_package()
+    marker = tmp_path / "pwned"
+    (pkg / "model.safetensors").unlink()
+    (pkg / "model.pkl").write_bytes(malicious_pickle(marker))
+    client = MlflowClient(registry_uri, registry_uri)
+    location = (tmp_path / "artifacts").as_uri() if registry_uri.startswith("sqlite") else None
+    run = client.create_run(client.create_experiment(f"exp-{model_name}", artifact_location=location))
+    client.log_artifacts(run.info.run_id, str(pkg), "model")
+    client.create_registered_model(model_name)
+    client.create_model_version(model_name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    with pytest.raises(PackageError, match="refusing to unpickle"):
+        pull(f"{model_name}/1", tmp_path / "out", tracking_uri=registry_uri)
+    assert not marker.exists()
+    assert not (tmp_path / "out" / "package").exists() and not (tmp_path / "out" / "provenance.json").exists()
+
+
+def test_unreachable_registry_fails_after_bounded_retries(closed_port_uri, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(RegistryError, match=rf"{closed_port_uri} is unreachable after 3 attempts"):
+        pull("m@candidate", tmp_path, tracking_uri=closed_port_uri, retries=3, backoff_s=0.1)
+    assert time.monotonic() - start < 10
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory):
+    """A package, its ONNX export, its sha256 and an evidence file (exported once per module)."""
+    tmp_path = tmp_path_factory.mktemp("hardened")
+    spec = ModelSpec(builder="small_cnn", kwargs={"width": 8}, num_classes=10,
+                     input=InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3))
+    net = spec.build().eval()
+    pkg = save_package(net, spec, tmp_path / "package")
+    onnx_path = export_onnx(spec.wrap(net), (3, 32, 32), tmp_path / "model.onnx")
+    evidence = tmp_path / "blessing.json"
+    evidence.write_text(json.dumps({"blessed": True}))
+    return {"package_dir": pkg, "onnx_path": onnx_path, "onnx_sha256": sha256_file(onnx_path),
+            "evidence": {"blessing": evidence}}
+
+
+def _register(uri, name, files, blessed, **kw):
+    return register_hardened(name, tracking_uri=uri, metrics={"clean_acc": 0.91, "asr_badnets": 0.02},
+                             tags={"source.name": name, "source.version": "1", "params.sha256": "ab" * 32},
+                             description="NFT-hardened test model", blessed=blessed, **{**files, **kw})
+
+
+def test_register_blessed_moves_alias(registry_uri, model_name, make_package, hardened):
+    register_candidate(make_package()[2], model_name, tracking_uri=registry_uri)
+    result = _register(registry_uri, model_name, hardened, blessed=True)
+    assert (result.version, result.status, result.alias_moved) == (2, "blessed", True)
+    client = MlflowClient(registry_uri, registry_uri)
+    mv = client.get_model_version_by_alias(model_name, "champion")
+    assert int(mv.version) == 2 and mv.run_id == result.run_id
+    assert mv.tags[STATUS_TAG] == "blessed" and mv.tags[ONNX_SHA_TAG] == hardened["onnx_sha256"]
+    assert mv.tags["source.name"] == model_name and "NFT-hardened test model" in mv.description
+    run = client.get_run(result.run_id)
+    assert run.data.metrics["clean_acc"] == pytest.approx(0.91)
+    logged = {a.path for a in client.list_artifacts(result.run_id, "evidence")}
+    assert logged == {"evidence/blessing.json"}
+    assert int(client.get_model_version_by_alias(model_name, "candidate").version) == 1
+
+
+def test_register_hardened_pulls_back_as_package(registry_uri, model_name, hardened, tmp_path):
+    _register(registry_uri, model_name, hardened, blessed=True)
+    prov = pull(f"{model_name}@champion", tmp_path / "pulled", tracking_uri=registry_uri)
+    assert prov.files_sha256["model.safetensors"] == sha256_file(hardened["package_dir"] / "model.safetensors")
+
+
+def test_rejected_version_leaves_alias(registry_uri, model_name, hardened):
+    first = _register(registry_uri, model_name, hardened, blessed=True)
+    result = _register(registry_uri, model_name, hardened, blessed=False, reasons=["ASR 0.93 > 0.10"])
+    assert (result.status, result.alias_moved) == ("rejected", False)
+    client = MlflowClient(registry_uri, registry_uri)
+    assert int(client.get_model_version_by_alias(model_name, "champion").version) == first.version
+    mv = client.get_model_version(model_name, str(result.version))
+    assert mv.tags[STATUS_TAG] == "rejected" and mv.tags[REASONS_TAG] == "ASR 0.93 > 0.10"
+    assert "champion" not in (mv.aliases or [])
+
+
+def test_hash_mismatch_refuses_to_register(registry_uri, model_name, hardened):
+    with pytest.raises(RegistryError, match="refusing to register a file other than the one evaluated"):
+        _register(registry_uri, model_name, {**hardened, "onnx_sha256": "0" * 64}, blessed=True)
+    client = MlflowClient(registry_uri, registry_uri)
+    assert client.search_model_versions(f"name='{model_name}'") == []
+
+
+def test_failure_after_run_started_tags_version_failed(registry_uri, model_name, hardened):
+    """An alias name MLflow rejects makes the very last step fail: the version is tagged failed, no alias."""
+    with pytest.raises(RegistryError, match="version 1 tagged failed"):
+        _register(registry_uri, model_name, hardened, blessed=True, alias="bad alias!")
+    client = MlflowClient(registry_uri, registry_uri)
+    mv = client.get_model_version(model_name, "1")
+    assert mv.tags[STATUS_TAG] == "failed" and not mv.aliases
+    assert client.get_run(mv.run_id).info.status == "FAILED"
+    assert _register(registry_uri, model_name, hardened, blessed=True).alias_moved  # a rerun succeeds
