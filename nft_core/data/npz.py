@@ -1,0 +1,58 @@
+"""Reading ``npz:PATH`` datasets: keys ``x`` (uint8 N x H x W x C) and ``y`` (int64 N)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nft_core.data.image_data import ImageData
+
+
+def load_npz(path: str | Path, num_classes: int | None = None) -> ImageData:
+    """Load and validate an npz dataset.
+
+    Args:
+        path: the ``.npz`` file.
+        num_classes: number of classes; default ``max(y) + 1``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an npz archive, a missing key, a wrong dtype or shape, or a label out of range;
+            the message names the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"npz dataset {str(path)!r} does not exist")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"npz dataset {str(path)!r} is not a readable npz archive: {err}") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"npz dataset {str(path)!r} is a single .npy array, not an npz archive with x and y")
+    with archive:
+        missing = {"x", "y"} - set(archive.files)
+        if missing:
+            raise ValueError(f"npz dataset {str(path)!r} lacks key(s) {sorted(missing)} (has {sorted(archive.files)})")
+        try:
+            x, y = archive["x"], archive["y"]
+        except ValueError as err:  # object arrays need pickle, which is refused
+            raise ValueError(f"npz dataset {str(path)!r}: x and y must be plain arrays: {err}") from err
+    if x.dtype != np.uint8:
+        raise ValueError(f"npz dataset {str(path)!r}: x must be uint8, got {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"npz dataset {str(path)!r}: x must be N x H x W x C with C in (1, 3), "
+                         f"got shape {x.shape}")
+    if y.dtype != np.int64 or y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"npz dataset {str(path)!r}: y must be int64 of shape ({len(x)},), "
+                         f"got {y.dtype} of shape {y.shape}")
+    if len(y) == 0:
+        raise ValueError(f"npz dataset {str(path)!r} holds no samples")
+    if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
+        raise ValueError(f"npz dataset {str(path)!r}: labels span [{y.min()}, {y.max()}], "
+                         f"outside [0, {num_classes if num_classes is not None else 'inf'})")
+    num_classes = num_classes if num_classes is not None else int(y.max()) + 1
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return ImageData(xt, torch.from_numpy(y.copy()), num_classes)
