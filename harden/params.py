@@ -1,0 +1,165 @@
+"""``params.yaml``: one validated section per concern, shared by the CLI, the DVC stages and the KFP components.
+
+Sections: ``base`` (seed, device, registry), ``data`` (clean and test sets), ``candidate`` (what to pull, and the
+offline demo candidate), ``nft`` (the purifier and its hyper-parameters), ``export`` (ONNX), ``probes``
+(attack probes and the trigger-free scan), ``gate`` (promotion checks), ``promote`` (registration). Unknown
+keys, wrong types and out-of-range values are refused with :class:`ParamsError`, whose message names the key
+(``nft.lr``), the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from harden.evaluate import Probe
+from harden.gate import GateConfig
+from nft_core.config import NFTConfig
+
+
+class ParamsError(ValueError):
+    """``params.yaml`` is missing, unreadable or invalid; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    seed: int = Field(0, ge=0, description="seed of data splits, the demo candidate and every purifier")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking/registry URI (sqlite file or http server)")
+
+
+class DataParams(_Section):
+    train: str = Field("synthetic:n=10000,seed=0", description="dataset spec the clean set is drawn from (train split)")
+    test: str = Field("synthetic:n=2000,seed=0", description="dataset spec of the test set (loaded with train=False)")
+    clean_fraction: float | None = Field(0.02, gt=0, le=1, description="share of `train` used as clean data")
+    clean_per_class: int | None = Field(None, ge=1, description="or: this many clean samples per class")
+    download: bool = Field(False, description="let torchvision datasets download (off: this must run offline)")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> DataParams:
+        if (self.clean_fraction is None) == (self.clean_per_class is None):
+            raise ValueError("set exactly one of data.clean_fraction and data.clean_per_class (the other to null)")
+        return self
+
+
+class DemoCandidateParams(_Section):
+    builder: str = Field("small_cnn", description="architecture of the demo candidate (allow-listed builder)")
+    attack: str = Field("badnets", description="backdoor planted in the demo candidate")
+    target: int = Field(0, ge=0, description="attack target label")
+    mode: Literal["all2one", "all2all"] = "all2one"
+    poison_rate: float = Field(0.1, gt=0, lt=1, description="share of training images poisoned")
+    epochs: int = Field(15, ge=1, description="training epochs of the demo candidate")
+
+
+class CandidateParams(_Section):
+    model: str = Field("models:/nft-demo@candidate", description="registry reference: models:/NAME@ALIAS or models:/NAME/VERSION")
+    allow_pickle: bool = Field(False, description="explicit opt-in to unpickle a pickled candidate (runs its code!)")
+    demo: DemoCandidateParams = DemoCandidateParams()
+
+
+_DEFENSES = ("nft", "ft", "fp", "anp", "ft_sam", "pbe", "fip")
+
+
+#: NFTConfig fields that come from elsewhere: ``base.seed``, ``base.device``, and the caller (progress bar).
+_NFT_RUNTIME = frozenset({"seed", "device", "progress"})
+
+
+def _nft_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(NFTConfig)
+    return {f.name: (hints[f.name], f.default) for f in dataclasses.fields(NFTConfig) if f.name not in _NFT_RUNTIME}
+
+
+class _NFTBase(_Section):
+    defense: Literal[_DEFENSES] = "nft"  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _valid_config(self) -> _NFTBase:
+        self.config()  # NFTConfig's own range checks, with messages naming the field
+        return self
+
+    def config(self, seed: int = 0, device: str = "auto", progress: bool = True) -> NFTConfig:
+        """The :class:`NFTConfig` these params describe, with the run's seed, device and progress setting."""
+        return NFTConfig(**self.model_dump(exclude={"defense", "options"}), seed=seed, device=device, progress=progress)
+
+
+#: ``nft`` section: ``defense`` + every :class:`NFTConfig` field but seed/device/progress (flat, so ``dvc exp run -S nft.epochs=5`` works)
+#: + ``options``, overrides for a non-NFT defense's config.
+NFTParams = create_model("NFTParams", __base__=_NFTBase, **_nft_fields(),
+                         options=(dict[str, Any], Field(default_factory=dict)))
+
+
+class ExportParams(_Section):
+    opset: int | None = Field(None, ge=18, description="ONNX opset (default: the exporter's)")
+    atol: float = Field(1e-4, gt=0, description="max |torch - onnxruntime| on logits for the parity check")
+    parity_samples: int = Field(256, ge=1, description="clean images in the parity batch (plus as many random ones)")
+
+
+class ScanParams(_Section):
+    enabled: bool = Field(True, description="run the trigger-free adversarial-label scan")
+    samples: int = Field(500, ge=10, description="clean test images attacked")
+    eps: float = Field(8 / 255, gt=0, le=1, description="L-inf radius of the untargeted PGD")
+    steps: int = Field(10, ge=1)
+
+
+class ProbesParams(_Section):
+    attacks: list[Probe] = Field(default_factory=list, description="attack probes measuring ASR")
+    scan: ScanParams = ScanParams()
+
+
+class PromoteParams(_Section):
+    name: str = Field("nft-demo-hardened", min_length=1, description="registered model receiving the hardened version")
+    alias: str = Field("champion", min_length=1, description="serving alias moved to a blessed version")
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    data: DataParams = DataParams()
+    candidate: CandidateParams = CandidateParams()
+    nft: NFTParams = NFTParams()  # type: ignore[valid-type]
+    export: ExportParams = ExportParams()
+    probes: ProbesParams = ProbesParams()
+    gate: GateConfig = GateConfig()
+    promote: PromoteParams = PromoteParams()
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a parsed ``params.yaml`` mapping."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(f"{source} is invalid:\n{_describe(err)}") from err
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        ParamsError: the file is missing, not YAML, not a mapping, or invalid.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ParamsError(f"cannot read {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))

@@ -1,0 +1,328 @@
+"""The stages of the hardening step: one implementation each, shared by the CLI, ``dvc.yaml`` and the Kubeflow
+components (which only translate their inputs and outputs into these calls).
+
+    prepare_data -> (make_demo_candidate) -> pull -> purify -> fold -> export -> evaluate -> gate -> report -> promote
+
+Every stage reads files and a ``params.yaml`` section, and writes its outputs into its own directory
+atomically (assembled in a temporary directory, then renamed into place), so an interrupted or failed stage
+never leaves a half-written output where a complete one stood. File names inside stage directories are the
+constants below; :class:`Layout` says where ``nft-harden run`` and ``dvc.yaml`` put each directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harden.errors import DataError
+from harden.evaluate import (LayerMasks, compare, evaluate_onnx, evaluate_torch, mask_statistics, scan_metrics)
+from harden.gate import Blessing, GateConfig, evaluate_gate
+from harden.integrity import atomic_dir, sha256_file, write_json_atomic
+from harden.onnx_export import check_parity, export_onnx
+from harden.package import InputSpec, ModelSpec, load_package, save_package
+from harden.params import BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params, ProbesParams
+from harden.registry import Provenance, parse_model_ref, pull, register_candidate
+from nft_core.data import ImageData, load_dataset, stratified_split
+from nft_core.data.npz import load_npz
+from nft_core.fold import fold_masks
+from nft_core.masks import attach_masks, load_mask_state, mask_state
+from nft_core.purify import purify
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "package"
+PROVENANCE = "provenance.json"
+CANDIDATE = "candidate.json"
+MASKS = "masks.safetensors"
+BUFFERS = "buffers.safetensors"
+MASKS_META = "masks.json"
+PURIFY = "purify.json"
+FOLD = "fold.json"
+ONNX = "model.onnx"
+PARITY = "parity.json"
+METRICS = "metrics.json"
+BLESSING = "blessing.json"
+REGISTERED = "registered.json"
+
+#: Max |masked - folded| on logits for the fold check (fp32, eval mode).
+FOLD_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage's outputs live for ``nft-harden run`` and ``dvc.yaml`` (paths relative to the repo)."""
+
+    runs: Path = Path("runs")
+    data: Path = Path("data")
+
+    @property
+    def clean(self) -> Path:
+        return self.data / "clean.npz"
+
+    @property
+    def test(self) -> Path:
+        return self.data / "test.npz"
+
+    def stage(self, name: str) -> Path:
+        """Directory of stage ``name`` (candidate, pull, purify, fold, export, evaluate, gate, report, promote)."""
+        return self.runs / name
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- data ------
+
+def _load(spec: str, *, train: bool, download: bool = False) -> ImageData:
+    try:
+        return load_dataset(spec, train=train, download=download)
+    except (OSError, ValueError) as err:
+        raise DataError(f"dataset {spec!r}: {err}") from err
+
+
+def read_npz(path: str | Path) -> ImageData:
+    """A dataset file written by :func:`prepare_data`; problems raise :class:`DataError`."""
+    try:
+        return load_npz(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: {err}") from err
+
+
+def check_compatible(spec: ModelSpec, data: ImageData, what: str) -> None:
+    """Refuse data the model cannot take: other image shape, other classes, labels out of range."""
+    expected = (spec.input.channels, spec.input.height, spec.input.width)
+    if tuple(data.x.shape[1:]) != expected:
+        raise DataError(f"{what}: images are {tuple(data.x.shape[1:])} (C, H, W) but the model takes {expected}")
+    if data.num_classes != spec.num_classes:
+        raise DataError(f"{what}: data has {data.num_classes} classes but the model has {spec.num_classes}")
+    if len(data) and (data.y.min() < 0 or data.y.max() >= spec.num_classes):
+        raise DataError(f"{what}: labels span [{data.y.min()}, {data.y.max()}], outside [0, {spec.num_classes})")
+
+
+def check_clean_set(clean: ImageData) -> None:
+    """A clean set needs at least one sample of every class; exactly one means the one-shot regime (warned)."""
+    if len(clean) == 0:
+        raise DataError("the clean set is empty: purification needs at least one clean sample per class")
+    counts = torch.bincount(clean.y, minlength=clean.num_classes)
+    missing = [c for c in range(clean.num_classes) if counts[c] == 0]
+    if missing:
+        raise DataError(f"the clean set has no sample of class(es) {missing} ({len(clean)} samples in all); "
+                        "it needs at least one sample per class")
+    if counts.min() == 1:
+        log.warning("the clean set has only one sample of some class (%d samples for %d classes): one-shot "
+                    "regime; expect a larger accuracy drop than with >= 1%% of the training data", len(clean),
+                    clean.num_classes)
+
+
+def prepare_data(data: DataParams, seed: int, clean_out: Path, test_out: Path) -> dict[str, Any]:
+    """Draw the clean set (stratified, from ``data.train``) and load the test set; write both as npz."""
+    train = _load(data.train, train=True, download=data.download)
+    try:
+        clean, _ = stratified_split(train, fraction=data.clean_fraction, per_class=data.clean_per_class, seed=seed)
+    except ValueError as err:
+        raise DataError(f"cannot draw the clean set from {data.train!r}: {err}") from err
+    check_clean_set(clean)
+    test = _load(data.test, train=False, download=data.download)
+    if test.num_classes != clean.num_classes:
+        raise DataError(f"test set has {test.num_classes} classes, clean set {clean.num_classes}")
+    for data_set, path in ((clean, Path(clean_out)), (test, Path(test_out))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data_set.save_npz(path)
+    return {"clean": {"n": len(clean), "sha256": sha256_file(clean_out)},
+            "test": {"n": len(test), "sha256": sha256_file(test_out)}}
+
+
+# ------------------------------------------------------------------------------------------ candidate ------
+
+def make_demo_candidate(params: Params, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train a backdoored candidate on the offline data and register it as ``candidate.model`` (demo only)."""
+    from nft_core.attacks import make_attack
+    from nft_core.train import make_backdoored_candidate
+
+    name, alias, version = parse_model_ref(params.candidate.model)
+    if version is not None:
+        raise ValueError(f"candidate.model={params.candidate.model!r}: the demo candidate is registered under an "
+                         "alias (models:/NAME@ALIAS), not a fixed version")
+    demo = params.candidate.demo
+    train = _load(params.data.train, train=True, download=params.data.download)
+    attack = make_attack(demo.attack, target=demo.target, mode=demo.mode, num_classes=train.num_classes,
+                         image_shape=tuple(train.x.shape[1:]), seed=params.base.seed)
+    model, info = make_backdoored_candidate(train, attack, builder=demo.builder, poison_rate=demo.poison_rate,
+                                            epochs=demo.epochs, seed=params.base.seed, progress=progress)
+    c, h, w = train.x.shape[1:]
+    spec = ModelSpec(builder=demo.builder, num_classes=train.num_classes,
+                     input=InputSpec(channels=c, height=h, width=w, mean=model.mean.flatten().tolist(),
+                                     std=model.std.flatten().tolist()),
+                     class_names=list(train.class_names) if train.class_names else None)
+    with atomic_dir(out_dir) as tmp:
+        save_package(model.net, spec, tmp / PACKAGE)
+        number = register_candidate(tmp / PACKAGE, name, tracking_uri=params.base.tracking_uri, alias=alias,
+                                    tags={"demo.attack": demo.attack, "demo.target": str(demo.target),
+                                          "demo.poison_rate": str(demo.poison_rate)})
+        summary = {"name": name, "version": number, "alias": alias, "attack": demo.attack,
+                   "train_images": len(train), "train_time_s": info.get("wall_time_s")}
+        write_json_atomic(tmp / CANDIDATE, summary)
+    return summary
+
+
+def pull_stage(candidate: CandidateParams, tracking_uri: str, out_dir: Path) -> Provenance:
+    """Pull ``candidate.model`` from the registry into ``out_dir/package`` with ``out_dir/provenance.json``."""
+    with atomic_dir(out_dir) as tmp:
+        return pull(candidate.model, tmp, tracking_uri=tracking_uri, allow_pickle=candidate.allow_pickle)
+
+
+# ------------------------------------------------------------------------------------- purify / fold ------
+
+def _load_model(pkg_dir: Path):
+    net, spec = load_package(pkg_dir)
+    return spec.wrap(net).eval(), spec
+
+
+def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_npz: Path, out_dir: Path, *,
+                 progress: bool = True) -> dict[str, Any]:
+    """Purify the candidate on the clean set with ``nft.defense``.
+
+    NFT writes its masks (``masks.safetensors``), the model's buffers (BatchNorm statistics updated in BN train
+    mode) and ``masks.json``; other defenses write a complete package. A checkpoint beside ``out_dir`` lets a
+    killed run resume where it stopped; it is removed when the stage completes.
+    """
+    model, spec = _load_model(Path(candidate_dir) / PACKAGE)
+    clean = read_npz(clean_npz)
+    check_compatible(spec, clean, f"clean set {clean_npz}")
+    check_clean_set(clean)
+    out_dir = Path(out_dir)
+    checkpoint = out_dir.with_name(f".{out_dir.name}.ckpt")
+    summary: dict[str, Any] = {"defense": nft.defense, "clean_samples": len(clean)}
+    if nft.defense == "nft":
+        config = nft.config(base.seed, base.device, progress)
+        result = purify(model, clean.dataset(), config, checkpoint=checkpoint)
+        summary.update(config=config.to_dict(), wall_time_s=result.wall_time_s, device=result.device,
+                       eta=result.eta, samples_per_class=result.samples_per_class,
+                       trainable_params=result.trainable_params, total_params=result.total_params,
+                       history=result.history)
+        meta = {"placement": config.placement, "skip_first": config.skip_first,
+                "layers": [{"index": l.index, "name": l.name, "kind": l.kind, "size": l.size,
+                            "lower_bound": result.lower_bounds[l.index - 1]} for l in result.layers]}
+        buffers = {k: v.contiguous() for k, v in result.model.state_dict().items()
+                   if k in dict(result.model.named_buffers())}
+        with atomic_dir(out_dir) as tmp:
+            save_file(mask_state(result.model), str(tmp / MASKS))
+            save_file(buffers, str(tmp / BUFFERS))
+            write_json_atomic(tmp / MASKS_META, meta)
+            write_json_atomic(tmp / PURIFY, summary)
+    else:
+        from nft_core.defenses import default_config, run_defense
+
+        config = default_config(nft.defense).replace(seed=base.seed, device=base.device, **nft.options)
+        result = run_defense(nft.defense, model, clean.dataset(), config)
+        summary.update(config=config.to_dict(), wall_time_s=result.wall_time_s, history=result.history)
+        with atomic_dir(out_dir) as tmp:
+            save_package(result.model, spec, tmp / PACKAGE)
+            write_json_atomic(tmp / PURIFY, summary)
+    checkpoint.unlink(missing_ok=True)
+    return summary
+
+
+def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: Path) -> dict[str, Any]:
+    """Fold NFT masks into the candidate's weights and check the result.
+
+    The fold check compares the masked and the folded model on clean images (max |logit difference| <=
+    :data:`FOLD_ATOL`) and the folded state dict against the candidate's keys, shapes and dtypes. A failed check
+    is recorded in ``fold.json`` (the gate refuses the model), not raised. Defenses without masks already
+    produced a plain package, which is passed through.
+    """
+    model, spec = _load_model(Path(candidate_dir) / PACKAGE)
+    reference = {k: (tuple(v.shape), v.dtype) for k, v in model.net.state_dict().items()}
+    purify_dir = Path(purify_dir)
+    x = read_npz(clean_npz).images()[:256]
+    if (purify_dir / MASKS).exists():
+        meta = read_json(purify_dir / MASKS_META)
+        model.load_state_dict(load_file(str(purify_dir / BUFFERS)), strict=False)
+        attach_masks(model, meta["placement"], x[:1], skip_first=meta["skip_first"])
+        load_mask_state(model, load_file(str(purify_dir / MASKS)))
+        model.eval()
+        with torch.no_grad():
+            masked = model(x)
+            folded = fold_masks(model).eval()(x)
+        diff = (masked - folded).abs().max().item()
+        net = model.net
+    else:
+        net, _ = load_package(purify_dir / PACKAGE)
+        diff = None
+    state = net.state_dict()
+    keys_match = {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == reference
+    finite = all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    passed = keys_match and finite and (diff is None or diff <= FOLD_ATOL)
+    report = {"passed": passed, "masks_folded": diff is not None, "max_abs_diff": diff, "atol": FOLD_ATOL,
+              "keys_match": keys_match, "finite": finite}
+    with atomic_dir(out_dir) as tmp:
+        save_package(net, spec, tmp / PACKAGE)
+        write_json_atomic(tmp / FOLD, report)
+    if not passed:
+        log.error("fold check failed: %s", report)
+    return report
+
+
+# ------------------------------------------------------------------------------------ export / eval ------
+
+def export_stage(export: ExportParams, seed: int, hardened_dir: Path, clean_npz: Path, out_dir: Path) -> dict[str, Any]:
+    """Export the hardened package to ONNX (normalisation inside the graph) and check it against PyTorch."""
+    model, spec = _load_model(Path(hardened_dir) / PACKAGE)
+    clean = read_npz(clean_npz).images()[: export.parity_samples]
+    noise = torch.rand(clean.shape, generator=torch.Generator().manual_seed(seed))
+    shape = (spec.input.channels, spec.input.height, spec.input.width)
+    with atomic_dir(out_dir) as tmp:
+        export_onnx(model, shape, tmp / ONNX, opset=export.opset)
+        parity = check_parity(tmp / ONNX, model, {"clean": clean, "random": noise}, atol=export.atol)
+        report = {**parity.to_dict(), "onnx_sha256": sha256_file(tmp / ONNX)}
+        write_json_atomic(tmp / PARITY, report)
+    if not parity.passed:
+        log.error("ONNX parity check failed: max |diff| %.3g, argmax agreement %.4f", parity.max_abs_diff,
+                  parity.argmax_agreement)
+    return report
+
+
+def _layer_masks(purify_dir: Path) -> list[LayerMasks] | None:
+    if not (purify_dir / MASKS).exists():
+        return None
+    meta, masks = read_json(purify_dir / MASKS_META), load_file(str(purify_dir / MASKS))
+    return [LayerMasks(l["index"], l["name"], l["lower_bound"], masks[l["name"]].numpy()) for l in meta["layers"]]
+
+
+def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_dir: Path, fold_dir: Path,
+                   export_dir: Path, test_npz: Path, out_dir: Path) -> dict[str, Any]:
+    """Evaluate the candidate (PyTorch) and the hardened model as it ships (the ONNX file, ONNX Runtime)."""
+    candidate, spec = _load_model(Path(candidate_dir) / PACKAGE)
+    test = read_npz(test_npz)
+    check_compatible(spec, test, f"test set {test_npz}")
+    before = evaluate_torch(candidate, test, probes.attacks)
+    after = evaluate_onnx(Path(export_dir) / ONNX, test, probes.attacks)
+    if probes.scan.enabled:
+        hardened, _ = _load_model(Path(fold_dir) / PACKAGE)
+        kwargs = {"samples": probes.scan.samples, "eps": probes.scan.eps, "steps": probes.scan.steps, "seed": seed}
+        before.update(scan_metrics(candidate, test, **kwargs))
+        after.update(scan_metrics(hardened, test, **kwargs))
+    purified = read_json(Path(purify_dir) / PURIFY)
+    layers = _layer_masks(Path(purify_dir))
+    metrics = {"candidate": before, "hardened": after, "compare": compare(before, after),
+               "purify": {k: purified[k] for k in ("defense", "wall_time_s", "clean_samples")},
+               "masks": mask_statistics(layers) if layers else None}
+    write_json_atomic(Path(out_dir) / METRICS, metrics)
+    return metrics
+
+
+def gate_stage(gate: GateConfig, evaluate_dir: Path, fold_dir: Path, export_dir: Path, out_dir: Path) -> Blessing:
+    """Apply the gate's checks to the evaluation and the fold/parity checks; write ``blessing.json``."""
+    metrics = read_json(Path(evaluate_dir) / METRICS)
+    facts = {"fold_check": bool(read_json(Path(fold_dir) / FOLD)["passed"]),
+             "onnx_parity": bool(read_json(Path(export_dir) / PARITY)["passed"])}
+    blessing = evaluate_gate(gate, metrics["candidate"], metrics["hardened"], facts)
+    blessing.write(Path(out_dir) / BLESSING)
+    return blessing
