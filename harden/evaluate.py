@@ -37,6 +37,9 @@ from nft_core.scan import adversarial_label_concentration
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Probes = Sequence["Probe"]
 
+#: Numeric metrics that are labels, not quantities (no delta).
+CATEGORICAL = frozenset({"scan/top_label"})
+
 #: Tolerance for "a mask sits at its lower bound" (same as the purify loop's history).
 AT_BOUND_TOL = 1e-6
 
@@ -209,11 +212,12 @@ def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
-    """``{metric: {"before", "after", "delta"}}`` over the numeric metrics of either side (None where absent)."""
+    """``{metric: {"before", "after", "delta"}}`` over the numeric metrics of either side (None where absent;
+    no delta for the labels in :data:`CATEGORICAL`)."""
     b, a = flatten(before), flatten(after)
     keys = list(b) + [k for k in a if k not in b]
     return {k: {"before": b.get(k), "after": a.get(k),
-                "delta": a[k] - b[k] if k in a and k in b else None} for k in keys}
+                "delta": a[k] - b[k] if k in a and k in b and k not in CATEGORICAL else None} for k in keys}
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _num(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
     return str(value)
 
 

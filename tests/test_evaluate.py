@@ -126,12 +126,14 @@ def test_torch_and_onnx_evaluations_agree(tmp_path, test_set):
 
 def test_compare_and_flatten():
     before = {"acc": 0.9, "per_class_acc": {"a": 0.8, "b": None}, "asr/x": 1.0, "note": "text"}
-    after = {"acc": 0.85, "per_class_acc": {"a": 0.9, "b": 0.5}, "scan/top_share": 0.3}
+    after = {"acc": 0.85, "per_class_acc": {"a": 0.9, "b": 0.5}, "scan/top_share": 0.3, "scan/top_label": 4}
+    before["scan/top_label"] = 1
     diff = compare(before, after)
     assert diff["acc"] == {"before": 0.9, "after": 0.85, "delta": pytest.approx(-0.05)}
     assert diff["per_class_acc/a"]["delta"] == pytest.approx(0.1)
     assert diff["per_class_acc/b"] == {"before": None, "after": 0.5, "delta": None}
     assert diff["asr/x"]["after"] is None and "note" not in diff
+    assert diff["scan/top_label"] == {"before": 1, "after": 4, "delta": None}  # a label has no delta
 
 
 def test_mask_statistics_per_layer_and_overall():
