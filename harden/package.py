@@ -141,7 +141,8 @@ def _check_head(net: nn.Module, spec: ModelSpec, where: str) -> None:
         with torch.no_grad():
             out = net(x)
     except RuntimeError as err:
-        raise PackageError(f"{where}: the model does not accept input {tuple(x.shape)} from the input spec: {err}") from err
+        raise PackageError(f"{where}: the model does not accept input {tuple(x.shape)} "
+                           f"from the input spec: {err}") from err
     if tuple(out.shape) != (1, spec.num_classes):
         raise PackageError(f"{where}: the model outputs shape {tuple(out.shape)}, "
                            f"num_classes={spec.num_classes} expects (1, {spec.num_classes})")

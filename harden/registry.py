@@ -40,7 +40,7 @@ from mlflow.entities import LoggedModel, Metric, RunTag
 from mlflow.exceptions import MlflowException
 
 from harden.integrity import atomic_dir, sha256_file, sha256_tree, write_json_atomic
-from harden.package import SPEC_FILE, WEIGHTS_FILE, find_pickles, load_package, save_package
+from harden.package import SPEC_FILE, WEIGHTS_FILE, ModelSpec, find_pickles, load_package, save_package
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _download_version(client: MlflowClient, tracking_uri: str, mv, into: Path) -
 
 
 def pull(ref: str, dest: str | Path, *, tracking_uri: str, allow_pickle: bool = False, retries: int = 3,
-         backoff_s: float = 0.5) -> Provenance:
+         backoff_s: float = 0.5, spec: ModelSpec | None = None) -> Provenance:
     """Pull a model version's package from the registry, verify it, and record its provenance.
 
     Writes ``dest/package/`` (``model.json`` + ``model.safetensors``, verified by :func:`load_package`) and
@@ -217,6 +217,8 @@ def pull(ref: str, dest: str | Path, *, tracking_uri: str, allow_pickle: bool = 
         allow_pickle: opt in to loading a pickled model (logs a WARNING); it is re-saved as safetensors.
         retries: attempts to reach an ``http(s)`` registry before giving up.
         backoff_s: first wait between attempts (doubles each time).
+        spec: architecture to use instead of the package's ``model.json`` (for an opted-in pickle, e.g. an
+            ``mlflow.pytorch`` model, which has none).
 
     Raises:
         RegistryError: bad ref, registry unreachable, model/alias/version missing, no package found.
@@ -235,7 +237,7 @@ def pull(ref: str, dest: str | Path, *, tracking_uri: str, allow_pickle: bool = 
             raise RegistryError(f"cannot download artifacts of {name!r} version {mv.version}: {err}") from err
         files = sha256_tree(local) if local.is_dir() else {local.name: sha256_file(local)}
         pkg = _locate_package(local if local.is_dir() else local.parent)
-        net, spec = load_package(pkg, allow_pickle=allow_pickle)
+        net, spec = load_package(pkg, allow_pickle=allow_pickle, spec=spec)
         with atomic_dir(dest / "package") as out:
             if (pkg / WEIGHTS_FILE).is_file():
                 shutil.copy2(pkg / SPEC_FILE, out / SPEC_FILE)
@@ -339,7 +341,8 @@ def _log_onnx(client: MlflowClient, tracking_uri: str, experiment_id: str, run_i
     logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
     with _global_tracking_uri(tracking_uri):
         mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", model_id=logged.model_id, run_id=run_id,
-                              input_example=input_example, save_as_external_data=False)
+                              input_example=input_example, save_as_external_data=False,
+                              pip_requirements=mlflow.onnx.get_default_pip_requirements())
     with tempfile.TemporaryDirectory() as tmp:
         got = mlflow.artifacts.download_artifacts(artifact_uri=f"{logged.artifact_location}/model.onnx",
                                                   dst_path=tmp, tracking_uri=tracking_uri)

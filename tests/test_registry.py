@@ -96,6 +96,26 @@ def test_pickled_version_refused_without_opt_in(registry_uri, model_name, make_p
     assert not (tmp_path / "out" / "package").exists() and not (tmp_path / "out" / "provenance.json").exists()
 
 
+def test_pickled_version_with_opt_in_is_resaved_as_safetensors(sqlite_registry, model_name, make_package,
+                                                                tmp_path, caplog):
+    net, spec, pkg = make_package()
+    (pkg / "model.safetensors").unlink()
+    (pkg / "model.json").unlink()
+    torch.save(net, pkg / "model.pth")  # what an mlflow.pytorch model holds: a pickled module, no model.json
+    client = MlflowClient(sqlite_registry, sqlite_registry)
+    run = client.create_run(client.create_experiment(f"exp-{model_name}", artifact_location=tmp_path.as_uri()))
+    client.log_artifacts(run.info.run_id, str(pkg), "model")
+    client.create_registered_model(model_name)
+    client.create_model_version(model_name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    with caplog.at_level("WARNING", logger="harden.package"):
+        pull(f"{model_name}/1", tmp_path / "out", tracking_uri=sqlite_registry, allow_pickle=True, spec=spec)
+    assert "unpickling" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "out" / "package").iterdir()) == ["model.json", "model.safetensors"]
+    loaded, _ = load_package(tmp_path / "out" / "package")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded(x), net(x))
+
+
 def test_unreachable_registry_fails_after_bounded_retries(closed_port_uri, tmp_path):
     start = time.monotonic()
     with pytest.raises(RegistryError, match=rf"{closed_port_uri} is unreachable after 3 attempts"):
