@@ -3,6 +3,8 @@
 import json
 import time
 
+import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -193,3 +195,16 @@ def test_failure_after_run_started_tags_version_failed(registry_uri, model_name,
     assert mv.tags[STATUS_TAG] == "failed" and not mv.aliases
     assert client.get_run(mv.run_id).info.status == "FAILED"
     assert _register(registry_uri, model_name, hardened, blessed=True).alias_moved  # a rerun succeeds
+
+
+def test_registered_onnx_is_a_pyfunc_model_with_baked_normalisation(sqlite_registry, model_name, hardened):
+    result = _register(sqlite_registry, model_name, hardened, blessed=True,
+                       input_example=np.random.rand(2, 3, 32, 32).astype(np.float32))
+    mv = MlflowClient(sqlite_registry, sqlite_registry).get_model_version(model_name, str(result.version))
+    served = mlflow.pyfunc.load_model(mv.source)  # what `mlflow models serve` loads
+    x = np.random.rand(4, 3, 32, 32).astype(np.float32)
+    logits = served.predict(x)["logits"]
+    net, spec = load_package(hardened["package_dir"])
+    with torch.no_grad():
+        expected = spec.wrap(net)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
