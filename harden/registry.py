@@ -382,8 +382,10 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         experiment: MLflow experiment of the run.
 
     Raises:
-        RegistryError: inputs invalid, hash mismatch, registry unreachable, or any later failure (then the
-            version, if created, is tagged ``hardening.status=failed`` and the alias is untouched).
+        PackageError: ``package_dir`` does not verify (checked before anything is logged).
+        RegistryError: a file is missing, the ONNX hash differs, the registry is unreachable, or any later
+            step fails (then the version, if created, is tagged ``hardening.status=failed``, the run is
+            marked FAILED and the alias is untouched).
     """
     package_dir, onnx_path = Path(package_dir), Path(onnx_path)
     onnx_sha = _check_inputs(package_dir, onnx_path, evidence, onnx_sha256)
