@@ -170,5 +170,135 @@ def gate(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), 
         raise GateRejected(b.summary)
 
 
+@app.command()
+@_command
+def report(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
+    """Render the HTML/Markdown report and plots."""
+    from harden.stages import report_stage
+
+    p, layout = _ctx(params, runs, data)
+    files = report_stage(p, layout.stage("pull"), layout.stage("purify"), layout.stage("evaluate"),
+                         layout.stage("gate"), layout.stage("report"))
+    typer.echo(f"report: {files.html} and {files.markdown}")
+
+
+@app.command()
+@_command
+def promote(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data"),
+            strict: StrictOpt = False) -> None:
+    """Register the hardened version with its evidence; move the alias only if the gate blessed it."""
+    p, layout = _ctx(params, runs, data)
+    r = _register(p, layout)
+    typer.echo(f"registered {r['name']} version {r['version']} ({r['status']})"
+               + (f"; @{r['alias']} -> version {r['version']}" if r["alias_moved"] else f"; @{r['alias']} unchanged"))
+    if strict and not r["blessed"]:
+        raise GateRejected(r["summary"])
+
+
+def _register(p, layout) -> dict:
+    from harden.stages import register_stage
+
+    return register_stage(p, pull_dir=layout.stage("pull"), fold_dir=layout.stage("fold"),
+                          export_dir=layout.stage("export"), clean_npz=layout.clean, test_npz=layout.test,
+                          purify_dir=layout.stage("purify"), evaluate_dir=layout.stage("evaluate"),
+                          gate_dir=layout.stage("gate"), report_dir=layout.stage("report"),
+                          out_dir=layout.stage("promote"))
+
+
+@app.command()
+@_command
+def run(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data"),
+        with_candidate: Annotated[bool, typer.Option(help="first build and register the offline demo candidate")] = False,
+        strict: StrictOpt = False, progress: ProgressOpt = True) -> None:
+    """Run every stage in this process, in order (prepare ... promote)."""
+    from harden import stages
+    from harden.summary import latest_version_summary, render
+
+    p, layout = _ctx(params, runs, data)
+    steps = [("prepare", lambda: stages.prepare_data(p.data, p.base.seed, layout.clean, layout.test))]
+    if with_candidate:
+        steps.append(("make-candidate", lambda: stages.make_demo_candidate(p, layout.stage("candidate"), progress=progress)))
+    steps += [
+        ("pull", lambda: stages.pull_stage(p.candidate, p.base.tracking_uri, layout.stage("pull"))),
+        ("purify", lambda: stages.purify_stage(p.nft, p.base, layout.stage("pull"), layout.clean,
+                                               layout.stage("purify"), progress=progress)),
+        ("fold", lambda: stages.fold_stage(layout.stage("pull"), layout.stage("purify"), layout.clean, layout.stage("fold"))),
+        ("export", lambda: stages.export_stage(p.export, p.base.seed, layout.stage("fold"), layout.clean,
+                                               layout.stage("export"))),
+        ("evaluate", lambda: stages.evaluate_stage(p.probes, p.base.seed, layout.stage("pull"), layout.stage("purify"),
+                                                   layout.stage("fold"), layout.stage("export"), layout.test,
+                                                   layout.stage("evaluate"))),
+        ("gate", lambda: stages.gate_stage(p.gate, layout.stage("evaluate"), layout.stage("fold"),
+                                           layout.stage("export"), layout.stage("gate"))),
+        ("report", lambda: stages.report_stage(p, layout.stage("pull"), layout.stage("purify"),
+                                               layout.stage("evaluate"), layout.stage("gate"), layout.stage("report"))),
+        ("promote", lambda: _register(p, layout)),
+    ]
+    for name, step in steps:
+        typer.secho(f"== {name}", bold=True)
+        result = step()
+    typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
+    if strict and not result["blessed"]:
+        raise GateRejected(result["summary"])
+
+
+@app.command()
+@_command
+def demo(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
+    """Offline walk-through: build a backdoored candidate, register it, run the Kubeflow pipeline locally, and
+    print what was registered."""
+    import time
+
+    from harden.stages import make_demo_candidate
+    from harden.summary import latest_version_summary, render
+    from pipeline import run_local
+
+    p, layout = _ctx(params, runs, data)
+    t0 = time.perf_counter()
+    typer.secho("== 1/2 training a backdoored demo candidate and registering it", bold=True)
+    c = make_demo_candidate(p, layout.stage("candidate"))
+    typer.echo(f"registered {c['name']} version {c['version']} as @{c['alias']} ({c['attack']} backdoor)")
+    typer.secho("== 2/2 running the Kubeflow pipeline locally (kfp.local, one subprocess per component)", bold=True)
+    run_local(params.read_text(), layout.stage("kfp"))
+    typer.echo("")
+    typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
+    typer.echo(f"pipeline outputs: {layout.stage('kfp')}   (total {time.perf_counter() - t0:.0f}s)")
+
+
+ImageOpt = Annotated[str, typer.Option(help="container image of every component (see the Dockerfile)")]
+
+
+@pipeline_app.command("compile")
+@_command
+def pipeline_compile(out: Annotated[Path, typer.Option(help="IR YAML to write")] = Path("pipeline.yaml"),
+                     image: ImageOpt = "nft-harden:0.1.0",
+                     gpu: Annotated[str, typer.Option(help="accelerator resource for purify ('' = CPU)")] = "nvidia.com/gpu",
+                     gpu_count: Annotated[int, typer.Option(min=1)] = 1,
+                     node_selector: Annotated[list[str], typer.Option(help="KEY=VALUE node label for purify")] = [],
+                     no_default_toleration: Annotated[bool, typer.Option(help="drop the nvidia.com/gpu:NoSchedule toleration")] = False) -> None:
+    """Compile the Kubeflow pipeline to IR YAML (submit it with the KFP UI or kfp.Client)."""
+    from pipeline import GpuPlacement, compile_pipeline
+
+    bad = [s for s in node_selector if "=" not in s]
+    if bad:
+        raise typer.BadParameter(f"--node-selector needs KEY=VALUE, got {bad}")
+    placement = GpuPlacement(accelerator=gpu, count=gpu_count, node_selector=dict(s.split("=", 1) for s in node_selector),
+                             **({"tolerations": []} if no_default_toleration else {}))
+    typer.echo(f"wrote {compile_pipeline(out, image, placement)}")
+
+
+@pipeline_app.command("run-local")
+@_command
+def pipeline_run_local(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs")) -> None:
+    """Run the whole pipeline with kfp.local against the registry in params.yaml."""
+    from harden.params import load_params
+    from harden.summary import latest_version_summary, render
+    from pipeline import run_local
+
+    p = load_params(params)
+    run_local(params.read_text(), runs / "kfp")
+    typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
+
+
 def main() -> None:
     app()

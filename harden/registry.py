@@ -356,7 +356,7 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
                       evidence: dict[str, Path], metrics: dict[str, float], tags: dict[str, str],
                       description: str, blessed: bool, alias: str = "champion", onnx_sha256: str | None = None,
                       input_example: np.ndarray | None = None, reasons: list[str] | None = None,
-                      experiment: str = DEFAULT_EXPERIMENT) -> RegisteredVersion:
+                      experiment: str = DEFAULT_EXPERIMENT, set_alias: bool = True) -> RegisteredVersion:
     """Register the hardened model with its evidence; move ``alias`` only when ``blessed``.
 
     Order: verify inputs (files present, package loads, ONNX sha256 equals ``onnx_sha256``) → run with
@@ -380,6 +380,8 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         input_example: optional example batch (float32 NCHW in [0, 1]) stored with the ONNX model.
         reasons: why the model was rejected (tagged ``hardening.reasons``).
         experiment: MLflow experiment of the run.
+        set_alias: move ``alias`` here when blessed; False leaves it to a later :func:`move_alias` (the Kubeflow
+            pipeline moves it in its own step, inside a ``dsl.If`` on the gate).
 
     Raises:
         PackageError: ``package_dir`` does not verify (checked before anything is logged).
@@ -416,14 +418,35 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
             client.set_model_version_tag(name, version, REASONS_TAG, "; ".join(reasons)[:5000])
         client.set_model_version_tag(name, version, STATUS_TAG, status)
         client.set_terminated(run_id)
-        if blessed:
+        if blessed and set_alias:
             client.set_registered_model_alias(name, alias, version)
     except (MlflowException, RegistryError, OSError) as err:
         _mark_failed(client, name, version, run_id, err)
         raise RegistryError(f"registering hardened model {name!r} failed"
                             f"{f' (version {version} tagged failed)' if version else ''}: {err}") from err
-    logger.info("registered %s version %s: %s%s", name, version, status, f", @{alias} moved" if blessed else "")
-    return RegisteredVersion(name=name, version=int(version), run_id=run_id, alias_moved=blessed, status=status)
+    moved = blessed and set_alias
+    logger.info("registered %s version %s: %s%s", name, version, status, f", @{alias} moved" if moved else "")
+    return RegisteredVersion(name=name, version=int(version), run_id=run_id, alias_moved=moved, status=status)
+
+
+def move_alias(name: str, version: int, alias: str, *, tracking_uri: str) -> None:
+    """Point ``alias`` of ``name`` at ``version``, which must be tagged ``hardening.status=blessed``.
+
+    Raises:
+        RegistryError: the version does not exist, is not blessed, or the registry is unreachable.
+    """
+    wait_reachable(tracking_uri)
+    client = _client(tracking_uri)
+    try:
+        mv = client.get_model_version(name, str(version))
+        status = mv.tags.get(STATUS_TAG)
+        if status != "blessed":
+            raise RegistryError(f"refusing to move @{alias} to {name} version {version}: its {STATUS_TAG} is "
+                                f"{status!r}, not 'blessed'")
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as err:
+        raise RegistryError(f"moving @{alias} of {name!r} to version {version} failed: {err}") from err
+    logger.info("@%s of %s -> version %s", alias, name, version)
 
 
 def _mark_failed(client: MlflowClient, name: str, version: str | None, run_id: str | None, err: Exception) -> None:

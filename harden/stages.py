@@ -11,8 +11,12 @@ constants below; :class:`Layout` says where ``nft-harden run`` and ``dvc.yaml`` 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import logging
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,17 +25,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harden.errors import DataError
-from harden.evaluate import (LayerMasks, compare, evaluate_onnx, evaluate_torch, mask_statistics, scan_metrics)
+from harden.evaluate import (LayerMasks, compare, evaluate_onnx, evaluate_torch, flatten, layer_masks,
+                             mask_statistics, scan_metrics)
 from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
 from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params, ProbesParams
-from harden.registry import Provenance, parse_model_ref, pull, register_candidate
+from harden.registry import Provenance, parse_model_ref, pull, register_candidate, register_hardened
+from harden.report import ReportFiles, write_report
 from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.data.npz import load_npz
 from nft_core.fold import fold_masks
-from nft_core.masks import attach_masks, load_mask_state, mask_state
+from nft_core.masks import MaskedLayer, attach_masks, load_mask_state, mask_state
 from nft_core.purify import purify
 
 log = logging.getLogger(__name__)
@@ -292,8 +298,9 @@ def export_stage(export: ExportParams, seed: int, hardened_dir: Path, clean_npz:
 def _layer_masks(purify_dir: Path) -> list[LayerMasks] | None:
     if not (purify_dir / MASKS).exists():
         return None
-    meta, masks = read_json(purify_dir / MASKS_META), load_file(str(purify_dir / MASKS))
-    return [LayerMasks(l["index"], l["name"], l["lower_bound"], masks[l["name"]].numpy()) for l in meta["layers"]]
+    meta = read_json(purify_dir / MASKS_META)
+    layers = [MaskedLayer(l["index"], l["name"], l["kind"], l["size"]) for l in meta["layers"]]
+    return layer_masks(load_file(str(purify_dir / MASKS)), layers, [l["lower_bound"] for l in meta["layers"]])
 
 
 def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_dir: Path, fold_dir: Path,
@@ -326,3 +333,100 @@ def gate_stage(gate: GateConfig, evaluate_dir: Path, fold_dir: Path, export_dir:
     blessing = evaluate_gate(gate, metrics["candidate"], metrics["hardened"], facts)
     blessing.write(Path(out_dir) / BLESSING)
     return blessing
+
+
+# --------------------------------------------------------------------------------- report / register ------
+
+def code_version() -> str:
+    """This package's version, plus the git commit when running from a checkout (``0.1.0+g1a2b3c4[-dirty]``)."""
+    version = importlib.metadata.version("nft-harden")
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}"
+
+
+def params_sha256(params: Params) -> str:
+    """sha256 of the validated parameters (canonical JSON), so equal settings hash equally."""
+    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _identity(params: Params, pull_dir: Path, purify_dir: Path) -> dict[str, Any]:
+    prov = read_json(Path(pull_dir) / PROVENANCE)
+    purified = read_json(Path(purify_dir) / PURIFY)
+    return {"candidate": {"name": prov["model_name"], "version": prov["version"], "run_id": prov["run_id"],
+                          "aliases at pull": ", ".join(prov["aliases"]), "registry": prov["tracking_uri"]},
+            "defense": purified["defense"], "clean samples": purified["clean_samples"],
+            "params sha256": params_sha256(params), "code version": code_version(),
+            "target": {"name": params.promote.name, "alias": params.promote.alias}}
+
+
+def report_stage(params: Params, pull_dir: Path, purify_dir: Path, evaluate_dir: Path, gate_dir: Path,
+                 out_dir: Path) -> ReportFiles:
+    """Render ``report.html`` (self-contained), ``report.md``, the plots and their DVC plot data."""
+    metrics = read_json(Path(evaluate_dir) / METRICS)
+    blessing = Blessing.model_validate(read_json(Path(gate_dir) / BLESSING))
+    purified = read_json(Path(purify_dir) / PURIFY)
+    purification = {"defense": purified["defense"], "wall_time_s": purified["wall_time_s"],
+                    "clean_samples": purified["clean_samples"], "device": purified.get("device")}
+    if metrics.get("masks"):
+        purification["masks"] = metrics["masks"]
+    with atomic_dir(out_dir) as tmp:
+        files = write_report(tmp, identity=_identity(params, pull_dir, purify_dir), before=metrics["candidate"],
+                             after=metrics["hardened"], blessing=blessing, masks=_layer_masks(Path(purify_dir)),
+                             history=purified.get("history"), purification=purification)
+    def moved(path: Path) -> Path:  # where a file written into tmp lives now
+        return Path(out_dir) / Path(path).relative_to(tmp)
+
+    return ReportFiles(html=moved(files.html), markdown=moved(files.markdown), metrics=moved(files.metrics),
+                       plots={k: moved(v) for k, v in files.plots.items()},
+                       plot_data={k: moved(v) for k, v in files.plot_data.items()})
+
+
+def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir: Path, clean_npz: Path,
+                   test_npz: Path, purify_dir: Path, evaluate_dir: Path, gate_dir: Path, report_dir: Path,
+                   out_dir: Path, move_alias: bool = True) -> dict[str, Any]:
+    """Register the hardened version (ONNX flavour + package + evidence + lineage tags).
+
+    The serving alias moves only when the gate blessed the model, and only when ``move_alias`` (the Kubeflow
+    pipeline moves it in a separate step inside its ``dsl.If``). A rejected version is registered and tagged
+    rejected with the gate's reasons.
+    """
+    blessing = Blessing.model_validate(read_json(Path(gate_dir) / BLESSING))
+    prov = read_json(Path(pull_dir) / PROVENANCE)
+    parity = read_json(Path(export_dir) / PARITY)
+    metrics = read_json(Path(evaluate_dir) / METRICS)
+    purified = read_json(Path(purify_dir) / PURIFY)
+    tags = {"hardening.source.name": prov["model_name"], "hardening.source.version": str(prov["version"]),
+            "hardening.source.run_id": prov["run_id"] or "", "hardening.source.uri": prov["source_uri"],
+            "hardening.data.clean_sha256": sha256_file(clean_npz), "hardening.data.test_sha256": sha256_file(test_npz),
+            "hardening.params_sha256": params_sha256(params), "hardening.code_version": code_version(),
+            "hardening.defense": purified["defense"], "hardening.seed": str(params.base.seed),
+            "hardening.torch_version": torch.__version__, "hardening.onnx_provider": parity["provider"]}
+    numbers = {f"{side}/{k}": v for side in ("candidate", "hardened") for k, v in flatten(metrics[side]).items()}
+    numbers["purify_wall_time_s"] = purified["wall_time_s"]
+    report = Path(report_dir)
+    evidence = {"metrics": Path(evaluate_dir) / METRICS, "blessing": Path(gate_dir) / BLESSING,
+                "parity": Path(export_dir) / PARITY, "fold": Path(fold_dir) / FOLD,
+                "purify": Path(purify_dir) / PURIFY, "provenance": Path(pull_dir) / PROVENANCE,
+                "report_html": report / "report.html", "report_md": report / "report.md",
+                **{f"plot_{p.stem}": p for p in sorted((report / "plots").glob("*.png"))}}
+    rows = [f"- {k}: {v['before']:.4f} -> {v['after']:.4f}" for k, v in metrics["compare"].items()
+            if (k == "acc" or k.startswith(("asr/", "robust_acc/"))) and v["before"] is not None and v["after"] is not None]
+    description = "\n".join([f"Hardened from {prov['model_name']} version {prov['version']} with "
+                             f"{purified['defense']} on {purified['clean_samples']} clean images.", blessing.summary,
+                             "", *rows])
+    registered = register_hardened(params.promote.name, tracking_uri=params.base.tracking_uri,
+                                   package_dir=Path(fold_dir) / PACKAGE, onnx_path=Path(export_dir) / ONNX,
+                                   evidence=evidence, metrics=numbers, tags=tags, description=description,
+                                   blessed=blessing.blessed, alias=params.promote.alias,
+                                   onnx_sha256=parity["onnx_sha256"], reasons=[c.reason for c in blessing.failed],
+                                   set_alias=move_alias)
+    summary = {**dataclasses.asdict(registered), "alias": params.promote.alias, "blessed": blessing.blessed,
+               "summary": blessing.summary, "tracking_uri": params.base.tracking_uri}
+    write_json_atomic(Path(out_dir) / REGISTERED, summary)
+    return summary

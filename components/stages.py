@@ -1,0 +1,186 @@
+"""The components (see the package docstring). Bodies import inside the function: KFP ships each function's
+source to the container on its own. No `from __future__ import annotations` here: KFP reads the
+annotations as types."""
+
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+#: Image the components run in unless the pipeline sets another (it does: see pipeline.build_pipeline).
+DEFAULT_IMAGE = "nft-harden:0.1.0"
+
+component = dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+
+
+@component
+def prepare_data_op(params_yaml: str, clean: Output[Dataset], test: Output[Dataset]):
+    """Draw the clean set and load the test set (npz files)."""
+    from pathlib import Path
+
+    import yaml
+
+    from harden.params import parse_params
+    from harden.stages import prepare_data
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    summary = prepare_data(p.data, p.base.seed, Path(clean.path), Path(test.path))
+    clean.metadata.update(summary["clean"])
+    test.metadata.update(summary["test"])
+
+
+@component
+def pull_op(params_yaml: str, candidate: Output[Model]):
+    """Pull the candidate from the MLflow registry and verify its package."""
+    from pathlib import Path
+
+    import yaml
+
+    from harden.params import parse_params
+    from harden.stages import pull_stage
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    prov = pull_stage(p.candidate, p.base.tracking_uri, Path(candidate.path))
+    candidate.metadata.update({"model_name": prov.model_name, "version": prov.version, "run_id": prov.run_id or "",
+                               "source_uri": prov.source_uri})
+
+
+@component
+def purify_op(params_yaml: str, candidate: Input[Model], clean: Input[Dataset], purified: Output[Artifact],
+              metrics: Output[Metrics]):
+    """Purify the candidate on the clean set (runs on the GPU node)."""
+    from pathlib import Path
+
+    import yaml
+
+    from harden.params import parse_params
+    from harden.stages import purify_stage
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    s = purify_stage(p.nft, p.base, Path(candidate.path), Path(clean.path), Path(purified.path), progress=False)
+    purified.metadata.update({"defense": s["defense"], "device": s.get("device", "")})
+    metrics.log_metric("purify_wall_time_s", s["wall_time_s"])
+    metrics.log_metric("clean_samples", s["clean_samples"])
+
+
+@component
+def fold_op(candidate: Input[Model], purified: Input[Artifact], clean: Input[Dataset], hardened: Output[Model],
+            fold_check: Output[Metrics]) -> bool:
+    """Fold the masks into the weights; returns whether the fold check passed."""
+    from pathlib import Path
+
+    from harden.stages import fold_stage
+
+    r = fold_stage(Path(candidate.path), Path(purified.path), Path(clean.path), Path(hardened.path))
+    fold_check.log_metric("fold_max_abs_diff", r["max_abs_diff"] if r["max_abs_diff"] is not None else 0.0)
+    hardened.metadata.update({"fold_check": r["passed"]})
+    return bool(r["passed"])
+
+
+@component
+def export_op(params_yaml: str, hardened: Input[Model], clean: Input[Dataset], onnx_model: Output[Model],
+              parity: Output[Metrics]) -> bool:
+    """Export ONNX and check ONNX Runtime against PyTorch; returns whether parity passed."""
+    from pathlib import Path
+
+    import yaml
+
+    from harden.params import parse_params
+    from harden.stages import export_stage
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    r = export_stage(p.export, p.base.seed, Path(hardened.path), Path(clean.path), Path(onnx_model.path))
+    onnx_model.metadata.update({"sha256": r["onnx_sha256"], "provider": r["provider"], "parity": r["passed"]})
+    parity.log_metric("onnx_max_abs_diff", r["max_abs_diff"])
+    parity.log_metric("onnx_argmax_agreement", r["argmax_agreement"])
+    return bool(r["passed"])
+
+
+@component
+def evaluate_op(params_yaml: str, candidate: Input[Model], purified: Input[Artifact], hardened: Input[Model],
+                onnx_model: Input[Model], test: Input[Dataset], evaluation: Output[Artifact], metrics: Output[Metrics]):
+    """Evaluate candidate (PyTorch) and hardened model (ONNX Runtime) on the test set and the probes."""
+    from pathlib import Path
+
+    import yaml
+
+    from harden.evaluate import flatten
+    from harden.params import parse_params
+    from harden.stages import evaluate_stage
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    m = evaluate_stage(p.probes, p.base.seed, Path(candidate.path), Path(purified.path), Path(hardened.path),
+                       Path(onnx_model.path), Path(test.path), Path(evaluation.path))
+    for side in ("candidate", "hardened"):
+        for key, value in flatten(m[side]).items():
+            metrics.log_metric(f"{side}/{key}", value)
+
+
+@component
+def gate_op(params_yaml: str, evaluation: Input[Artifact], hardened: Input[Model], onnx_model: Input[Model],
+            blessing: Output[Artifact]) -> bool:
+    """Apply the promotion gate; returns whether the model is blessed."""
+    from pathlib import Path
+
+    import yaml
+
+    from harden.params import parse_params
+    from harden.stages import gate_stage
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    b = gate_stage(p.gate, Path(evaluation.path), Path(hardened.path), Path(onnx_model.path), Path(blessing.path))
+    blessing.metadata.update({"blessed": b.blessed, "summary": b.summary})
+    return b.blessed
+
+
+@component
+def report_op(params_yaml: str, candidate: Input[Model], purified: Input[Artifact], evaluation: Input[Artifact],
+              blessing: Input[Artifact], report: Output[Artifact], html: Output[HTML], markdown: Output[Markdown]):
+    """Render the reviewer's report (HTML for the KFP UI, Markdown, plots)."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from harden.params import parse_params
+    from harden.stages import report_stage
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    files = report_stage(p, Path(candidate.path), Path(purified.path), Path(evaluation.path), Path(blessing.path),
+                         Path(report.path))
+    shutil.copyfile(files.html, html.path)
+    shutil.copyfile(files.markdown, markdown.path)
+
+
+@component
+def register_op(params_yaml: str, candidate: Input[Model], hardened: Input[Model], onnx_model: Input[Model],
+                clean: Input[Dataset], test: Input[Dataset], purified: Input[Artifact], evaluation: Input[Artifact],
+                blessing: Input[Artifact], report: Input[Artifact], registered: Output[Artifact]) -> int:
+    """Register the hardened version with its evidence and lineage (the alias is moved by move_alias_op)."""
+    from pathlib import Path
+
+    import yaml
+
+    from harden.params import parse_params
+    from harden.stages import Layout, register_stage
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    r = register_stage(p, params_yaml, pull_dir=Path(candidate.path), fold_dir=Path(hardened.path),
+                       export_dir=Path(onnx_model.path), clean_npz=Path(clean.path), test_npz=Path(test.path),
+                       purify_dir=Path(purified.path), evaluate_dir=Path(evaluation.path),
+                       gate_dir=Path(blessing.path), report_dir=Path(report.path), out_dir=Path(registered.path),
+                       move_alias=False)
+    registered.metadata.update(r)
+    return int(r["version"])
+
+
+@component
+def move_alias_op(params_yaml: str, version: int) -> str:
+    """Point the serving alias at a blessed version (runs only inside the pipeline's dsl.If on the gate)."""
+    import yaml
+
+    from harden.params import parse_params
+    from harden.registry import move_alias
+
+    p = parse_params(yaml.safe_load(params_yaml))
+    move_alias(p.promote.name, version, p.promote.alias, tracking_uri=p.base.tracking_uri)
+    return f"models:/{p.promote.name}@{p.promote.alias} -> version {version}"

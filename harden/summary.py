@@ -1,0 +1,64 @@
+"""The before/after summary printed by ``nft-harden run`` and ``nft-harden demo``, read back from the registry
+(what a reviewer sees in the MLflow UI), so the printout shows what was actually registered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlflow import MlflowClient
+
+STATUS_TAG = "hardening.status"
+REASONS_TAG = "hardening.reasons"
+
+
+@dataclass
+class VersionSummary:
+    """A registered hardened version: verdict, alias, before/after metrics and where its report is."""
+
+    name: str
+    version: int
+    status: str
+    reasons: str
+    alias: str
+    alias_version: int | None
+    report_uri: str
+    rows: list[tuple[str, float | None, float | None]] = field(default_factory=list)
+
+
+def latest_version_summary(name: str, alias: str, tracking_uri: str) -> VersionSummary:
+    """Summarise the newest version of ``name`` from the registry."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise LookupError(f"registered model {name!r} has no versions in {tracking_uri}")
+    mv = max(versions, key=lambda v: int(v.version))
+    run = client.get_run(mv.run_id)
+    metrics = run.data.metrics
+    keys = ["acc"] + sorted({k.split("/", 1)[1] for k in metrics if k.startswith("candidate/asr/")
+                             or k.startswith("candidate/robust_acc/")})
+    rows = [(k, metrics.get(f"candidate/{k}"), metrics.get(f"hardened/{k}")) for k in keys]
+    rows.append(("purify wall time (s)", None, metrics.get("purify_wall_time_s")))
+    aliases = client.get_registered_model(name).aliases
+    return VersionSummary(name=name, version=int(mv.version), status=mv.tags.get(STATUS_TAG, "?"),
+                          reasons=mv.tags.get(REASONS_TAG, ""), alias=alias,
+                          alias_version=int(aliases[alias]) if alias in aliases else None,
+                          report_uri=f"{run.info.artifact_uri}/evidence/report.html", rows=rows)
+
+
+def render(s: VersionSummary, tracking_uri: str) -> str:
+    """A plain-text table and verdict."""
+    def fmt(v: float | None, seconds: bool = False) -> str:
+        return "-" if v is None else (f"{v:.1f}" if seconds else f"{100 * v:.2f} %")
+
+    lines = [f"{'metric':<28}{'candidate':>12}{'hardened':>12}", "-" * 52]
+    for metric, before, after in s.rows:
+        seconds = metric.endswith("(s)")
+        lines.append(f"{metric:<28}{fmt(before, seconds):>12}{fmt(after, seconds):>12}")
+    verdict = "BLESSED" if s.status == "blessed" else s.status.upper()
+    lines += ["", f"gate: {verdict}" + (f" ({s.reasons})" if s.reasons else ""),
+              f"registered: models:/{s.name}/{s.version}",
+              f"alias: @{s.alias} -> " + (f"version {s.alias_version}" if s.alias_version else "(not set)"),
+              f"report: {s.report_uri}", f"registry: {tracking_uri}"]
+    if tracking_uri.startswith("sqlite:///"):
+        lines.append(f"open it with: mlflow ui --backend-store-uri {tracking_uri}")
+    return "\n".join(lines)
