@@ -20,6 +20,7 @@ fip        Fisher Information guided Purification (2024)      :class:`FIPConfig`
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,8 +95,22 @@ def run_defense(name: str, model: nn.Module, clean_data: Dataset, config: Any | 
         raise TypeError(f"defense {name!r} takes a {defense.config_class.__name__}, got {type(config).__name__}")
     if overrides:
         config = config.replace(**overrides)
-    return defense.run(model, clean_data, config)
+    result = defense.run(model, clean_data, config)
+    result.model = as_candidate(model, result.model)
+    return result
+
+
+def as_candidate(candidate: nn.Module, purified: nn.Module) -> nn.Module:
+    """A fresh copy of ``candidate`` (CPU, eval mode) carrying ``purified``'s weights, loaded strictly: this both
+    restores the candidate's state-dict key order and checks keys and shapes are exactly the candidate's.
+
+    Raises:
+        RuntimeError: the purified model's keys or shapes differ from the candidate's.
+    """
+    out = copy.deepcopy(candidate).cpu()
+    out.load_state_dict(purified.state_dict(), strict=True)
+    return out.eval()
 
 
 __all__ = ["DEFENSES", "ANPConfig", "Defense", "DefenseResult", "FIPConfig", "FPConfig", "FTConfig", "FTSAMConfig",
-           "NFTConfig", "PBEConfig", "default_config", "rank_clean_samples", "run_defense"]
+           "NFTConfig", "PBEConfig", "as_candidate", "default_config", "rank_clean_samples", "run_defense"]

@@ -23,7 +23,7 @@ with standard estimators, and names every choice:
    folded at the end (W <- U diag(s) V^T), so the candidate's architecture and keys come back. Trainable
    parameters drop from all weights to sum_l min(out_l, in_l k_l^2).
 
-Defaults (epochs 100, like NFT; eta_f 0.1, eta_r 0.1) are this implementation's, not the paper's.
+Defaults (epochs 100, like NFT; eta_f 0.01, eta_r 0.1; fast_lr) are this implementation's, not the paper's.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ FIPVariant = Literal["full", "fast"]
 class FIPConfig(TrainSettings):
     epochs: int = 100  # passes over the clean set (this implementation's choice, as NFT)
     variant: FIPVariant = "full"  # "full": all weights; "fast": singular values of Conv/Linear weights only
-    eta_f: float = 0.1  # weight of the FIM-trace (squared gradient norm) smoothness regulariser
+    eta_f: float = 0.01  # weight of the FIM-trace (squared gradient norm) smoothness regulariser
     eta_r: float = 0.1  # weight of the Fisher-weighted retention term sum F0 (theta - theta0)^2
     fisher_samples: int = 128  # clean samples for the diagonal Fisher of the candidate
     fast_lr: float = 0.05  # learning rate of the singular values in the fast variant (used instead of lr)
