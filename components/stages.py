@@ -13,49 +13,56 @@ component = dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 
 
 @component
-def prepare_data_op(params_yaml: str, clean: Output[Dataset], test: Output[Dataset]):
+def validate_params_op(params_yaml: str, params: Output[Artifact]):
+    """Validate params.yaml once, up front, and hand the resolved parameters to every other component."""
+    import yaml
+
+    from harden.integrity import write_json_atomic
+    from harden.params import parse_params
+
+    resolved = parse_params(yaml.safe_load(params_yaml), "params_yaml")
+    write_json_atomic(params.path, resolved.model_dump(mode="json"))
+    params.metadata.update({"defense": resolved.nft.defense, "candidate": resolved.candidate.model})
+
+
+@component
+def prepare_data_op(params: Input[Artifact], clean: Output[Dataset], test: Output[Dataset]):
     """Draw the clean set and load the test set (npz files)."""
     from pathlib import Path
 
-    import yaml
-
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.stages import prepare_data
 
-    p = parse_params(yaml.safe_load(params_yaml))
+    p = load_params(params.path)
     summary = prepare_data(p.data, p.base.seed, Path(clean.path), Path(test.path))
     clean.metadata.update(summary["clean"])
     test.metadata.update(summary["test"])
 
 
 @component
-def pull_op(params_yaml: str, candidate: Output[Model]):
+def pull_op(params: Input[Artifact], candidate: Output[Model]):
     """Pull the candidate from the MLflow registry and verify its package."""
     from pathlib import Path
 
-    import yaml
-
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.stages import pull_stage
 
-    p = parse_params(yaml.safe_load(params_yaml))
+    p = load_params(params.path)
     prov = pull_stage(p.candidate, p.base.tracking_uri, Path(candidate.path))
     candidate.metadata.update({"model_name": prov.model_name, "version": prov.version, "run_id": prov.run_id or "",
                                "source_uri": prov.source_uri})
 
 
 @component
-def purify_op(params_yaml: str, candidate: Input[Model], clean: Input[Dataset], purified: Output[Artifact],
+def purify_op(params: Input[Artifact], candidate: Input[Model], clean: Input[Dataset], purified: Output[Artifact],
               metrics: Output[Metrics]):
     """Purify the candidate on the clean set (runs on the GPU node)."""
     from pathlib import Path
 
-    import yaml
-
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.stages import purify_stage
 
-    p = parse_params(yaml.safe_load(params_yaml))
+    p = load_params(params.path)
     s = purify_stage(p.nft, p.base, Path(candidate.path), Path(clean.path), Path(purified.path), progress=False)
     purified.metadata.update({"defense": s["defense"], "device": s.get("device", "")})
     metrics.log_metric("purify_wall_time_s", s["wall_time_s"])
@@ -77,17 +84,15 @@ def fold_op(candidate: Input[Model], purified: Input[Artifact], clean: Input[Dat
 
 
 @component
-def export_op(params_yaml: str, hardened: Input[Model], clean: Input[Dataset], onnx_model: Output[Model],
+def export_op(params: Input[Artifact], hardened: Input[Model], clean: Input[Dataset], onnx_model: Output[Model],
               parity: Output[Metrics]) -> bool:
     """Export ONNX and check ONNX Runtime against PyTorch; returns whether parity passed."""
     from pathlib import Path
 
-    import yaml
-
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.stages import export_stage
 
-    p = parse_params(yaml.safe_load(params_yaml))
+    p = load_params(params.path)
     r = export_stage(p.export, p.base.seed, Path(hardened.path), Path(clean.path), Path(onnx_model.path))
     onnx_model.metadata.update({"sha256": r["onnx_sha256"], "provider": r["provider"], "parity": r["passed"]})
     parity.log_metric("onnx_max_abs_diff", r["max_abs_diff"])
@@ -96,18 +101,16 @@ def export_op(params_yaml: str, hardened: Input[Model], clean: Input[Dataset], o
 
 
 @component
-def evaluate_op(params_yaml: str, candidate: Input[Model], purified: Input[Artifact], hardened: Input[Model],
+def evaluate_op(params: Input[Artifact], candidate: Input[Model], purified: Input[Artifact], hardened: Input[Model],
                 onnx_model: Input[Model], test: Input[Dataset], evaluation: Output[Artifact], metrics: Output[Metrics]):
     """Evaluate candidate (PyTorch) and hardened model (ONNX Runtime) on the test set and the probes."""
     from pathlib import Path
 
-    import yaml
-
     from harden.evaluate import flatten
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.stages import evaluate_stage
 
-    p = parse_params(yaml.safe_load(params_yaml))
+    p = load_params(params.path)
     m = evaluate_stage(p.probes, p.base.seed, Path(candidate.path), Path(purified.path), Path(hardened.path),
                        Path(onnx_model.path), Path(test.path), Path(evaluation.path))
     for side in ("candidate", "hardened"):
@@ -116,35 +119,31 @@ def evaluate_op(params_yaml: str, candidate: Input[Model], purified: Input[Artif
 
 
 @component
-def gate_op(params_yaml: str, evaluation: Input[Artifact], hardened: Input[Model], onnx_model: Input[Model],
+def gate_op(params: Input[Artifact], evaluation: Input[Artifact], hardened: Input[Model], onnx_model: Input[Model],
             blessing: Output[Artifact]) -> bool:
     """Apply the promotion gate; returns whether the model is blessed."""
     from pathlib import Path
 
-    import yaml
-
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.stages import gate_stage
 
-    p = parse_params(yaml.safe_load(params_yaml))
+    p = load_params(params.path)
     b = gate_stage(p.gate, Path(evaluation.path), Path(hardened.path), Path(onnx_model.path), Path(blessing.path))
     blessing.metadata.update({"blessed": b.blessed, "summary": b.summary})
     return b.blessed
 
 
 @component
-def report_op(params_yaml: str, candidate: Input[Model], purified: Input[Artifact], evaluation: Input[Artifact],
+def report_op(params: Input[Artifact], candidate: Input[Model], purified: Input[Artifact], evaluation: Input[Artifact],
               blessing: Input[Artifact], report: Output[Artifact], html: Output[HTML], markdown: Output[Markdown]):
     """Render the reviewer's report (HTML for the KFP UI, Markdown, plots)."""
     import shutil
     from pathlib import Path
 
-    import yaml
-
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.stages import report_stage
 
-    p = parse_params(yaml.safe_load(params_yaml))
+    p = load_params(params.path)
     files = report_stage(p, Path(candidate.path), Path(purified.path), Path(evaluation.path), Path(blessing.path),
                          Path(report.path))
     shutil.copyfile(files.html, html.path)
@@ -152,19 +151,17 @@ def report_op(params_yaml: str, candidate: Input[Model], purified: Input[Artifac
 
 
 @component
-def register_op(params_yaml: str, candidate: Input[Model], hardened: Input[Model], onnx_model: Input[Model],
+def register_op(params: Input[Artifact], candidate: Input[Model], hardened: Input[Model], onnx_model: Input[Model],
                 clean: Input[Dataset], test: Input[Dataset], purified: Input[Artifact], evaluation: Input[Artifact],
                 blessing: Input[Artifact], report: Input[Artifact], registered: Output[Artifact]) -> int:
     """Register the hardened version with its evidence and lineage (the alias is moved by move_alias_op)."""
     from pathlib import Path
 
-    import yaml
-
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.stages import Layout, register_stage
 
-    p = parse_params(yaml.safe_load(params_yaml))
-    r = register_stage(p, params_yaml, pull_dir=Path(candidate.path), fold_dir=Path(hardened.path),
+    p = load_params(params.path)
+    r = register_stage(p, pull_dir=Path(candidate.path), fold_dir=Path(hardened.path),
                        export_dir=Path(onnx_model.path), clean_npz=Path(clean.path), test_npz=Path(test.path),
                        purify_dir=Path(purified.path), evaluate_dir=Path(evaluation.path),
                        gate_dir=Path(blessing.path), report_dir=Path(report.path), out_dir=Path(registered.path),
@@ -174,13 +171,11 @@ def register_op(params_yaml: str, candidate: Input[Model], hardened: Input[Model
 
 
 @component
-def move_alias_op(params_yaml: str, version: int) -> str:
+def move_alias_op(params: Input[Artifact], version: int) -> str:
     """Point the serving alias at a blessed version (runs only inside the pipeline's dsl.If on the gate)."""
-    import yaml
-
-    from harden.params import parse_params
+    from harden.params import load_params
     from harden.registry import move_alias
 
-    p = parse_params(yaml.safe_load(params_yaml))
+    p = load_params(params.path)
     move_alias(p.promote.name, version, p.promote.alias, tracking_uri=p.base.tracking_uri)
     return f"models:/{p.promote.name}@{p.promote.alias} -> version {version}"

@@ -1,10 +1,11 @@
 """The hardening pipeline (KFP v2).
 
-    prepare-data ─┐
-    pull ─────────┴─> purify (GPU) -> fold -> export -> evaluate -> gate -> report -> register
+    validate-params -> prepare-data ─┐
+                       pull ─────────┴─> purify (GPU) -> fold -> export -> evaluate -> gate -> report -> register
                                                                      └─ dsl.If(blessed) -> move-alias
 
-- The whole ``params.yaml`` travels as one string parameter; each component validates it.
+- ``params.yaml`` is the one pipeline parameter (a string); ``validate-params`` checks it first and passes
+  the resolved parameters on as an artifact, so a bad setting fails before any GPU is requested.
 - ``purify`` requests an accelerator (type and count configurable) and, through kfp-kubernetes, a node selector
   and tolerations for the GPU node pool.
 - Registry steps (``pull``, ``register``, ``move-alias``) retry with backoff and are never cached: the registry
@@ -20,7 +21,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components import (evaluate_op, export_op, fold_op, gate_op, move_alias_op, prepare_data_op, pull_op, purify_op,
-                        register_op, report_op)
+                        register_op, report_op, validate_params_op)
 from components.stages import DEFAULT_IMAGE
 
 
@@ -49,10 +50,12 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(
     @dsl.pipeline(name="nft-harden", description="Purify a candidate classifier from the MLflow registry with NFT, "
                   "export ONNX, gate promotion on ASR/ACC evidence, register with lineage.")
     def harden_pipeline(params_yaml: str) -> bool:
-        data = prepare_data_op(params_yaml=params_yaml).set_display_name("prepare-data")
-        pulled = pull_op(params_yaml=params_yaml).set_display_name("pull-candidate")
+        checked = validate_params_op(params_yaml=params_yaml).set_display_name("validate-params")
+        params = checked.outputs["params"]
+        data = prepare_data_op(params=params).set_display_name("prepare-data")
+        pulled = pull_op(params=params).set_display_name("pull-candidate")
         pulled.set_caching_options(False).set_retry(num_retries=retries, backoff_duration="10s", backoff_factor=2)
-        purified = purify_op(params_yaml=params_yaml, candidate=pulled.outputs["candidate"],
+        purified = purify_op(params=params, candidate=pulled.outputs["candidate"],
                              clean=data.outputs["clean"]).set_display_name("purify")
         if gpu.accelerator:
             purified.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.count)
@@ -63,19 +66,19 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(
                                       value=t.get("value"), effect=t.get("effect"))
         folded = fold_op(candidate=pulled.outputs["candidate"], purified=purified.outputs["purified"],
                          clean=data.outputs["clean"]).set_display_name("fold")
-        exported = export_op(params_yaml=params_yaml, hardened=folded.outputs["hardened"],
+        exported = export_op(params=params, hardened=folded.outputs["hardened"],
                              clean=data.outputs["clean"]).set_display_name("export-onnx")
-        evaluated = evaluate_op(params_yaml=params_yaml, candidate=pulled.outputs["candidate"],
+        evaluated = evaluate_op(params=params, candidate=pulled.outputs["candidate"],
                                 purified=purified.outputs["purified"], hardened=folded.outputs["hardened"],
                                 onnx_model=exported.outputs["onnx_model"], test=data.outputs["test"])
         evaluated.set_display_name("evaluate")
-        gated = gate_op(params_yaml=params_yaml, evaluation=evaluated.outputs["evaluation"],
+        gated = gate_op(params=params, evaluation=evaluated.outputs["evaluation"],
                         hardened=folded.outputs["hardened"], onnx_model=exported.outputs["onnx_model"])
         gated.set_display_name("gate")
-        reported = report_op(params_yaml=params_yaml, candidate=pulled.outputs["candidate"],
+        reported = report_op(params=params, candidate=pulled.outputs["candidate"],
                              purified=purified.outputs["purified"], evaluation=evaluated.outputs["evaluation"],
                              blessing=gated.outputs["blessing"]).set_display_name("report")
-        registered = register_op(params_yaml=params_yaml, candidate=pulled.outputs["candidate"],
+        registered = register_op(params=params, candidate=pulled.outputs["candidate"],
                                  hardened=folded.outputs["hardened"], onnx_model=exported.outputs["onnx_model"],
                                  clean=data.outputs["clean"], test=data.outputs["test"],
                                  purified=purified.outputs["purified"], evaluation=evaluated.outputs["evaluation"],
@@ -83,10 +86,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(
         registered.set_display_name("register").set_caching_options(False)
         registered.set_retry(num_retries=retries, backoff_duration="10s", backoff_factor=2)
         with dsl.If(gated.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
-            moved = move_alias_op(params_yaml=params_yaml, version=registered.outputs["Output"])
+            moved = move_alias_op(params=params, version=registered.outputs["Output"])
             moved.set_display_name("move-alias").set_caching_options(False)
             moved.set_retry(num_retries=retries, backoff_duration="10s", backoff_factor=2)
-        for task in (data, pulled, purified, folded, exported, evaluated, gated, reported, registered, moved):
+        for task in (checked, data, pulled, purified, folded, exported, evaluated, gated, reported, registered, moved):
             task.set_container_image(image)
         return gated.outputs["Output"]
 
