@@ -92,6 +92,11 @@ class MetricCheck(BaseModel):
         where = f"check on {self.metric!r}"
         if all(v is None for v in (self.min, self.max, self.max_drop, self.max_increase)):
             raise ValueError(f"{where} has no threshold: set at least one of min, max, max_drop, max_increase")
+        if infer_direction(self.metric) is not None:  # a known rate: every threshold is a share in [0, 1]
+            for key in ("min", "max", "max_drop", "max_increase"):
+                value = getattr(self, key)
+                if value is not None and not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{where}: {key}={value} is outside [0, 1] ({self.metric} is a rate)")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"{where}: min={self.min} is above max={self.max}; min must be <= max")
         direction = self.resolved_direction

@@ -155,3 +155,14 @@ def test_default_gate_and_blessing_file(tmp_path):
     assert set(data["checks"][1]) == {"name", "kind", "metric", "value", "threshold", "baseline", "passed", "reason"}
     assert Blessing.model_validate(data) == b
     assert [p.name for p in path.parent.iterdir()] == ["blessing.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("check", [{"metric": "acc", "min": 1.2}, {"metric": "asr/*", "max": -0.1},
+                                   {"metric": "acc", "max_drop": 2.0}, {"metric": "scan/top_share", "max": 5}])
+def test_rate_thresholds_outside_unit_interval_are_refused(check):
+    with pytest.raises(ValidationError, match=r"outside \[0, 1\]"):
+        GateConfig(metrics=[check])
+
+
+def test_thresholds_of_other_metrics_are_not_limited_to_unit_interval():
+    GateConfig(metrics=[{"metric": "eval_time_s", "max": 30.0}])
