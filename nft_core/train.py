@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from nft_core.attacks import Attack
+from nft_core.attacks import Attack, CleanLabel
 from nft_core.augment import TransformedDataset, crop_flip
 from nft_core.data import ImageData
-from nft_core.models import Normalized, build_model
+from nft_core.models import Normalized, SmallCNN, build_model
 from nft_core.purify import resolve_device
 
 
@@ -104,7 +104,8 @@ def make_backdoored_candidate(data: ImageData, attack: Attack, *, builder: str =
                               builder_kwargs: dict[str, Any] | None = None, poison_rate: float = 0.1,
                               epochs: int = 8, lr: float = 0.05, seed: int = 0,
                               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                              device: str = "auto", progress: bool = True) -> tuple[Normalized, dict[str, Any]]:
+                              surrogate_epochs: int = 2, device: str = "auto",
+                              progress: bool = True) -> tuple[Normalized, dict[str, Any]]:
     """Poison ``data`` with ``attack`` and train a fresh model on it (BadNets-style data poisoning).
 
     Args:
@@ -118,6 +119,9 @@ def make_backdoored_candidate(data: ImageData, attack: Attack, *, builder: str =
         seed: seeds poisoning, weight initialisation and training.
         mean: per-channel input mean of the :class:`Normalized` wrapper; default: computed from ``data``.
         std: per-channel input standard deviation; default: computed from ``data``.
+        surrogate_epochs: for :class:`~nft_core.attacks.CleanLabel`, epochs of a clean surrogate SmallCNN
+            (width 16) whose PGD perturbations make the poisoned images' natural features hard to use
+            (Turner et al., 2019); 0 poisons with the trigger alone.
         device: training device (``"auto"``: CUDA when present).
         progress: show a progress bar.
 
@@ -126,9 +130,16 @@ def make_backdoored_candidate(data: ImageData, attack: Attack, *, builder: str =
         poison_rate, poisoned (count), history, wall_time_s, mean, std.
     """
     start = time.perf_counter()
-    poisoned, index = attack.poison(data, poison_rate, seed=seed)
     if mean is None or std is None:
         mean, std = channel_stats(data)
+    if isinstance(attack, CleanLabel) and surrogate_epochs > 0:
+        torch.manual_seed(seed)
+        surrogate = Normalized(SmallCNN(num_classes=data.num_classes, width=16), mean, std)
+        train_classifier(surrogate, data, epochs=surrogate_epochs, lr=lr, seed=seed, device=device,
+                         progress=progress)
+        poisoned, index = attack.poison(data, poison_rate, seed=seed, surrogate=surrogate)
+    else:
+        poisoned, index = attack.poison(data, poison_rate, seed=seed)
     torch.manual_seed(seed)
     kwargs = {"num_classes": data.num_classes, **(builder_kwargs or {})}
     model = Normalized(build_model(builder, **kwargs), mean, std)
