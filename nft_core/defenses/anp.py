@@ -182,5 +182,6 @@ def run(model: nn.Module, clean_data: Dataset, config: ANPConfig) -> DefenseResu
             modules[name].weight[drop.to(prep.device)] = 0
     per_layer = {n: int(d.sum()) for n, d in prune.items() if d.any()}
     extra = {"neurons": int(len(flat)), "pruned": int(sum(per_layer.values())), "pruned_per_layer": per_layer,
-             "mask_min": flat.min().item(), "mask_mean": flat.mean().item(), "iterations": epochs * len(loader)}
+             "mask_min": flat.min().item(), "mask_mean": flat.mean().item(), "iterations": epochs * len(loader),
+             "masks": {n: v.tolist() for n, v in values.items()}}
     return DefenseResult(prep.model.cpu().eval(), time.perf_counter() - t0, history, extra)

@@ -8,7 +8,7 @@ Each step on a clean batch (x, y):
    w <- w + e. BatchNorm running statistics are frozen for the second pass.
 3. g' = grad L(w + e); restore w <- w - e; take the SGD step with g'.
 
-Defaults follow the FT-SAM reference setting: SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine schedule,
+Defaults follow a public FT-SAM reference implementation (the paper text is not in papers/): SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine schedule,
 100 epochs, rho = 2 (much larger than SAM's 0.05: FT-SAM relies on a wide neighbourhood to leave the backdoor
 region), non-adaptive. Each step costs two forward/backward passes, hence the runtime the NFT paper reports.
 """
@@ -28,10 +28,10 @@ from nft_core.defenses._common import DefenseResult, Rule, TrainSettings, make_l
 
 @dataclass(frozen=True)
 class FTSAMConfig(TrainSettings):
-    epochs: int = 100  # passes over the clean set (FT-SAM reference: 100)
-    rho: float = 2.0  # radius of the weight perturbation (FT-SAM reference: 2.0; plain SAM: 0.05)
-    adaptive: bool = False  # ASAM-style scale-invariant neighbourhood (FT-SAM reference: off)
-    label_smoothing: float = 0.1  # cross-entropy label smoothing (FT-SAM reference: 0.1)
+    epochs: int = 100  # passes over the clean set (FT-SAM ref. impl.: 100)
+    rho: float = 2.0  # radius of the weight perturbation (FT-SAM ref. impl.: 2.0; plain SAM: 0.05)
+    adaptive: bool = False  # ASAM-style scale-invariant neighbourhood (FT-SAM ref. impl.: off)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (FT-SAM ref. impl.: 0.1)
 
     def _rules(self) -> dict[str, Rule]:
         return {**super()._rules(), "rho": (lambda v: v > 0, "> 0"),
