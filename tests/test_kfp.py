@@ -1,0 +1,166 @@
+"""The Kubeflow pipeline: what the compiled IR YAML asks a cluster for (image, GPU on purify only, node
+placement, retries and no caching on registry steps, the gate condition on move-alias), the ``pipeline
+compile`` command, and the whole pipeline run with ``kfp.local`` against a real sqlite registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline import GpuPlacement, compile_pipeline, run_local
+from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, alias_version, client, describe, register_random_candidate,
+                               run_cli, sqlite_uri, tiny_params, versions)
+
+IMAGE = "registry.example/nft-harden:1.2.3"
+TOLERATION = {"key": "gpu-pool", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}
+NODE_SELECTOR = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+
+#: Tasks that talk to the registry (outside KFP's view): retried, never cached.
+REGISTRY_TASKS = ("pull-candidate", "register", "move-alias")
+
+
+def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pipeline spec and the platform (Kubernetes) spec of a compiled IR YAML."""
+    docs = list(yaml.safe_load_all(Path(path).read_text()))
+    assert len(docs) == 2, "expected the pipeline spec followed by the kubernetes platform spec"
+    return docs[0], docs[1]
+
+
+def _all_tasks(spec: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
+    """Every task of the root DAG and of nested DAGs (dsl.If), by display name: (task, name of its DAG)."""
+    dags = {"root": spec["root"], **{name: c for name, c in spec["components"].items() if "dag" in c}}
+    tasks: dict[str, tuple[dict[str, Any], str]] = {}
+    for dag_name, comp in dags.items():
+        for task in comp["dag"]["tasks"].values():
+            display = task["taskInfo"]["name"]
+            assert display not in tasks, f"two tasks named {display!r}"
+            tasks[display] = (task, dag_name)
+    return tasks
+
+
+def _executor(spec: dict[str, Any], task: dict[str, Any]) -> str:
+    return spec["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    out = tmp_path_factory.mktemp("kfp") / "nested" / "pipeline.yaml"
+    gpu = GpuPlacement(accelerator="nvidia.com/gpu", count=2, node_selector=NODE_SELECTOR, tolerations=[TOLERATION])
+    assert compile_pipeline(out, image=IMAGE, gpu=gpu) == out
+    return _load(out)
+
+
+def test_every_executor_uses_the_image(compiled) -> None:
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == 11  # validate, prepare, pull, purify, fold, export, evaluate, gate, report, register, move
+    assert {name: e["container"]["image"] for name, e in executors.items()} == {name: IMAGE for name in executors}
+
+
+def test_gpu_request_on_purify_only(compiled) -> None:
+    spec, _ = compiled
+    tasks = _all_tasks(spec)
+    purify = _executor(spec, tasks["purify"][0])
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        accelerator = executor["container"].get("resources", {}).get("accelerator")
+        if name == purify:
+            assert accelerator is not None, "purify must request an accelerator"
+            assert accelerator.get("resourceType", accelerator.get("type")) == "nvidia.com/gpu"
+            assert str(accelerator.get("resourceCount", accelerator.get("count"))) == "2"
+        else:
+            assert accelerator is None, f"{name} must not request an accelerator"
+
+
+def test_node_selector_and_tolerations_on_purify_only(compiled) -> None:
+    spec, platform = compiled
+    purify = _executor(spec, _all_tasks(spec)["purify"][0])
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {purify}, "only purify is placed on the GPU pool"
+    assert executors[purify]["nodeSelector"]["labels"] == NODE_SELECTOR
+    assert executors[purify]["tolerations"] == [TOLERATION]
+
+
+def test_registry_tasks_retry_and_skip_the_cache(compiled) -> None:
+    spec, _ = compiled
+    tasks = _all_tasks(spec)
+    for name in REGISTRY_TASKS:
+        task, _ = tasks[name]
+        assert task.get("retryPolicy", {}).get("maxRetryCount", 0) >= 1, f"{name} must retry"
+        assert task["retryPolicy"].get("backoffDuration"), f"{name} must back off between retries"
+        assert not task.get("cachingOptions", {}).get("enableCache", False), f"{name} must not be cached"
+    # the compute steps are cacheable and not retried blindly
+    for name in ("purify", "evaluate"):
+        task, _ = tasks[name]
+        assert task.get("cachingOptions", {}).get("enableCache") is True
+        assert "retryPolicy" not in task
+
+
+def test_move_alias_runs_only_when_the_gate_blessed(compiled) -> None:
+    spec, _ = compiled
+    tasks = _all_tasks(spec)
+    move, dag = tasks["move-alias"]
+    assert dag != "root", "move-alias must sit inside a dsl.If branch"
+    branch = [t for t, d in tasks.values() if d == "root" and t["componentRef"]["name"] == dag]
+    assert len(branch) == 1
+    condition = branch[0]["triggerPolicy"]["condition"]
+    gate_task = [k for k, t in spec["root"]["dag"]["tasks"].items() if t["taskInfo"]["name"] == "gate"][0]
+    assert f"pipelinechannel--{gate_task}-Output" in condition and condition.replace(" ", "").endswith("==true")
+    for name in ("gate", "register"):
+        assert [k for k, t in spec["root"]["dag"]["tasks"].items() if t["taskInfo"]["name"] == name][0] in \
+            branch[0]["dependentTasks"], f"the branch must wait for {name}"
+    # the version moved is the one register returned
+    assert move["inputs"]["parameters"]["version"]["componentInputParameter"].endswith("register-op-Output")
+
+
+def test_pipeline_output_is_the_gate_decision(compiled) -> None:
+    spec, _ = compiled
+    assert spec["root"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "BOOLEAN"
+    source = spec["root"]["dag"]["outputs"]["parameters"]["Output"]["valueFromParameter"]
+    assert spec["root"]["dag"]["tasks"][source["producerSubtask"]]["taskInfo"]["name"] == "gate"
+
+
+def test_compile_cli(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "pipeline.yaml"
+    proc = run_cli(["pipeline", "compile", "--out", str(out), "--image", IMAGE, "--node-selector", "a=b",
+                    "--gpu-count", "4"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    spec, platform = _load(out)
+    purify = _executor(spec, _all_tasks(spec)["purify"][0])
+    placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][purify]
+    assert placed["nodeSelector"]["labels"] == {"a": "b"}
+    assert placed["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    accelerator = spec["deploymentSpec"]["executors"][purify]["container"]["resources"]["accelerator"]
+    assert str(accelerator.get("resourceCount", accelerator.get("count"))) == "4"
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {IMAGE}
+
+    bad = run_cli(["pipeline", "compile", "--out", str(tmp_path / "bad.yaml"), "--node-selector", "no-equals"],
+                  cwd=tmp_path)
+    assert bad.returncode == 2, describe(bad)
+    assert not (tmp_path / "bad.yaml").exists()
+
+
+@pytest.mark.slow
+def test_run_local_moves_alias_only_when_blessed(tmp_path: Path) -> None:
+    uri = sqlite_uri(tmp_path)
+    candidate, hardened, alias = "kfp-tiny", "kfp-tiny-hardened", "champion"
+    assert register_random_candidate(tmp_path, uri, candidate) == 1
+
+    def params(gate: dict[str, Any]) -> str:
+        return yaml.safe_dump(tiny_params(uri, candidate=f"models:/{candidate}@candidate", promote=hardened, gate=gate))
+
+    # lenient gate: blessed, registered by `register` (which never moves the alias), moved by the dsl.If branch
+    assert run_local(params(BLESSING_GATE), tmp_path / "root-blessed") is True
+    assert [int(v.version) for v in versions(uri, hardened)] == [1]
+    assert client(uri).get_model_version(hardened, "1").tags["hardening.status"] == "blessed"
+    assert alias_version(uri, hardened, alias) == 1, "the dsl.If branch (move-alias) did not run"
+
+    # strict gate: rejected, registered as such, alias untouched
+    assert run_local(params(REJECTING_GATE), tmp_path / "root-rejected") is False
+    assert [int(v.version) for v in versions(uri, hardened)] == [1, 2]
+    rejected = client(uri).get_model_version(hardened, "2").tags
+    assert rejected["hardening.status"] == "rejected" and rejected["hardening.reasons"]
+    assert alias_version(uri, hardened, alias) == 1, "a rejected version must never receive the serving alias"
+    assert list((tmp_path / "root-rejected").rglob("blessing.json")), "the gate's blessing is a pipeline artifact"
