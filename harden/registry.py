@@ -12,13 +12,27 @@ the model version needs no mean/std from anywhere else, and the evaluated file i
 A hardened version is created with ``hardening.status=pending``; the status becomes ``blessed`` or
 ``rejected`` (with ``hardening.reasons``) once everything is logged, and only a blessed version receives
 the alias, as the very last step. Any failure after the run started tags the version ``failed``, leaves the
-alias where it was and raises :class:`RegistryError`.
+alias where it was (a failed version never keeps it) and raises :class:`RegistryError`.
+
+Concurrent promotions (rule): **the highest blessed version number holds the alias.** Version numbers are
+assigned by the registry in creation order, so this is "the newest blessed hardening wins", whatever order
+the alias writes land in. MLflow has no compare-and-set on aliases, so every promoter converges instead
+(:func:`_claim_alias`): it reads the blessed versions and the alias holder, points the alias at the highest
+blessed version when the two differ, and repeats until a read after its last write agrees. Because a version
+is tagged ``blessed`` before it touches the alias and the set of blessed versions only grows, the last writer's
+check sees every contender, so the alias ends on the highest blessed version. Every lower blessed version is
+then tagged ``hardening.superseded_by=<winner>`` (the loser of a race, and the previous champion), so no
+blessed version is silently lost. To roll back, set the bad version's ``hardening.status`` to ``revoked``
+(it then no longer counts as blessed) and move the alias by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -30,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
@@ -37,6 +52,7 @@ import numpy as np
 import onnx
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, Metric, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from harden.integrity import atomic_dir, sha256_file, sha256_tree, write_json_atomic
@@ -48,6 +64,14 @@ DEFAULT_EXPERIMENT = "nft-hardening"
 STATUS_TAG = "hardening.status"
 REASONS_TAG = "hardening.reasons"
 ONNX_SHA_TAG = "hardening.onnx_sha256"
+SUPERSEDED_TAG = "hardening.superseded_by"
+MANIFEST_TAG = "hardening.manifest_sha256"
+#: Run artifact listing the sha256 of every file registered (package, ONNX, evidence).
+MANIFEST_FILE = "manifest.json"
+#: Bound on read/write rounds while concurrent promoters converge on one alias holder.
+CLAIM_ROUNDS = 20
+#: Failed alias writes tolerated while claiming (concurrent first writes of an alias collide in MLflow's store).
+ALIAS_WRITE_ATTEMPTS = 3
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 _REF = re.compile(r"^(?:models:/)?(?P<name>[^@/\s]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+))$")
 
@@ -72,13 +96,18 @@ class Provenance:
 
 @dataclass
 class RegisteredVersion:
-    """Outcome of :func:`register_hardened`; ``status`` is ``"blessed"`` or ``"rejected"``."""
+    """Outcome of :func:`register_hardened`; ``status`` is ``"blessed"`` or ``"rejected"``.
+
+    ``superseded_by`` is the version holding the alias instead of this blessed one (a higher blessed version
+    registered concurrently), else None.
+    """
 
     name: str
     version: int
     run_id: str
     alias_moved: bool
     status: str
+    superseded_by: int | None = None
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
@@ -139,6 +168,23 @@ def wait_reachable(tracking_uri: str, *, retries: int = 3, backoff_s: float = 0.
 
 def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def check_store_exists(tracking_uri: str) -> None:
+    """For a ``sqlite:///PATH`` URI, refuse a database file that does not exist.
+
+    MLflow silently creates a new, empty database (and its directories) for a mistyped path; reading from
+    that would fail later with a misleading "model does not exist". Other schemes return at once.
+
+    Raises:
+        RegistryError: the sqlite database file is missing.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return
+    db = Path(tracking_uri[len(prefix):])
+    if not db.is_file():
+        raise RegistryError(f"no MLflow database at {db} (tracking URI {tracking_uri}): wrong base.tracking_uri?")
 
 
 @contextmanager
@@ -221,10 +267,12 @@ def pull(ref: str, dest: str | Path, *, tracking_uri: str, allow_pickle: bool = 
             ``mlflow.pytorch`` model, which has none).
 
     Raises:
-        RegistryError: bad ref, registry unreachable, model/alias/version missing, no package found.
+        RegistryError: bad ref, sqlite database missing, registry unreachable, model/alias/version missing,
+            no package found.
         PackageError: the package fails verification (or is a pickle and ``allow_pickle`` is False).
     """
     name, alias, version = parse_model_ref(ref)
+    check_store_exists(tracking_uri)
     wait_reachable(tracking_uri, retries=retries, backoff_s=backoff_s)
     client = _client(tracking_uri)
     mv = _resolve(client, name, alias, version)
@@ -352,6 +400,13 @@ def _log_onnx(client: MlflowClient, tracking_uri: str, experiment_id: str, run_i
     return logged
 
 
+def _manifest(package_dir: Path, onnx_path: Path, onnx_sha: str, evidence: dict[str, Path]) -> dict[str, Any]:
+    """sha256 of every file registered: the package files, the ONNX file and each evidence file by role."""
+    return {"package": sha256_tree(package_dir), "onnx": {onnx_path.name: onnx_sha},
+            "evidence": {role: {"file": Path(path).name, "sha256": sha256_file(path)}
+                         for role, path in sorted(evidence.items())}}
+
+
 def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, onnx_path: str | Path,
                       evidence: dict[str, Path], metrics: dict[str, float], tags: dict[str, str],
                       description: str, blessed: bool, alias: str = "champion", onnx_sha256: str | None = None,
@@ -360,10 +415,12 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
     """Register the hardened model with its evidence; move ``alias`` only when ``blessed``.
 
     Order: verify inputs (files present, package loads, ONNX sha256 equals ``onnx_sha256``) → run with
-    tags and metrics → package (``package/``) and evidence (``evidence/``) artifacts → ONNX flavour
-    (checked byte-identical after upload) → model version with lineage ``tags``, ``hardening.onnx_sha256``,
-    status ``pending`` and a readable description → status ``blessed``/``rejected`` (+ reasons) → alias
-    (blessed only, last).
+    tags and metrics → package (``package/``) and evidence (``evidence/``), ``manifest.json``
+    (the sha256 of every registered file) artifacts → ONNX flavour (checked byte-identical after upload)
+    → model version with lineage ``tags``, ``hardening.onnx_sha256``, ``hardening.manifest_sha256``, status
+    ``pending`` and a readable description → status ``blessed``/``rejected`` (+ reasons) → alias (blessed
+    only, last, by the rule in the module docstring: a concurrently registered higher blessed version keeps
+    it, and this one is tagged ``hardening.superseded_by``).
 
     Args:
         name: registered model name.
@@ -387,15 +444,17 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         PackageError: ``package_dir`` does not verify (checked before anything is logged).
         RegistryError: a file is missing, the ONNX hash differs, the registry is unreachable, or any later
             step fails (then the version, if created, is tagged ``hardening.status=failed``, the run is
-            marked FAILED and the alias is untouched).
+            marked FAILED and the alias does not point at it).
     """
     package_dir, onnx_path = Path(package_dir), Path(onnx_path)
     onnx_sha = _check_inputs(package_dir, onnx_path, evidence, onnx_sha256)
+    manifest = _manifest(package_dir, onnx_path, onnx_sha, evidence)
+    manifest_sha = hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     status = "blessed" if blessed else "rejected"
     reasons = [] if blessed else (reasons or ["not blessed by the gate (no reasons given)"])
     wait_reachable(tracking_uri)
     client = _client(tracking_uri)
-    run_id, version = None, None
+    run_id, version, claiming, winner = None, None, False, None
     try:
         experiment_id = _experiment_id(client, tracking_uri, experiment)
         run_id = client.create_run(experiment_id, run_name=f"harden-{name}").info.run_id
@@ -405,13 +464,15 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         client.log_artifacts(run_id, str(package_dir), "package")
         for path in evidence.values():
             client.log_artifact(run_id, str(path), "evidence")
+        client.log_dict(run_id, manifest, MANIFEST_FILE)
         logged = _log_onnx(client, tracking_uri, experiment_id, run_id, onnx_path, onnx_sha, input_example)
         _ensure_registered_model(client, name)
         # source = the artifact location, not models:/<id>: the sqlite store resolves the latter through the
         # *global* tracking URI (an MLflow TODO), which would break explicit-URI use.
         mv = client.create_model_version(
             name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
-            tags={**{k: str(v) for k, v in tags.items()}, ONNX_SHA_TAG: onnx_sha, STATUS_TAG: "pending"},
+            tags={**{k: str(v) for k, v in tags.items()}, ONNX_SHA_TAG: onnx_sha, MANIFEST_TAG: manifest_sha,
+                  STATUS_TAG: "pending"},
             description=_describe(description, status, onnx_sha, metrics, reasons))
         version = mv.version
         if reasons:
@@ -419,22 +480,34 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         client.set_model_version_tag(name, version, STATUS_TAG, status)
         client.set_terminated(run_id)
         if blessed and set_alias:
-            client.set_registered_model_alias(name, alias, version)
+            claiming = True
+            winner = _claim_alias(client, name, alias, int(version))
     except (MlflowException, RegistryError, OSError) as err:
-        _mark_failed(client, name, version, run_id, err)
+        _mark_failed(client, name, version, run_id, err, alias if claiming else None)
         raise RegistryError(f"registering hardened model {name!r} failed"
                             f"{f' (version {version} tagged failed)' if version else ''}: {err}") from err
-    moved = blessed and set_alias
-    logger.info("registered %s version %s: %s%s", name, version, status, f", @{alias} moved" if moved else "")
-    return RegisteredVersion(name=name, version=int(version), run_id=run_id, alias_moved=moved, status=status)
+    moved = winner == int(version)
+    superseded = winner if winner is not None and not moved else None
+    logger.info("registered %s version %s: %s%s", name, version, status,
+                f", @{alias} moved" if moved else f", superseded by version {superseded}" if superseded else "")
+    return RegisteredVersion(name=name, version=int(version), run_id=run_id, alias_moved=moved, status=status,
+                             superseded_by=superseded)
 
 
-def move_alias(name: str, version: int, alias: str, *, tracking_uri: str) -> None:
-    """Point ``alias`` of ``name`` at ``version``, which must be tagged ``hardening.status=blessed``.
+def move_alias(name: str, version: int, alias: str, *, tracking_uri: str) -> int:
+    """Promote ``version`` of ``name`` (tagged ``hardening.status=blessed``) to ``alias``.
+
+    Follows the rule of the module docstring: when a higher blessed version exists, it keeps (or receives) the
+    alias and ``version`` is tagged ``hardening.superseded_by``.
+
+    Returns:
+        The version the alias points at afterwards (``version`` unless it was superseded).
 
     Raises:
-        RegistryError: the version does not exist, is not blessed, or the registry is unreachable.
+        RegistryError: the version does not exist, is not blessed, the sqlite database is missing, or the
+            registry is unreachable.
     """
+    check_store_exists(tracking_uri)
     wait_reachable(tracking_uri)
     client = _client(tracking_uri)
     try:
@@ -443,14 +516,106 @@ def move_alias(name: str, version: int, alias: str, *, tracking_uri: str) -> Non
         if status != "blessed":
             raise RegistryError(f"refusing to move @{alias} to {name} version {version}: its {STATUS_TAG} is "
                                 f"{status!r}, not 'blessed'")
-        client.set_registered_model_alias(name, alias, str(version))
+        winner = _claim_alias(client, name, alias, int(version))
     except MlflowException as err:
         raise RegistryError(f"moving @{alias} of {name!r} to version {version} failed: {err}") from err
-    logger.info("@%s of %s -> version %s", alias, name, version)
+    if winner == int(version):
+        logger.info("@%s of %s -> version %s", alias, name, version)
+    else:
+        logger.warning("@%s of %s stays on version %s: version %s is superseded by it", alias, name, winner, version)
+    return winner
 
 
-def _mark_failed(client: MlflowClient, name: str, version: str | None, run_id: str | None, err: Exception) -> None:
-    """Best effort: tag the version failed and the run FAILED; a second failure is logged, not raised."""
+def _blessed_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of ``name`` tagged ``hardening.status=blessed`` (all result pages)."""
+    found: list[ModelVersion] = []
+    token = None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", page_token=token)
+        found += [mv for mv in page if mv.tags.get(STATUS_TAG) == "blessed"]
+        token = page.token
+        if not token:
+            return found
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> int | None:
+    """The version ``alias`` points at, None when it is not set."""
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        if _is_not_found(err):
+            return None
+        raise
+
+
+def _claim_alias(client: MlflowClient, name: str, alias: str, version: int) -> int:
+    """Converge ``alias`` on the highest blessed version, tag every lower blessed one superseded; return the winner.
+
+    ``version`` must already be tagged blessed. Each round reads the blessed versions and the alias holder
+    and, when they disagree, points the alias at the highest blessed version; it stops when a read after the
+    last write agrees (see the module docstring for why concurrent promoters end in the same state). A failed
+    alias write is retried from a fresh read, up to :data:`ALIAS_WRITE_ATTEMPTS` times.
+
+    Raises:
+        RegistryError: ``version`` is no longer blessed, or no agreement after :data:`CLAIM_ROUNDS` rounds.
+        MlflowException: a registry call failed.
+    """
+    write_errors: list[MlflowException] = []
+    for _ in range(CLAIM_ROUNDS):
+        blessed = _blessed_versions(client, name)
+        if version not in {int(mv.version) for mv in blessed}:
+            raise RegistryError(f"{name} version {version} is not tagged {STATUS_TAG}=blessed; not promoting it")
+        best = max(int(mv.version) for mv in blessed)
+        if _alias_holder(client, name, alias) == best:
+            break
+        try:
+            client.set_registered_model_alias(name, alias, str(best))
+        except MlflowException as err:
+            # Two first-time writes of an alias collide in MLflow's store (UNIQUE constraint on the alias row);
+            # the next round reads what the other writer left. A write that keeps failing is raised.
+            write_errors.append(err)
+            if len(write_errors) >= ALIAS_WRITE_ATTEMPTS:
+                raise
+            logger.warning("writing @%s of %s failed (%s); reading it again", alias, name, err)
+            time.sleep(random.uniform(0.05, 0.3))
+    else:
+        raise RegistryError(f"@{alias} of {name!r} did not settle after {CLAIM_ROUNDS} rounds of concurrent promotion")
+    for mv in blessed:
+        if int(mv.version) < best and SUPERSEDED_TAG not in mv.tags:
+            _tag_superseded(client, name, mv.version, best)
+    return best
+
+
+def _tag_superseded(client: MlflowClient, name: str, version: str, winner: int) -> None:
+    """Tag ``version`` superseded by ``winner``; a concurrent promoter writing the same tag first is fine.
+
+    Raises:
+        MlflowException: the write failed and the tag is still absent.
+    """
+    try:
+        client.set_model_version_tag(name, version, SUPERSEDED_TAG, str(winner))
+    except MlflowException:  # two first writes of one tag collide in MLflow's store (UNIQUE constraint)
+        if SUPERSEDED_TAG not in client.get_model_version(name, version).tags:
+            raise
+
+
+def _release_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """If ``alias`` points at the (now failed) ``version``, move it to the highest blessed version, or drop it."""
+    if _alias_holder(client, name, alias) != int(version):
+        return
+    others = [int(mv.version) for mv in _blessed_versions(client, name) if mv.version != version]
+    if others:
+        client.set_registered_model_alias(name, alias, str(max(others)))
+        logger.warning("@%s of %s moved back from failed version %s to version %s", alias, name, version, max(others))
+    else:
+        client.delete_registered_model_alias(name, alias)
+        logger.warning("@%s of %s removed from failed version %s (no other blessed version)", alias, name, version)
+
+
+def _mark_failed(client: MlflowClient, name: str, version: str | None, run_id: str | None, err: Exception,
+                 alias: str | None) -> None:
+    """Best effort: tag the version failed and the run FAILED, and, when ``alias`` may have been written, take
+    it off the failed version; a second failure is logged, not raised."""
     try:
         if version is not None:
             client.set_model_version_tag(name, version, STATUS_TAG, "failed")
@@ -459,3 +624,8 @@ def _mark_failed(client: MlflowClient, name: str, version: str | None, run_id: s
             client.set_terminated(run_id, status="FAILED")
     except MlflowException as second:
         logger.error("could not mark %s version %s as failed: %s", name, version, second)
+    if version is not None and alias is not None:
+        try:
+            _release_alias(client, name, alias, version)
+        except MlflowException as second:
+            logger.error("could not check @%s of %s after version %s failed: %s", alias, name, version, second)
