@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,13 @@ def load_probe_npz(path: str | Path, num_classes: int, image_shape: tuple[int, i
         ProbeError: missing key, wrong shape or dtype, pixel values out of range, labels outside the classes.
     """
     path = Path(path)
-    with np.load(path, allow_pickle=False) as arrays:
-        arrays = dict(arrays)
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            arrays = dict(arrays)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:  # missing, not an npz, or object (pickled) arrays
+        raise ProbeError(f"probe file {path}: cannot read it as an npz archive without pickles: {err}") from err
+    if not isinstance(arrays, dict):
+        raise ProbeError(f"probe file {path}: expected an npz archive (keys x, y_true, y_target), got a bare array")
     if "x" not in arrays:
         raise ProbeError(f"probe file {path}: key 'x' is missing (has {sorted(arrays)})")
     x, (c, h, w) = arrays["x"], image_shape

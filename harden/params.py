@@ -10,12 +10,13 @@ keys, wrong types and out-of-range values are refused with :class:`ParamsError`,
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from harden.evaluate import Probe
 from harden.gate import GateConfig
@@ -116,7 +117,15 @@ class ProbesParams(_Section):
 
 class PromoteParams(_Section):
     name: str = Field("nft-demo-hardened", min_length=1, description="registered model receiving the hardened version")
-    alias: str = Field("champion", min_length=1, description="serving alias moved to a blessed version")
+    alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]{1,255}$",
+                       description="serving alias moved to a blessed version (not 'latest' or 'v<N>', which MLflow reserves)")
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(f"alias {value!r} is reserved by MLflow ('latest' and 'v<number>'); choose another name")
+        return value
 
 
 class Params(_Section):

@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from harden.evaluate import (LayerMasks, compare, evaluate_onnx, evaluate_torch,
 from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
-from harden.package import InputSpec, ModelSpec, load_package, save_package
+from harden.package import InputSpec, ModelSpec, PackageError, load_package, save_package
 from harden.params import BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params, ProbesParams
 from harden.registry import Provenance, parse_model_ref, pull, register_candidate, register_hardened
 from harden.report import ReportFiles, write_report
@@ -80,8 +81,19 @@ class Layout:
         return self.runs / name
 
 
+#: Libraries whose versions are recorded with the evidence (purify.json, metrics.json, the registered version).
+RECORDED_LIBRARIES = ("torch", "torchvision", "numpy", "safetensors", "onnx", "onnxscript", "onnxruntime-gpu",
+                      "mlflow")
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def library_versions() -> dict[str, str]:
+    """Python and the versions of :data:`RECORDED_LIBRARIES` that this process runs with."""
+    return {"python": platform.python_version(),
+            **{lib: importlib.metadata.version(lib) for lib in RECORDED_LIBRARIES}}
 
 
 # ---------------------------------------------------------------------------------------------- data ------
@@ -204,8 +216,10 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
     check_compatible(spec, clean, f"clean set {clean_npz}")
     check_clean_set(clean)
     out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir.with_name(f".{out_dir.name}.ckpt")
-    summary: dict[str, Any] = {"defense": nft.defense, "clean_samples": len(clean)}
+    summary: dict[str, Any] = {"defense": nft.defense, "clean_samples": len(clean), "seed": base.seed,
+                               "versions": library_versions()}
     if nft.defense == "nft":
         config = nft.config(base.seed, base.device, progress)
         result = purify(model, clean.dataset(), config, checkpoint=checkpoint)
@@ -221,6 +235,7 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
         with atomic_dir(out_dir) as tmp:
             save_file(mask_state(result.model), str(tmp / MASKS))
             save_file(buffers, str(tmp / BUFFERS))
+            meta["sha256"] = {name: sha256_file(tmp / name) for name in (MASKS, BUFFERS)}
             write_json_atomic(tmp / MASKS_META, meta)
             write_json_atomic(tmp / PURIFY, summary)
     else:
@@ -250,6 +265,10 @@ def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: 
     x = read_npz(clean_npz).images()[:256]
     if (purify_dir / MASKS).exists():
         meta = read_json(purify_dir / MASKS_META)
+        for name, recorded in meta.get("sha256", {}).items():
+            if (actual := sha256_file(purify_dir / name)) != recorded:
+                raise PackageError(f"{purify_dir / name}: sha256 {actual} differs from the {recorded} recorded by "
+                                   "the purify stage; the file changed after purification")
         model.load_state_dict(load_file(str(purify_dir / BUFFERS)), strict=False)
         attach_masks(model, meta["placement"], x[:1], skip_first=meta["skip_first"])
         load_mask_state(model, load_file(str(purify_dir / MASKS)))
@@ -320,6 +339,7 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
     layers = _layer_masks(Path(purify_dir))
     metrics = {"candidate": before, "hardened": after, "compare": compare(before, after),
                "purify": {k: purified[k] for k in ("defense", "wall_time_s", "clean_samples")},
+               "versions": library_versions(),
                "masks": mask_statistics(layers) if layers else None}
     write_json_atomic(Path(out_dir) / METRICS, metrics)
     return metrics
@@ -406,7 +426,8 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
             "hardening.data.clean_sha256": sha256_file(clean_npz), "hardening.data.test_sha256": sha256_file(test_npz),
             "hardening.params_sha256": params_sha256(params), "hardening.code_version": code_version(),
             "hardening.defense": purified["defense"], "hardening.seed": str(params.base.seed),
-            "hardening.torch_version": torch.__version__, "hardening.onnx_provider": parity["provider"]}
+            "hardening.torch_version": torch.__version__, "hardening.onnx_provider": parity["provider"],
+            "hardening.versions": json.dumps(library_versions(), sort_keys=True)}
     numbers = {f"{side}/{k}": v for side in ("candidate", "hardened") for k, v in flatten(metrics[side]).items()}
     numbers["purify_wall_time_s"] = purified["wall_time_s"]
     report = Path(report_dir)

@@ -351,7 +351,6 @@ PROBE_FAULTS = {
     "missing-file": (lambda d: {"npz": str(d / "nosuch.npz")}, "nosuch.npz"),
 }
 #: Faults that currently escape as an unexpected error (exit 1); the fix belongs in harden/evaluate.py.
-PROBE_GAPS = {"not-an-npz", "missing-file"}
 
 
 def _probe(directory: Path, y_target: int | None) -> Path:
@@ -367,10 +366,7 @@ def _garbage(directory: Path) -> Path:
     return directory / "probe.npz"
 
 
-@pytest.mark.parametrize("fault", [
-    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="load_probe_npz lets np.load's ValueError / "
-                                            "FileNotFoundError through (exit 1); see docs/RELIABILITY.md"))
-    if f in PROBE_GAPS else f for f in PROBE_FAULTS])
+@pytest.mark.parametrize("fault", list(PROBE_FAULTS))
 def test_cli_evaluate_probe_faults_exit_6_and_keep_previous_metrics(ws: Workspace, fault: str):
     make, pattern = PROBE_FAULTS[fault]
     ws.set_params({"probes": {"attacks": [make(ws.root)]}})
@@ -419,11 +415,26 @@ def test_failed_fold_check_is_never_promoted(ws: Workspace):
     assert registry_state(ws.uri, ws.name) == ([(1, "rejected")], None)
 
 
-def test_non_finite_masks_stop_the_fold_and_keep_the_previous_fold(ws: Workspace):
+def _nan_masks(ws: Workspace) -> None:
     masks = load_file(str(ws.runs / "purify" / "masks.safetensors"))
     first = next(iter(masks))
     masks[first][0] = float("nan")
     save_file(masks, str(ws.runs / "purify" / "masks.safetensors"))
+
+
+def test_masks_changed_after_purification_are_refused_by_the_fold(ws: Workspace):
+    _nan_masks(ws)
+    before = ws.state()
+    expect_exit(ws.cli("fold"), 3, "recorded by the purify stage")
+    assert ws.state() == before
+
+
+def test_non_finite_masks_stop_the_fold_and_keep_the_previous_fold(ws: Workspace):
+    _nan_masks(ws)  # as if purification itself had produced them: the recorded hash matches
+    meta_path = ws.runs / "purify" / "masks.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"]["masks.safetensors"] = sha256_file(ws.runs / "purify" / "masks.safetensors")
+    meta_path.write_text(json.dumps(meta))
     before = ws.state()
     expect_exit(ws.cli("fold"), 3, "non-finite")
     assert ws.state() == before
@@ -732,8 +743,6 @@ def test_seed_and_torch_version_are_recorded_with_the_evidence(promoted: dict[st
 LIBRARIES = ("torchvision", "numpy", "onnx", "onnxruntime", "mlflow")
 
 
-@pytest.mark.xfail(strict=True, reason="only torch's version is recorded; see docs/RELIABILITY.md (needed change in "
-                                       "harden/stages.py)")
 def test_library_versions_are_recorded_with_the_evidence(promoted: dict[str, Any]):
     ws, tags = promoted["ws"], promoted["mv"].tags
     recorded = json.dumps({**tags, **json.loads((ws.runs / "purify" / "purify.json").read_text())})
@@ -747,7 +756,6 @@ def test_same_inputs_and_seed_give_identical_masks_and_metrics(base: Base, tmp_p
     p = load_params(base.root / "params.yaml")
     runs, data = base.root / "runs", base.root / "data"
     out = tmp_path / "again"
-    out.mkdir()  # purify_stage puts its checkpoint beside its output and does not create the parent
     stages.purify_stage(p.nft, p.base, runs / "pull", data / "clean.npz", out / "purify", progress=False)
     stages.fold_stage(runs / "pull", out / "purify", data / "clean.npz", out / "fold")
     stages.export_stage(p.export, p.base.seed, out / "fold", data / "clean.npz", out / "export")
