@@ -1,8 +1,8 @@
 """Helpers shared by the pipeline-layer tests (params, CLI, DVC, KFP): a tiny ``params.yaml`` factory, gates that
 must bless or must reject, a runner for the real ``nft-harden`` executable, and registry read-back.
 
-Import what a test module needs explicitly (``from pipeline_fixtures import ...``; pytest puts ``tests/`` on ``sys.path``); nothing here is
-registered as a pytest plugin.
+Import what a test module needs explicitly (``from pipeline_fixtures import ...``; pytest puts ``tests/`` on
+``sys.path``); nothing here is registered as a pytest plugin.
 """
 
 from __future__ import annotations

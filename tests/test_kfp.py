@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from pipeline import GpuPlacement, compile_pipeline, run_local
-from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, alias_version, client, describe, register_random_candidate,
-                               run_cli, sqlite_uri, tiny_params, versions)
+from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, alias_version, client, describe,
+                               register_random_candidate, run_cli, sqlite_uri, tiny_params, versions)
 
 IMAGE = "registry.example/nft-harden:1.2.3"
 TOLERATION = {"key": "gpu-pool", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}
@@ -143,6 +143,7 @@ def test_compile_cli(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")
 def test_run_local_moves_alias_only_when_blessed(tmp_path: Path) -> None:
     uri = sqlite_uri(tmp_path)
     candidate, hardened, alias = "kfp-tiny", "kfp-tiny-hardened", "champion"

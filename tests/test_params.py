@@ -76,7 +76,8 @@ BAD = [
      [r"gate\.metrics\.2", r"min=1\.01", r"\[0, 1\]"]),
     ("gate-wrong-direction", lambda raw: raw["gate"]["metrics"].append({"metric": "asr/*", "max_drop": 0.1}),
      [r"gate\.metrics\.2", r"max_drop", r"max_increase"]),
-    ("scan-samples-too-few", _set("probes.scan.samples", 3), [r"probes\.scan\.samples", r"greater than or equal to 10"]),
+    ("scan-samples-too-few", _set("probes.scan.samples", 3),
+     [r"probes\.scan\.samples", r"greater than or equal to 10"]),
     ("seed-negative", _set("base.seed", -1), [r"base\.seed", r"greater than or equal to 0"]),
     ("empty-promote-name", _set("promote.name", ""), [r"promote\.name", r"at least 1"]),
 ]
