@@ -94,6 +94,9 @@ def make_candidate(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path
 
     p, layout = _ctx(params, runs, data)
     s = make_demo_candidate(p, layout.stage("candidate"), progress=progress)
+    if "skipped" in s:
+        typer.echo(f"skipped: {s['skipped']}")
+        return
     typer.echo(f"registered {s['name']} version {s['version']} as @{s['alias']} ({s['attack']} backdoor, "
                f"{s['train_images']} training images) in {p.base.tracking_uri}")
 
@@ -289,15 +292,18 @@ def pipeline_compile(out: Annotated[Path, typer.Option(help="IR YAML to write")]
 
 @pipeline_app.command("run-local")
 @_command
-def pipeline_run_local(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs")) -> None:
+def pipeline_run_local(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"),
+                       strict: StrictOpt = False) -> None:
     """Run the whole pipeline with kfp.local against the registry in params.yaml."""
     from harden.params import load_params
     from harden.summary import latest_version_summary, render
     from pipeline import run_local
 
     p = load_params(params)
-    run_local(params.read_text(), runs / "kfp")
+    blessed = run_local(params.read_text(), runs / "kfp")
     typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
+    if strict and not blessed:
+        raise GateRejected("the gate rejected the hardened model (see the registered version's reasons)")
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ class DataParams(_Section):
 
 
 class DemoCandidateParams(_Section):
+    enabled: bool = Field(True, description="build and register the demo candidate; false when hardening your own model")
     builder: str = Field("small_cnn", description="architecture of the demo candidate (allow-listed builder)")
     attack: str = Field("badnets", description="backdoor planted in the demo candidate")
     target: int = Field(0, ge=0, description="attack target label")
@@ -83,7 +84,10 @@ class _NFTBase(_Section):
 
     @model_validator(mode="after")
     def _valid_config(self) -> _NFTBase:
-        self.config()  # NFTConfig's own range checks, with messages naming the field
+        try:
+            self.config()  # NFTConfig's own range checks
+        except ValueError as err:  # "NFTConfig.lr=-0.1 is invalid: ..." -> "lr=-0.1 is invalid: ..." under nft
+            raise ValueError(str(err).removeprefix("NFTConfig.")) from None
         return self
 
     def config(self, seed: int = 0, device: str = "auto", progress: bool = True) -> NFTConfig:
@@ -143,7 +147,7 @@ def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        got = "" if e["type"] == "missing" or isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
         lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got}")
     return "\n".join(lines)
 

@@ -160,7 +160,11 @@ def prepare_data(data: DataParams, seed: int, clean_out: Path, test_out: Path) -
 # ------------------------------------------------------------------------------------------ candidate ------
 
 def make_demo_candidate(params: Params, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train a backdoored candidate on the offline data and register it as ``candidate.model`` (demo only)."""
+    """Train a backdoored candidate on the offline data and register it as ``candidate.model`` (demo only).
+
+    With ``candidate.demo.enabled: false`` (hardening your own model) it registers nothing and only writes
+    ``candidate.json`` saying so, so the DVC chain ``candidate -> pull`` leaves your registry alone.
+    """
     from nft_core.attacks import make_attack
     from nft_core.train import make_backdoored_candidate
 
@@ -169,6 +173,11 @@ def make_demo_candidate(params: Params, out_dir: Path, *, progress: bool = True)
         raise ValueError(f"candidate.model={params.candidate.model!r}: the demo candidate is registered under an "
                          "alias (models:/NAME@ALIAS), not a fixed version")
     demo = params.candidate.demo
+    if not demo.enabled:
+        summary = {"name": name, "alias": alias, "skipped": "candidate.demo.enabled is false: nothing registered"}
+        with atomic_dir(out_dir) as tmp:
+            write_json_atomic(tmp / CANDIDATE, summary)
+        return summary
     train = _load(params.data.train, train=True, download=params.data.download)
     attack = make_attack(demo.attack, target=demo.target, mode=demo.mode, num_classes=train.num_classes,
                          image_shape=tuple(train.x.shape[1:]), seed=params.base.seed)

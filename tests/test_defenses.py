@@ -121,7 +121,7 @@ BEHAVIOUR = {
 
 
 NFT_WEAK = pytest.mark.xfail(reason="measured: NFT (20 epochs, NFT-Adv 50 %) leaves this overfit, no-augmentation "
-                                    "BadNets candidate at ~99 % ASR (the DESIGN.md low-data regime)", strict=False)
+                                    "BadNets candidate at ~99 % ASR (the DESIGN.md low-data regime)", strict=True)
 
 
 @pytest.mark.slow

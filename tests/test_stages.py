@@ -1,0 +1,22 @@
+"""Stage-level behaviour not covered through the CLI tests."""
+
+import json
+
+from harden.params import parse_params
+from harden.stages import library_versions, make_demo_candidate
+
+
+def test_disabled_demo_candidate_registers_nothing(tmp_path):
+    registry = tmp_path / "mlflow.db"
+    params = parse_params({"base": {"tracking_uri": f"sqlite:///{registry}"},
+                           "candidate": {"model": "models:/mine@candidate", "demo": {"enabled": False}}})
+    summary = make_demo_candidate(params, tmp_path / "candidate")
+    assert "skipped" in summary
+    assert json.loads((tmp_path / "candidate" / "candidate.json").read_text()) == summary
+    assert not registry.exists()  # no registry was even opened, let alone written
+
+
+def test_library_versions_name_the_installed_packages():
+    versions = library_versions()
+    assert {"python", "torch", "torchvision", "onnxruntime-gpu", "mlflow"} <= set(versions)
+    assert all(isinstance(v, str) and v[0].isdigit() for v in versions.values())
