@@ -13,7 +13,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# PIP_CONSTRAINT (not -c) so that our pins replace any machine-wide constraint file from pip.conf, which
+	# would otherwise be combined with them and can make the pinned torch uninstallable.
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 demo: install

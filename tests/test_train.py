@@ -57,11 +57,13 @@ def test_make_backdoored_candidate_info():
 
 @pytest.mark.slow
 def test_backdoored_small_cnn_learns_task_and_badnets_backdoor():
+    # Issue 2's bar for the synthetic data: >= 90 % clean accuracy for the small CNN in under a minute on 2 CPU
+    # cores (measured: 3,000 images x 10 epochs, ~24 s, ACC 0.99; 5 epochs stop at ~0.65, under-trained).
     train, test = make_synthetic(3000, seed=0), make_synthetic(500, seed=0, train=False)
     attack = make_attack("badnets", target=0)
-    model, info = make_backdoored_candidate(train, attack, poison_rate=0.1, epochs=5, progress=False)
+    model, info = make_backdoored_candidate(train, attack, poison_rate=0.1, epochs=10, progress=False)
     acc = accuracy(predict(model, test.images()), test.y)
     x, y_true, y_target = attack.probe(test)
     asr = attack_success_rate(predict(model, x), y_true, y_target)
-    assert acc >= 0.85, info["history"]
+    assert acc >= 0.9, info["history"]
     assert asr >= 0.9, info["history"]
