@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=8, help="epochs of the candidates' training")
     parser.add_argument("--epochs", type=int, default=100, help="NFT epochs")
     parser.add_argument("--adv-share", type=float, default=1.0, help="PGD share of each batch for NFT-Adv")
+    parser.add_argument("--adv-lr", type=float, default=0.05, help="NFT-Adv learning rate (paper: 0.05)")
+    parser.add_argument("--adv-lr-min", type=float, default=0.02, help="NFT-Adv cosine floor (authors' code: 0.02)")
     parser.add_argument("--attacks", nargs="+", default=list(ALL_ATTACKS))
     parser.add_argument("--sizes", nargs="+", default=["2%", "1%", "1/class"], help="clean-set sizes for NFT-Adv")
     parser.add_argument("--placement-attacks", nargs="+", default=["badnets", "blend"])
@@ -85,14 +87,15 @@ def main() -> None:
     train = make_synthetic(args.n_train, seed=0, train=True)
     test = make_synthetic(args.n_test, seed=0, train=False)
     nft = NFTConfig(epochs=args.epochs, progress=False)
-    adv = nft.replace(adv_share=args.adv_share)
+    adv = nft.replace(adv_share=args.adv_share, lr=args.adv_lr, lr_min=args.adv_lr_min)
     sizes = {"2%": stratified_split(train, fraction=0.02, seed=1)[0],
              "1%": stratified_split(train, fraction=0.01, seed=1)[0],
              "1/class": stratified_split(train, per_class=1, seed=1)[0]}
     lines = [f"Synthetic shapes, {args.n_train} training / {args.n_test} test images, SmallCNN (w=32) candidates "
              f"trained {args.train_epochs} epochs with 10 % poison (clean-label: 80 % of the target class), target 0; "
              f"NFT {args.epochs} epochs, paper defaults (placement {nft.placement}, BN {nft.bn_mode}); NFT-Adv = "
-             f"{int(100 * args.adv_share)} % of each batch replaced by 2-step PGD (eps 8/255) examples with true labels. "
+             f"{int(100 * args.adv_share)} % of each batch replaced by 2-step PGD (eps 8/255) examples with true labels, "
+             f"lr {args.adv_lr} cosine to {args.adv_lr_min}. "
              f"Cells: ASR / ACC in %, time = purification wall time. torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads."]
 

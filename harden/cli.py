@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -237,10 +238,15 @@ def run(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), d
                                                layout.stage("evaluate"), layout.stage("gate"), layout.stage("report"))),
         ("promote", lambda: _register(p, layout)),
     ]
+    timings: list[tuple[str, float]] = []
     for name, step in steps:
         typer.secho(f"== {name}", bold=True)
+        t0 = time.perf_counter()
         result = step()
+        timings.append((name, time.perf_counter() - t0))
     typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
+    typer.echo("stage wall times: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings)
+               + f" (total {sum(s for _, s in timings):.1f}s)")
     if strict and not result["blessed"]:
         raise GateRejected(result["summary"])
 
@@ -250,8 +256,6 @@ def run(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), d
 def demo(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
     """Offline walk-through: build a backdoored candidate, register it, run the Kubeflow pipeline locally, and
     print what was registered."""
-    import time
-
     from harden.stages import make_demo_candidate
     from harden.summary import latest_version_summary, render
     from pipeline import run_local

@@ -1,0 +1,79 @@
+"""Wall time of every hardening stage (``nft-harden run --with-candidate``) for the small CNN and PreActResNet-18.
+
+Each architecture runs the repository's ``params.yaml`` in a fresh temporary directory with its own embedded
+sqlite registry, with a few fields changed (printed with the table): the builder of the demo candidate and,
+for PreActResNet-18, the training and NFT epochs, so that the CPU finishes in minutes. The stage times come from
+the CLI's own "stage wall times" line; the table is Markdown on stdout (and in ``--out``).
+
+    .venv/bin/python benchmarks/stage_times.py --out runs/bench/stage_times.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = Path(sys.executable).with_name("nft-harden")
+
+#: per architecture: params.yaml changes (section -> field -> value)
+PROFILES = {
+    "small_cnn": {"candidate": {"demo": {"builder": "small_cnn"}}},
+    "preact_resnet18": {"candidate": {"demo": {"builder": "preact_resnet18", "epochs": 1}}, "nft": {"epochs": 10}},
+}
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        base[key] = deep_update(dict(base.get(key) or {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def time_stages(builder: str, changes: dict, device: str) -> dict[str, float]:
+    """Run every stage for one architecture in a temporary directory; returns seconds per stage."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    deep_update(params, {"base": {"device": device, "tracking_uri": "sqlite:///mlflow.db"}, **changes})
+    with tempfile.TemporaryDirectory(prefix=f"stage-times-{builder}-") as tmp:
+        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = subprocess.run([str(CLI), "run", "--with-candidate", "--no-progress"], cwd=tmp, text=True,
+                              capture_output=True, check=False)
+    match = re.search(r"stage wall times: (.*) \(total", proc.stdout)
+    if proc.returncode != 0 or match is None:
+        raise SystemExit(f"{builder}: nft-harden run exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return {name: float(sec.rstrip("s")) for name, sec in (part.rsplit(" ", 1) for part in match.group(1).split(", "))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--builders", nargs="+", default=list(PROFILES), choices=list(PROFILES))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    results = {b: time_stages(b, PROFILES[b], args.device) for b in args.builders}
+    stages = list(next(iter(results.values())))
+    lines = [f"Command: `.venv/bin/python benchmarks/stage_times.py --device {args.device}` ({date.today()}, "
+             f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}).  ",
+             "Changes to params.yaml per architecture: "
+             + "; ".join(f"{b}: {PROFILES[b]}" for b in args.builders) + ".", "",
+             "| stage | " + " | ".join(f"{b} (s)" for b in args.builders) + " |",
+             "|---|" + "---:|" * len(args.builders)]
+    lines += [f"| {s} | " + " | ".join(f"{results[b][s]:.1f}" for b in args.builders) + " |" for s in stages]
+    lines.append("| **total** | " + " | ".join(f"{sum(results[b].values()):.1f}" for b in args.builders) + " |")
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
