@@ -19,7 +19,7 @@ Profiles:
   augmentation, 200 clean images, epochs/iterations x 0.1), seconds per attack.
 
 Besides NFT at the paper's settings, the table has "nft (adv)": NFT-Adv as ``params.yaml`` configures it for the
-synthetic data (half of each batch replaced by 2-step PGD examples, lr 0.2 decayed to 0).
+synthetic data (half of each batch replaced by 2-step PGD examples, lr 0.2 decayed to 0, masks clipped to [0, 1]).
 
     .venv/bin/python benchmarks/defenses.py --profile cpu --out runs/bench/defenses_cpu.md
 """
@@ -68,7 +68,7 @@ PROFILES = {
 LENGTH = {"nft": ("epochs",), "ft": ("epochs",), "fp": ("epochs",), "anp": ("iterations",), "ft_sam": ("epochs",),
           "pbe": ("epochs", "adv_epochs"), "fip": ("epochs",)}
 #: NFT-Adv as params.yaml sets it for the synthetic data (BENCHMARKS.md, NFT behaviour)
-NFT_ADV = {"adv_share": 0.5, "lr": 0.2, "lr_min": 0.0}
+NFT_ADV = {"adv_share": 0.5, "lr": 0.2, "lr_min": 0.0, "schedule": "none"}
 RUNS = [("nft", {}), ("nft", NFT_ADV), ("ft", {}), ("fp", {}), ("anp", {}), ("ft_sam", {}), ("pbe", {}), ("fip", {}),
         ("fip", {"variant": "fast"})]
 

@@ -6,6 +6,8 @@ Tables (Markdown on stdout, and in ``--out``):
    batch replaced by untargeted PGD examples with true labels), at 1 %, 2 % and one sample per class.
 2. ``placement``: mask placement (norm/weight) x BN mode (train/eval) at 2 % clean data, on some attacks.
 3. ``lowdata``: a candidate trained on a few thousand images (it overfits): NFT vs NFT-Adv.
+4. ``schedule``: the mask lower bound mu(l) for NFT-Adv at 2 % clean data: the paper's exponential schedule
+   (alpha 0.8, beta 0.5), a steeper one (beta 1.0), and none (masks clipped to [0, 1] only).
 
 Backdoored candidates are trained once and cached (safetensors) under ``--cache``.
 
@@ -76,10 +78,11 @@ def main() -> None:
     parser.add_argument("--adv-share", type=float, default=1.0, help="PGD share of each batch for NFT-Adv")
     parser.add_argument("--adv-lr", type=float, default=0.05, help="NFT-Adv learning rate (paper: 0.05)")
     parser.add_argument("--adv-lr-min", type=float, default=0.02, help="NFT-Adv cosine floor (authors' code: 0.02)")
+    parser.add_argument("--adv-schedule", default="exponential", help="NFT-Adv mask lower bound (paper: exponential)")
     parser.add_argument("--attacks", nargs="+", default=list(ALL_ATTACKS))
     parser.add_argument("--sizes", nargs="+", default=["2%", "1%", "1/class"], help="clean-set sizes for NFT-Adv")
     parser.add_argument("--placement-attacks", nargs="+", default=["badnets", "blend"])
-    parser.add_argument("--tables", nargs="+", default=["attacks", "placement", "lowdata"])
+    parser.add_argument("--tables", nargs="+", default=["attacks", "placement", "lowdata", "schedule"])
     parser.add_argument("--cache", type=Path, default=Path("runs/bench/candidates"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -87,7 +90,7 @@ def main() -> None:
     train = make_synthetic(args.n_train, seed=0, train=True)
     test = make_synthetic(args.n_test, seed=0, train=False)
     nft = NFTConfig(epochs=args.epochs, progress=False)
-    adv = nft.replace(adv_share=args.adv_share, lr=args.adv_lr, lr_min=args.adv_lr_min)
+    adv = nft.replace(adv_share=args.adv_share, lr=args.adv_lr, lr_min=args.adv_lr_min, schedule=args.adv_schedule)
     sizes = {"2%": stratified_split(train, fraction=0.02, seed=1)[0],
              "1%": stratified_split(train, fraction=0.01, seed=1)[0],
              "1/class": stratified_split(train, per_class=1, seed=1)[0]}
@@ -95,7 +98,7 @@ def main() -> None:
              f"trained {args.train_epochs} epochs with 10 % poison (clean-label: 80 % of the target class), target 0; "
              f"NFT {args.epochs} epochs, paper defaults (placement {nft.placement}, BN {nft.bn_mode}); NFT-Adv = "
              f"{int(100 * args.adv_share)} % of each batch replaced by 2-step PGD (eps 8/255) examples with true labels, "
-             f"lr {args.adv_lr} cosine to {args.adv_lr_min}. "
+             f"lr {args.adv_lr} cosine to {args.adv_lr_min}, mask lower bound {args.adv_schedule}. "
              f"Cells: ASR / ACC in %, time = purification wall time. torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads."]
 
@@ -133,6 +136,18 @@ def main() -> None:
             acc0, asr0 = evaluate(model, name, test)
             emit(row([name, f"{100 * asr0:.1f} / {100 * acc0:.1f}", cell(model, clean, nft, name, test),
                       cell(model, clean, adv, name, test)]))
+
+    if "schedule" in args.tables:
+        emit("\n### Mask lower bound mu(l) (NFT-Adv, 2 % clean data)\n")
+        schedules = {"exponential, beta 0.5 (paper)": {}, "exponential, beta 1.0": {"schedule_beta": 1.0},
+                     "none ([0, 1])": {"schedule": "none"}}
+        emit(row(["attack", "before", *schedules]))
+        emit(row(["---"] * (2 + len(schedules))))
+        for name in args.attacks:
+            model = candidate(name, train, args.cache, args.train_epochs)
+            acc0, asr0 = evaluate(model, name, test)
+            emit(row([name, f"{100 * asr0:.1f} / {100 * acc0:.1f}",
+                      *(cell(model, sizes["2%"], adv.replace(**change), name, test) for change in schedules.values())]))
 
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
