@@ -48,7 +48,8 @@ def time_stages(builder: str, changes: dict, device: str) -> dict[str, float]:
                               capture_output=True, check=False)
     match = re.search(r"stage wall times: (.*) \(total", proc.stdout)
     if proc.returncode != 0 or match is None:
-        raise SystemExit(f"{builder}: nft-harden run exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{builder}: nft-harden run exited {proc.returncode}\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return {name: float(sec.rstrip("s")) for name, sec in (part.rsplit(" ", 1) for part in match.group(1).split(", "))}
 
 

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import shutil
@@ -400,10 +401,19 @@ def _log_onnx(client: MlflowClient, tracking_uri: str, experiment_id: str, run_i
     return logged
 
 
+#: Evidence roles with this prefix are logged under ``evidence/plots/``, where ``report.md`` links its images.
+PLOT_ROLE_PREFIX = "plot_"
+
+
+def _evidence_file(role: str, path: Path) -> str:
+    """Where an evidence file is logged, relative to ``evidence/``."""
+    return f"plots/{Path(path).name}" if role.startswith(PLOT_ROLE_PREFIX) else Path(path).name
+
+
 def _manifest(package_dir: Path, onnx_path: Path, onnx_sha: str, evidence: dict[str, Path]) -> dict[str, Any]:
     """sha256 of every file registered: the package files, the ONNX file and each evidence file by role."""
     return {"package": sha256_tree(package_dir), "onnx": {onnx_path.name: onnx_sha},
-            "evidence": {role: {"file": Path(path).name, "sha256": sha256_file(path)}
+            "evidence": {role: {"file": _evidence_file(role, path), "sha256": sha256_file(path)}
                          for role, path in sorted(evidence.items())}}
 
 
@@ -427,7 +437,8 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         tracking_uri: MLflow tracking/registry URI.
         package_dir: the hardened model package.
         onnx_path: the evaluated ONNX file.
-        evidence: artifact files by role (``metrics``, ``blessing``, ``report``...), logged under ``evidence/``.
+        evidence: artifact files by role (``metrics``, ``blessing``, ``report_md``...), logged under ``evidence/``;
+            roles starting with ``plot_`` under ``evidence/plots/``, where the Markdown report links its images.
         metrics: logged on the run.
         tags: lineage tags (source model/version, data and params hashes, code version), on run and version.
         description: human-readable summary for the version (status, ONNX hash, metrics are appended).
@@ -462,8 +473,8 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                          tags=[RunTag(k, str(v)) for k, v in {**tags, ONNX_SHA_TAG: onnx_sha}.items()])
         client.log_artifacts(run_id, str(package_dir), "package")
-        for path in evidence.values():
-            client.log_artifact(run_id, str(path), "evidence")
+        for role, path in evidence.items():
+            client.log_artifact(run_id, str(path), posixpath.dirname(f"evidence/{_evidence_file(role, path)}"))
         client.log_dict(run_id, manifest, MANIFEST_FILE)
         logged = _log_onnx(client, tracking_uri, experiment_id, run_id, onnx_path, onnx_sha, input_example)
         _ensure_registered_model(client, name)

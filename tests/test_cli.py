@@ -108,9 +108,11 @@ def test_run_blesses_then_strict_rerun_rejects(tmp_path: Path) -> None:
     first = run_cli(["run", "--with-candidate", "--no-progress"], cwd=tmp_path)
     assert first.returncode == 0, describe(first)
     out = first.stdout
-    for stage in ("prepare", "make-candidate", "pull", "purify", "fold", "export", "evaluate", "gate", "report",
-                  "promote"):
+    stages = ["prepare", "make-candidate", "pull", "purify", "fold", "export", "evaluate", "gate", "report", "promote"]
+    for stage in stages:
         assert f"== {stage}\n" in out, describe(first)
+    timed = re.search(r"(?m)^stage wall times: (.*) \(total [\d.]+s\)$", out)  # parsed by benchmarks/stage_times.py
+    assert timed and [part.rsplit(" ", 1)[0] for part in timed.group(1).split(", ")] == stages, describe(first)
     for row in (r"metric\s+candidate\s+hardened", r"acc\s+[\d.]+ %\s+[\d.]+ %", r"asr/badnets\s+[\d.]+ %\s+[\d.]+ %"):
         assert re.search(rf"(?m)^{row}$", out), f"before/after row {row!r} missing: {describe(first)}"
     assert "gate: BLESSED" in out and f"registered: models:/{HARDENED}/1" in out, describe(first)
