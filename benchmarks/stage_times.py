@@ -25,23 +25,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("nft-harden")
 
-#: per architecture: params.yaml changes (section -> field -> value)
+#: per architecture: changes to params.yaml's ``candidate.demo`` and ``nft`` sections
 PROFILES = {
-    "small_cnn": {"candidate": {"demo": {"builder": "small_cnn"}}},
-    "preact_resnet18": {"candidate": {"demo": {"builder": "preact_resnet18", "epochs": 1}}, "nft": {"epochs": 10}},
+    "small_cnn": {"demo": {"builder": "small_cnn"}, "nft": {}},
+    "preact_resnet18": {"demo": {"builder": "preact_resnet18", "epochs": 1}, "nft": {"epochs": 10}},
 }
-
-
-def deep_update(base: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        base[key] = deep_update(dict(base.get(key) or {}), value) if isinstance(value, dict) else value
-    return base
 
 
 def time_stages(builder: str, changes: dict, device: str) -> dict[str, float]:
     """Run every stage for one architecture in a temporary directory; returns seconds per stage."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    deep_update(params, {"base": {"device": device, "tracking_uri": "sqlite:///mlflow.db"}, **changes})
+    params["base"].update(device=device, tracking_uri="sqlite:///mlflow.db")
+    params["candidate"]["demo"].update(changes["demo"])
+    params["nft"].update(changes["nft"])
     with tempfile.TemporaryDirectory(prefix=f"stage-times-{builder}-") as tmp:
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         proc = subprocess.run([str(CLI), "run", "--with-candidate", "--no-progress"], cwd=tmp, text=True,

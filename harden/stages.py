@@ -33,7 +33,8 @@ from harden.integrity import atomic_dir, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
 from harden.package import InputSpec, ModelSpec, PackageError, load_package, save_package
 from harden.params import BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params, ProbesParams
-from harden.registry import Provenance, parse_model_ref, pull, register_candidate, register_hardened
+from harden.registry import (PLOT_ROLE_PREFIX, Provenance, parse_model_ref, pull, register_candidate,
+                             register_hardened)
 from harden.report import ReportFiles, write_report
 from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.data.npz import load_npz
@@ -444,7 +445,7 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
                 "parity": Path(export_dir) / PARITY, "fold": Path(fold_dir) / FOLD,
                 "purify": Path(purify_dir) / PURIFY, "provenance": Path(pull_dir) / PROVENANCE,
                 "report_html": report / "report.html", "report_md": report / "report.md",
-                **{f"plot_{p.stem}": p for p in sorted((report / "plots").glob("*.png"))}}
+                **{f"{PLOT_ROLE_PREFIX}{p.stem}": p for p in sorted((report / "plots").glob("*.png"))}}
     rows = [f"- {k}: {v['before']:.4f} -> {v['after']:.4f}" for k, v in metrics["compare"].items()
             if (k == "acc" or k.startswith(("asr/", "robust_acc/"))) and v["before"] is not None and v["after"] is not None]
     description = "\n".join([f"Hardened from {prov['model_name']} version {prov['version']} with "
