@@ -17,8 +17,13 @@ from torchvision.transforms import v2
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def crop_flip(size: tuple[int, int], padding: int = 4) -> v2.Transform:
-    """RandomCrop(size, padding) + RandomHorizontalFlip, the CIFAR recipe the authors use before MixUp."""
+def crop_flip(size: tuple[int, int], padding: int = 4, flip: bool = True) -> v2.Transform:
+    """RandomCrop(size, padding) + RandomHorizontalFlip, the CIFAR recipe the authors use before MixUp.
+
+    ``flip=False`` leaves the flip out, for classes that are not mirror-symmetric (GTSRB's turn-left and
+    turn-right signs are different classes)."""
+    if not flip:
+        return v2.RandomCrop(size, padding=padding)
     return v2.Compose([v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip()])
 
 

@@ -22,7 +22,8 @@ class NFTConfig:
     bn_mode: BNMode = "train"  # "train": BN running statistics follow the clean batches (authors' code); "eval": frozen statistics
 
     # --- optimisation ---------------------------------------------------------------------------------
-    epochs: int = 100  # passes over the clean set
+    epochs: int = 100  # epochs of training (checkpoint and progress granularity)
+    steps_per_epoch: int | None = None  # None: an epoch is one pass over the clean set; N: N batches drawn with replacement (authors' code: 5 x 200)
     batch_size: int = 128  # clean samples per step
     lr: float = 0.05  # SGD learning rate for the masks
     momentum: float = 0.95  # SGD momentum (main text: 0.95)
@@ -78,6 +79,9 @@ def _check(c: NFTConfig) -> None:
             raise bad(name, "an integer >= 1")
     if not isinstance(c.adv_steps, int) or c.adv_steps < 1:
         raise bad("adv_steps", "an integer >= 1")
+    if c.steps_per_epoch is not None and (not isinstance(c.steps_per_epoch, int) or isinstance(c.steps_per_epoch, bool)
+                                          or c.steps_per_epoch < 1):
+        raise bad("steps_per_epoch", "null or an integer >= 1")
     checks = {
         "lr": (lambda v: v > 0, "> 0"),
         "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),

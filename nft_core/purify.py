@@ -5,7 +5,8 @@ Algorithm (one call of :func:`purify`):
 
 1. Copy the candidate and attach a scalar mask m = 1 to every neuron (:mod:`nft_core.masks`); freeze all
    weights, so only masks train. Layers l = 1..L are counted in forward order; the first is left unmasked.
-2. Each step, take a clean batch (per-sample crop/flip), optionally replace a share by untargeted PGD
+2. Each step, take a clean batch (per-sample crop/flip; one pass over the clean set per epoch, or a fixed number
+   of batches drawn with replacement, as the authors' code does), optionally replace a share by untargeted PGD
    examples with their true labels (NFT-Adv), and mix it (MixUp: lambda ~ Beta(a, a), soft labels).
 3. Minimise  CE(f_m(x_mix), y_mix) + eta * sum |m - 1|,  eta = eta_c / N_s  (N_s: clean samples per class),
    with SGD (lr 0.05, momentum 0.95, optional per-step cosine decay).
@@ -152,7 +153,10 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
     optimizer = torch.optim.SGD([{"params": params, "weight_decay": 0.0}], lr=config.lr, momentum=config.momentum)
     data = TransformedDataset(clean_data, crop_flip(tuple(example.shape[-2:])) if config.crop_flip else None)
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(data, batch_size=config.batch_size, sampler=RandomSampler(data, generator=generator))
+    sampler = (RandomSampler(data, generator=generator) if config.steps_per_epoch is None else
+               RandomSampler(data, replacement=True, num_samples=config.steps_per_epoch * config.batch_size,
+                             generator=generator))
+    loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler)
     total_steps = config.epochs * len(loader)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.lr_min)
                  if config.lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))

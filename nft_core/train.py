@@ -46,7 +46,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 def train_classifier(model: nn.Module, data: ImageData, *, epochs: int, lr: float = 0.05, batch_size: int = 128,
                      weight_decay: float = 5e-4, seed: int = 0, device: str = "auto", augment: bool = True,
-                     progress: bool = True) -> list[dict[str, float]]:
+                     flip: bool = True, progress: bool = True) -> list[dict[str, float]]:
     """Train ``model`` (taking images in [0, 1]) on ``data`` in place; it ends in eval mode on the CPU.
 
     Args:
@@ -58,7 +58,8 @@ def train_classifier(model: nn.Module, data: ImageData, *, epochs: int, lr: floa
         weight_decay: L2 weight decay of SGD.
         seed: seeds weight-independent randomness (shuffling, augmentation).
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``, ...
-        augment: per-sample random crop (padding 4) and horizontal flip.
+        augment: per-sample random crop (padding 4) and, with ``flip``, horizontal flip.
+        flip: include the horizontal flip (off for classes that are not mirror-symmetric, e.g. road signs).
         progress: show a tqdm bar over epochs.
 
     Returns:
@@ -75,7 +76,7 @@ def train_classifier(model: nn.Module, data: ImageData, *, epochs: int, lr: floa
     torch.manual_seed(seed)
     dataset = data.dataset()
     if augment:
-        dataset = TransformedDataset(dataset, crop_flip(tuple(data.x.shape[-2:])))
+        dataset = TransformedDataset(dataset, crop_flip(tuple(data.x.shape[-2:]), flip=flip))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed), pin_memory=dev.type == "cuda")
     model.to(dev)
@@ -104,7 +105,7 @@ def make_backdoored_candidate(data: ImageData, attack: Attack, *, builder: str =
                               builder_kwargs: dict[str, Any] | None = None, poison_rate: float = 0.1,
                               epochs: int = 8, lr: float = 0.05, seed: int = 0,
                               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                              surrogate_epochs: int = 2, device: str = "auto",
+                              surrogate_epochs: int = 2, device: str = "auto", flip: bool = True,
                               progress: bool = True) -> tuple[Normalized, dict[str, Any]]:
     """Poison ``data`` with ``attack`` and train a fresh model on it (BadNets-style data poisoning).
 
@@ -123,6 +124,7 @@ def make_backdoored_candidate(data: ImageData, attack: Attack, *, builder: str =
             (width 16) whose PGD perturbations make the poisoned images' natural features hard to use
             (Turner et al., 2019); 0 poisons with the trigger alone.
         device: training device (``"auto"``: CUDA when present).
+        flip: horizontal flips in the training augmentation (off for classes that are not mirror-symmetric).
         progress: show a progress bar.
 
     Returns:
@@ -136,14 +138,15 @@ def make_backdoored_candidate(data: ImageData, attack: Attack, *, builder: str =
         torch.manual_seed(seed)
         surrogate = Normalized(SmallCNN(num_classes=data.num_classes, width=16), mean, std)
         train_classifier(surrogate, data, epochs=surrogate_epochs, lr=lr, seed=seed, device=device,
-                         progress=progress)
+                         flip=flip, progress=progress)
         poisoned, index = attack.poison(data, poison_rate, seed=seed, surrogate=surrogate)
     else:
         poisoned, index = attack.poison(data, poison_rate, seed=seed)
     torch.manual_seed(seed)
     kwargs = {"num_classes": data.num_classes, **(builder_kwargs or {})}
     model = Normalized(build_model(builder, **kwargs), mean, std)
-    history = train_classifier(model, poisoned, epochs=epochs, lr=lr, seed=seed, device=device, progress=progress)
+    history = train_classifier(model, poisoned, epochs=epochs, lr=lr, seed=seed, device=device, flip=flip,
+                               progress=progress)
     info = {"attack": attack.name, "target": attack.target, "mode": attack.mode, "poison_rate": poison_rate,
             "poisoned": len(index), "history": history, "wall_time_s": time.perf_counter() - start,
             "mean": list(mean), "std": list(std)}

@@ -46,6 +46,18 @@ def test_masks_stay_within_schedule_bounds(placement):
     assert result.history[-1]["frac_at_lower_bound"] > 0
 
 
+@pytest.mark.parametrize("n,steps", [(40, 7), (5, 3)])
+def test_steps_per_epoch_draws_fixed_full_batches_with_replacement(n, steps):
+    """The authors' schedule: a fixed number of full batches per epoch, however small the clean set."""
+    model, data = _setup(n=n)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, inp: seen.append(len(inp[0])))  # copied with the model
+    result = purify(model, data, FAST.replace(epochs=2, steps_per_epoch=steps))
+    train_batches = [b for b in seen if b == FAST.batch_size]
+    assert len(train_batches) == 2 * steps  # 16 > 5 images: batches are drawn with replacement
+    assert len(result.history) == 2
+
+
 @pytest.mark.parametrize("placement", ["norm", "weight"])
 def test_purify_changes_only_masked_weights(placement):
     model, data = _setup()

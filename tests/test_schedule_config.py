@@ -38,7 +38,8 @@ def test_schedule_errors():
     ("lr", -0.1, "> 0"), ("mix_alpha", 0.0, "> 0"), ("schedule_alpha", 1.5, "(0, 1]"),
     ("schedule_alpha", 0.0, "(0, 1]"), ("momentum", 1.0, "[0, 1)"), ("epochs", 0, ">= 1"),
     ("placement", "bias", "one of"), ("adv_share", 1.2, "[0, 1]"), ("lr", float("nan"), "> 0"),
-    ("lr_min", 0.1, "in [0, lr"), ("eta_c", "1e-3", "finite number"),
+    ("lr_min", 0.1, "in [0, lr"), ("eta_c", "1e-3", "finite number"), ("steps_per_epoch", 0, ">= 1"),
+    ("steps_per_epoch", 2.5, ">= 1"), ("steps_per_epoch", True, ">= 1"),
 ])
 def test_config_errors_name_the_field_and_range(field, value, allowed):
     with pytest.raises(ValueError) as err:

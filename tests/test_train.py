@@ -67,3 +67,14 @@ def test_backdoored_small_cnn_learns_task_and_badnets_backdoor():
     asr = attack_success_rate(predict(model, x), y_true, y_target)
     assert acc >= 0.9, info["history"]
     assert asr >= 0.9, info["history"]
+
+
+def test_crop_without_flip_never_mirrors():
+    from nft_core.augment import crop_flip
+
+    torch.manual_seed(0)
+    x = torch.zeros(3, 8, 8)
+    x[:, :, :2] = 1.0  # a bright left edge: a flip would move it to the right
+    no_flip, with_flip = crop_flip((8, 8), padding=0, flip=False), crop_flip((8, 8), padding=0)
+    assert all(torch.equal(no_flip(x), x) for _ in range(20))
+    assert any(not torch.equal(with_flip(x), x) for _ in range(20))

@@ -1,0 +1,313 @@
+"""Real-data benchmark: backdoored GTSRB classifiers, every purifier, ACC / ASR / RA before -> after.
+
+The official GTSRB set (39,209 training and 12,630 test photographs of traffic signs, 43 classes, resized to
+32 x 32) is loaded through the project's own spec ``torchvision:GTSRB:ROOT``; nothing in the test suite needs
+it. Get it as the project's data notes say (a fetched public snapshot laid out for torchvision).
+
+What one command does:
+
+1. Builds the backdoored candidates (the attacker's side): for each architecture and attack, a model trained
+   on the poisoned full training set (10 % poisoning, target 0, all2one; plus a BadNets all2all row;
+   the clean-label attack can only stamp target-class images and poisons 80 % of them). The low-data regime
+   trains on a stratified 10 % of the training images instead. Candidates are cached by a content hash of
+   everything they are made from (data digest, attack, architecture, training recipe), so a rerun only
+   purifies.
+2. Draws the defender's clean sets from the training images, never the test set: 3 % (the paper's GTSRB
+   setting), 1 %, one image per class; the low-data regime gets 250 images it was not trained on.
+3. Runs each purifier (NFT at the library defaults, every baseline at its paper settings) on the same
+   candidates and clean sets, and measures ACC on the 12,630 test images, ASR and RA (robust accuracy:
+   triggered images classified as their true label) on the triggered test images, and wall time. Each
+   measured cell is cached under the candidate's hash, the clean set and the method's full config, so the
+   matrix can be filled in by several runs and the table rendered from all of them (``--table-only``).
+4. Prints the table, the mean and worst case per method and clean regime, and the issue's targets met or not.
+
+    .venv/bin/python benchmarks/gtsrb.py --data /data/gtsrb --arch resnet18 --out runs/bench/gtsrb.md
+
+CPU runs use a narrower PreActResNet-18 (``--width``) and fewer training epochs; on a GPU use
+``--width 64 --train-epochs 30``. ``--threads`` sets torch's intra-op threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nft_core.attacks import Attack, make_attack
+from nft_core.data import ImageData, load_dataset, stratified_split
+from nft_core.defenses import DEFENSES, default_config, run_defense
+from nft_core.metrics import accuracy, attack_success_rate, predict, robust_accuracy
+from nft_core.models import Normalized, build_model
+from nft_core.train import channel_stats, make_backdoored_candidate
+
+#: bump when the way candidates are made changes, so cached ones are not reused
+CANDIDATE_RECIPE = 1
+#: road signs are not mirror-symmetric (turn left / turn right): no horizontal flips anywhere
+FLIP = False
+TARGET = 0
+POISON_RATE = 0.1
+#: a clean-label attack may only stamp target-class images: this share of them
+CLEAN_LABEL_SHARE = 0.8
+ARCHS = {"preact_resnet18": "preact_resnet18", "resnet18": "torchvision.resnet18"}
+#: (attack, mode) rows of the main regime
+ATTACK_ROWS = [("badnets", "all2one"), ("blend", "all2one"), ("sig", "all2one"), ("wanet", "all2one"),
+               ("trojan", "all2one"), ("clean_label", "all2one"), ("badnets", "all2all")]
+#: clean regimes: name -> (fraction, per_class, total count); exactly one is set
+CLEAN = {"3%": (0.03, None, None), "1%": (0.01, None, None), "1/class": (None, 1, None)}
+LOW_DATA_FRACTION = 0.1
+LOW_DATA_CLEAN = 250
+#: methods: label -> (defense name, config changes)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "nft": ("nft", {}), "ft": ("ft", {}), "fp": ("fp", {}), "anp": ("anp", {}), "ft_sam": ("ft_sam", {}),
+    "pbe": ("pbe", {}), "fip": ("fip", {}),
+}
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_digest(data: ImageData) -> str:
+    h = hashlib.sha256(data.x.numpy().tobytes())
+    h.update(data.y.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    arch: str
+    attack: Attack
+    regime: str  # "full" or "low"
+    model: Normalized
+    key: str
+    info: dict[str, Any]
+
+
+def attack_for(name: str, mode: str) -> Attack:
+    return make_attack(name, target=TARGET, mode=mode, num_classes=43, image_shape=(3, 32, 32))
+
+
+def poison_rate(attack: Attack, train: ImageData) -> float:
+    if attack.clean_label:
+        return CLEAN_LABEL_SHARE * int((train.y == attack.target).sum()) / len(train)
+    return POISON_RATE
+
+
+def evaluate(model: torch.nn.Module, attack: Attack, test: ImageData, probe: tuple) -> dict[str, float]:
+    x_trig, y_true, y_target = probe
+    pred = predict(model, x_trig, batch_size=1024)
+    return {"acc": accuracy(predict(model, test.images(), batch_size=1024), test.y),
+            "asr": attack_success_rate(pred, y_true, y_target), "ra": robust_accuracy(pred, y_true, y_target)}
+
+
+def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, args: argparse.Namespace,
+                    cache: Path, test: ImageData, probe: tuple) -> Candidate:
+    builder = ARCHS[arch]
+    kwargs: dict[str, Any] = {"num_classes": 43}
+    if arch == "preact_resnet18":
+        kwargs["width"] = args.width
+    epochs = args.train_epochs if regime == "full" else args.low_train_epochs
+    recipe = {"recipe": CANDIDATE_RECIPE, "data": data_digest(train), "attack": repr(attack), "builder": builder,
+              "kwargs": kwargs, "epochs": epochs, "lr": args.train_lr, "poison_rate": poison_rate(attack, train),
+              "flip": FLIP, "seed": 0}
+    key = digest(recipe)[:20]
+    weights, meta = cache / f"{key}.safetensors", cache / f"{key}.json"
+    mean, std = channel_stats(train)
+    if weights.exists() and meta.exists():
+        torch.manual_seed(0)
+        model = Normalized(build_model(builder, **kwargs), mean, std)
+        model.net.load_state_dict(load_file(str(weights)))
+        return Candidate(arch, attack, regime, model.eval(), key, json.loads(meta.read_text()))
+    print(f"  training {arch} {attack.name}/{attack.mode} ({regime}, {len(train)} images, {epochs} epochs) ...",
+          flush=True)
+    model, info = make_backdoored_candidate(train, attack, builder=builder, builder_kwargs=kwargs,
+                                            poison_rate=recipe["poison_rate"], epochs=epochs, lr=args.train_lr,
+                                            mean=mean, std=std, flip=FLIP, progress=args.progress)
+    metrics = evaluate(model, attack, test, probe)
+    record = {"recipe": recipe, "arch": arch, "attack": attack.name, "mode": attack.mode, "regime": regime,
+              "train_images": len(train), "poisoned": info["poisoned"], "train_time_s": info["wall_time_s"],
+              "final_train_acc": info["history"][-1]["train_acc"], **metrics}
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file(model.net.state_dict(), str(weights))
+    meta.write_text(json.dumps(record, indent=1))
+    print(f"  trained in {info['wall_time_s']:.0f}s: ACC {100 * metrics['acc']:.2f} %, ASR {100 * metrics['asr']:.2f} %",
+          flush=True)
+    return Candidate(arch, attack, regime, model.eval(), key, record)
+
+
+def clean_set(train: ImageData, regime: str, clean_name: str, rest: ImageData | None) -> ImageData:
+    if regime == "low":
+        assert rest is not None
+        return stratified_split(rest, fraction=LOW_DATA_CLEAN / len(rest), seed=1)[0]
+    fraction, per_class, _ = CLEAN[clean_name]
+    return stratified_split(train, fraction=fraction, per_class=per_class, seed=1)[0]
+
+
+def method_config(label: str, device: str) -> tuple[str, Any]:
+    name, changes = METHODS[label]
+    return name, default_config(name).replace(progress=False, device=device, **changes)
+
+
+def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, args: argparse.Namespace,
+             test: ImageData, probe: tuple, results: Path) -> dict[str, Any]:
+    name, config = method_config(label, args.device)
+    key = digest({"candidate": cand.key, "clean": data_digest(clean), "method": name, "config": config.to_dict()})
+    done = {r["key"]: r for r in read_results(results)}
+    if key in done and not args.fresh:
+        return done[key]
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    result = run_defense(name, cand.model, clean.dataset(), config)
+    wall = time.perf_counter() - t0
+    after = evaluate(result.model, cand.attack, test, probe)
+    row = {"key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
+           "mode": cand.attack.mode, "regime": cand.regime, "clean": clean_name, "n_clean": len(clean),
+           "method": label, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
+           "time_s": wall, "threads": torch.get_num_threads(), "device": args.device, "candidate": cand.key,
+           "config": config.to_dict()}
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def render(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], header: list[str]) -> str:
+    out = list(header)
+    out += ["### Candidates", "", "| arch | attack | mode | regime | train images | poisoned | ACC | ASR | train time (s) |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for c in sorted(candidates, key=lambda c: (c["arch"], c["regime"], c["attack"], c["mode"])):
+        out.append(f"| {c['arch']} | {c['attack']} | {c['mode']} | {c['regime']} | {c['train_images']} | "
+                   f"{c['poisoned']} | {pct(c['acc'])} | {pct(c['asr'])} | {c['train_time_s']:.0f} |")
+    out += ["", "### Every cell (before -> after, %)", "",
+            "| arch | attack | regime / clean | method | ACC | ASR | RA | time (s) |", "|---|---|---|---|---|---|---|---:|"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = sorted(rows, key=lambda r: (r["arch"], r["regime"], r["clean"], r["attack"], r["mode"], order.get(r["method"], 99)))
+    for r in rows:
+        b, a = r["before"], r["after"]
+        attack = r["attack"] + ("" if r["mode"] == "all2one" else f" ({r['mode']})")
+        out.append(f"| {r['arch']} | {attack} | {r['regime']} / {r['clean']} ({r['n_clean']}) | {r['method']} | "
+                   + " | ".join(f"{pct(b[k])} -> {pct(a[k])}" for k in ("acc", "asr", "ra")) + f" | {r['time_s']:.0f} |")
+    out += ["", "### Mean and worst case per method", "",
+            "| arch | regime / clean | method | cells | mean ACC drop | worst ACC drop | mean ASR | worst ASR | mean RA | mean time (s) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["regime"], r["clean"], r["method"]), []).append(r)
+    for (arch, regime, clean, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], order.get(kv[0][3], 99))):
+        drops = [r["before"]["acc"] - r["after"]["acc"] for r in rs]
+        asrs = [r["after"]["asr"] for r in rs]
+        out.append(f"| {arch} | {regime} / {clean} | {method} | {len(rs)} | {pct(statistics.mean(drops))} | "
+                   f"{pct(max(drops))} | {pct(statistics.mean(asrs))} | {pct(max(asrs))} | "
+                   f"{pct(statistics.mean(r['after']['ra'] for r in rs))} | {statistics.mean(r['time_s'] for r in rs):.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="GTSRB root (the spec is torchvision:GTSRB:ROOT)")
+    parser.add_argument("--arch", default="preact_resnet18,resnet18", help=f"comma-separated, of {list(ARCHS)}")
+    parser.add_argument("--attacks", default=",".join(f"{a}/{m}" for a, m in ATTACK_ROWS),
+                        help="comma-separated ATTACK/MODE rows of the main regime")
+    parser.add_argument("--clean", default=",".join(CLEAN), help=f"clean regimes of the main candidates, of {list(CLEAN)}")
+    parser.add_argument("--low-data", default="badnets/all2one",
+                        help="ATTACK/MODE rows of the low-data regime ('' for none)")
+    parser.add_argument("--methods", default="nft", help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument("--width", type=int, default=16, help="PreActResNet-18 width (64: the paper's model)")
+    parser.add_argument("--train-epochs", type=int, default=6, help="candidates' training epochs (full regime)")
+    parser.add_argument("--low-train-epochs", type=int, default=40, help="candidates' training epochs (low-data regime)")
+    parser.add_argument("--train-lr", type=float, default=0.05, help="candidates' peak learning rate")
+    parser.add_argument("--cache", type=Path, default=Path("runs/bench/gtsrb"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fresh", action="store_true", help="re-measure cells already in the results cache")
+    parser.add_argument("--candidates-only", action="store_true", help="build the candidates, run no purifier")
+    parser.add_argument("--table-only", action="store_true", help="render the table from cached results only")
+    parser.add_argument("--progress", action="store_true", help="show training progress bars")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = args.cache / "results.jsonl"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "none"
+    header = [f"## GTSRB, real photographs ({date.today()})", "",
+              f"Command: `.venv/bin/python benchmarks/gtsrb.py --data GTSRB_ROOT --arch {args.arch} --methods "
+              f"{args.methods} --width {args.width} --train-epochs {args.train_epochs}`  ",
+              f"Hardware: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, GPU: {gpu}; "
+              f"torch {torch.__version__}. PreActResNet-18 width {args.width} (paper: 64); torchvision ResNet-18 at "
+              "full width.  ",
+              f"Candidates: 10 % poisoning (clean-label: {int(100 * CLEAN_LABEL_SHARE)} % of the target class), target "
+              f"{TARGET}; low-data regime: {int(100 * LOW_DATA_FRACTION)} % of the training images and "
+              f"{LOW_DATA_CLEAN} clean images it was not trained on. Test: all 12,630 test images.", ""]
+    if args.table_only:
+        candidates = [json.loads(p.read_text()) for p in args.cache.glob("*.json")]
+        text = render(read_results(results), candidates, header)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return
+
+    spec = f"torchvision:GTSRB:{args.data}"
+    t0 = time.perf_counter()
+    train, test = load_dataset(spec, train=True), load_dataset(spec, train=False)
+    print(f"loaded {len(train)} training and {len(test)} test images in {time.perf_counter() - t0:.0f}s", flush=True)
+    low_train, low_rest = stratified_split(train, fraction=LOW_DATA_FRACTION, seed=2)
+    plan: list[tuple[str, str, str, str]] = []
+    for arch in args.arch.split(","):
+        for row in filter(None, args.attacks.split(",")):
+            plan.append((arch, row, "full", ""))
+        for row in filter(None, args.low_data.split(",")):
+            plan.append((arch, row, "low", ""))
+    labels = args.methods.split(",")
+    unknown = [m for m in labels if m not in METHODS] + [a for a in args.arch.split(",") if a not in ARCHS]
+    if unknown:
+        parser.error(f"unknown method or arch: {unknown}")
+    probes: dict[tuple[str, str], tuple] = {}
+    rows: list[dict[str, Any]] = []
+    candidates: list[dict[str, Any]] = []
+    for arch, row, regime, _ in plan:
+        name, mode = row.split("/")
+        attack = attack_for(name, mode)
+        if (name, mode) not in probes:
+            probes[(name, mode)] = attack.probe(test)
+        probe = probes[(name, mode)]
+        data = train if regime == "full" else low_train
+        cand = build_candidate(arch, attack, regime, data, args, args.cache, test, probe)
+        candidates.append(cand.info)
+        if args.candidates_only:
+            continue
+        for clean_name in (args.clean.split(",") if regime == "full" else [f"{LOW_DATA_CLEAN}"]):
+            clean = clean_set(train, regime, clean_name, low_rest if regime == "low" else None)
+            for label in labels:
+                r = run_cell(cand, clean_name, clean, label, args, test, probe, results)
+                rows.append(r)
+                print(f"  {arch} {name}/{mode} {regime}/{clean_name} {label}: ACC {pct(r['before']['acc'])} -> "
+                      f"{pct(r['after']['acc'])}, ASR {pct(r['before']['asr'])} -> {pct(r['after']['asr'])} "
+                      f"({r['time_s']:.0f}s)", flush=True)
+    text = render(rows, candidates, header)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
