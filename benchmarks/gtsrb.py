@@ -50,6 +50,7 @@ from nft_core.metrics import accuracy, attack_success_rate, predict, robust_accu
 from nft_core.models import Normalized, build_model
 from nft_core.train import channel_stats, make_backdoored_candidate
 
+REPO = Path(__file__).resolve().parents[1]
 #: bump when the way candidates are made changes, so cached ones are not reused
 CANDIDATE_RECIPE = 1
 #: road signs are not mirror-symmetric (turn left / turn right): no horizontal flips anywhere
@@ -66,10 +67,21 @@ ATTACK_ROWS = [("badnets", "all2one"), ("blend", "all2one"), ("sig", "all2one"),
 CLEAN = {"3%": (0.03, None, None), "1%": (0.01, None, None), "1/class": (None, 1, None)}
 LOW_DATA_FRACTION = 0.1
 LOW_DATA_CLEAN = 250
-#: methods: label -> (defense name, config changes)
+#: the paper's NFT, pinned here so that the row keeps its meaning whatever the library defaults become
+NFT_PAPER: dict[str, Any] = {"placement": "norm", "bn_mode": "train", "epochs": 100, "steps_per_epoch": None,
+                             "lr": 0.05, "lr_min": 0.02, "schedule": "exponential", "eta_c": 5e-4, "adv_share": 0.0}
+#: methods: label -> (defense name, config changes from that defense's defaults); baselines at paper settings
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "nft": ("nft", {}), "ft": ("ft", {}), "fp": ("fp", {}), "anp": ("anp", {}), "ft_sam": ("ft_sam", {}),
-    "pbe": ("pbe", {}), "fip": ("fip", {}),
+    "nft": ("nft", {}),  # the library defaults, whatever they are
+    "nft_paper": ("nft", NFT_PAPER),
+    "nft_authors": ("nft", {**NFT_PAPER, "epochs": 5, "steps_per_epoch": 200, "eta_c": 1e-3}),  # released code
+    "nft_bn_eval": ("nft", {**NFT_PAPER, "bn_mode": "eval"}),
+    "nft_adv": ("nft", {**NFT_PAPER, "adv_share": 0.5}),  # 2-step PGD at 8/255 in half of each batch
+    "nft_adv_bn_eval": ("nft", {**NFT_PAPER, "adv_share": 0.5, "bn_mode": "eval"}),
+    "nft_adv_bn_eval_reg": ("nft", {**NFT_PAPER, "adv_share": 0.5, "bn_mode": "eval", "eta_c": 0.05}),  # 100x eta
+    "nft_adv_eps2": ("nft", {**NFT_PAPER, "adv_share": 0.5, "adv_eps": 2 / 255}),
+    "ft": ("ft", {}), "fp": ("fp", {}), "anp": ("anp", {}), "ft_sam": ("ft_sam", {}), "pbe": ("pbe", {}),
+    "fip": ("fip", {}),
 }
 
 
@@ -103,7 +115,8 @@ def poison_rate(attack: Attack, train: ImageData) -> float:
     return POISON_RATE
 
 
-def evaluate(model: torch.nn.Module, attack: Attack, test: ImageData, probe: tuple) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, test: ImageData, probe: tuple) -> dict[str, float]:
+    """ACC on the clean test images; ASR and RA on ``probe`` = (triggered images, true labels, targets)."""
     x_trig, y_true, y_target = probe
     pred = predict(model, x_trig, batch_size=1024)
     return {"acc": accuracy(predict(model, test.images(), batch_size=1024), test.y),
@@ -133,7 +146,7 @@ def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, ar
     model, info = make_backdoored_candidate(train, attack, builder=builder, builder_kwargs=kwargs,
                                             poison_rate=recipe["poison_rate"], epochs=epochs, lr=args.train_lr,
                                             mean=mean, std=std, flip=FLIP, progress=args.progress)
-    metrics = evaluate(model, attack, test, probe)
+    metrics = evaluate(model, test, probe)
     record = {"recipe": recipe, "arch": arch, "attack": attack.name, "mode": attack.mode, "regime": regime,
               "train_images": len(train), "poisoned": info["poisoned"], "train_time_s": info["wall_time_s"],
               "final_train_acc": info["history"][-1]["train_acc"], **metrics}
@@ -154,6 +167,13 @@ def clean_set(train: ImageData, regime: str, clean_name: str, rest: ImageData | 
 
 
 def method_config(label: str, device: str) -> tuple[str, Any]:
+    if label == "params.yaml":  # the nft section of the repository's params.yaml, as `nft-harden run` uses it
+        from harden.params import load_params
+
+        nft = load_params(REPO / "params.yaml").nft
+        if nft.defense != "nft":
+            raise SystemExit(f"params.yaml: nft.defense is {nft.defense!r}; the 'params.yaml' row measures NFT settings")
+        return "nft", nft.config(device=device, progress=False)
     name, changes = METHODS[label]
     return name, default_config(name).replace(progress=False, device=device, **changes)
 
@@ -169,7 +189,7 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
     t0 = time.perf_counter()
     result = run_defense(name, cand.model, clean.dataset(), config)
     wall = time.perf_counter() - t0
-    after = evaluate(result.model, cand.attack, test, probe)
+    after = evaluate(result.model, test, probe)
     row = {"key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
            "mode": cand.attack.mode, "regime": cand.regime, "clean": clean_name, "n_clean": len(clean),
            "method": label, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
@@ -230,7 +250,8 @@ def main() -> None:
     parser.add_argument("--clean", default=",".join(CLEAN), help=f"clean regimes of the main candidates, of {list(CLEAN)}")
     parser.add_argument("--low-data", default="badnets/all2one",
                         help="ATTACK/MODE rows of the low-data regime ('' for none)")
-    parser.add_argument("--methods", default="nft", help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument("--methods", default="nft", help=f"comma-separated, of {list(METHODS)} and 'params.yaml' "
+                        "(the repository's nft section)")
     parser.add_argument("--width", type=int, default=16, help="PreActResNet-18 width (64: the paper's model)")
     parser.add_argument("--train-epochs", type=int, default=6, help="candidates' training epochs (full regime)")
     parser.add_argument("--low-train-epochs", type=int, default=40, help="candidates' training epochs (low-data regime)")
@@ -277,7 +298,8 @@ def main() -> None:
         for row in filter(None, args.low_data.split(",")):
             plan.append((arch, row, "low", ""))
     labels = args.methods.split(",")
-    unknown = [m for m in labels if m not in METHODS] + [a for a in args.arch.split(",") if a not in ARCHS]
+    unknown = ([m for m in labels if m not in METHODS and m != "params.yaml"]
+               + [a for a in args.arch.split(",") if a not in ARCHS])
     if unknown:
         parser.error(f"unknown method or arch: {unknown}")
     probes: dict[tuple[str, str], tuple] = {}

@@ -1,0 +1,80 @@
+"""How far the demo's gate checks pass (or fail), over seeds and thread counts.
+
+The demo must bless its own model on any machine, so every gate check should pass with room to spare. This
+runs the whole chain in-process (``nft-harden run --with-candidate``, the stages the demo's pipeline runs) for
+each seed and torch thread count, each in a fresh temporary directory with its own sqlite registry, and prints
+each check's margin: how far the value lies inside its threshold, in points (percent), negative when it fails.
+
+    .venv/bin/python benchmarks/demo_margin.py --seeds 0,1,2 --threads 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def margin(check: dict) -> float | None:
+    """Distance of a check's value inside its threshold, in points; None for facts."""
+    value, threshold, kind = check["value"], check["threshold"], check["kind"]
+    if kind in ("fact", "probes") or value is None or threshold is None:
+        return None
+    if kind == "max":
+        return 100 * (threshold - value)
+    if kind == "min":
+        return 100 * (value - threshold)
+    change = value - check["baseline"]
+    return 100 * (threshold + change if kind == "max_drop" else threshold - change)
+
+
+def run_once(params: dict, seed: int, threads: int) -> tuple[dict, float]:
+    with tempfile.TemporaryDirectory(prefix="demo-margin-") as tmp:
+        work = Path(tmp)
+        p = json.loads(json.dumps(params))
+        p["base"]["seed"] = seed
+        p["base"]["tracking_uri"] = f"sqlite:///{work / 'mlflow.db'}"
+        (work / "params.yaml").write_text(yaml.safe_dump(p))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(Path(sys.executable).with_name("nft-harden")), "run", "--with-candidate",
+                               "--no-progress", "--params", str(work / "params.yaml"), "--runs", str(work / "runs"),
+                               "--data", str(work / "data")], cwd=work, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"seed {seed}, {threads} threads: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+        return json.loads((work / "runs" / "gate" / "blessing.json").read_text()), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--threads", default="1,2")
+    args = parser.parse_args()
+    params = yaml.safe_load(args.params.read_text())
+    rows, worst = [], float("inf")
+    for seed in map(int, args.seeds.split(",")):
+        for threads in map(int, args.threads.split(",")):
+            blessing, wall = run_once(params, seed, threads)
+            margins = {c["name"]: margin(c) for c in blessing["checks"] if margin(c) is not None}
+            worst = min(worst, *margins.values())
+            cells = ", ".join(f"{name} {m:+.2f}" for name, m in margins.items())
+            rows.append(f"| {seed} | {threads} | {'BLESSED' if blessing['blessed'] else 'REJECTED'} | {cells} | {wall:.0f} |")
+            print(rows[-1], flush=True)
+    print("\n| seed | threads | verdict | margin per check (points) | wall (s) |\n|---:|---:|---|---|---:|")
+    print("\n".join(rows))
+    print(f"\nsmallest margin: {worst:+.2f} points")
+
+
+if __name__ == "__main__":
+    main()
