@@ -80,6 +80,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "nft_adv_bn_eval": ("nft", {**NFT_PAPER, "adv_share": 0.5, "bn_mode": "eval"}),
     "nft_adv_bn_eval_reg": ("nft", {**NFT_PAPER, "adv_share": 0.5, "bn_mode": "eval", "eta_c": 0.05}),  # 100x eta
     "nft_adv_eps2": ("nft", {**NFT_PAPER, "adv_share": 0.5, "adv_eps": 2 / 255}),
+    "nft_paper_noflip": ("nft", {**NFT_PAPER, "flip": False}),  # no mirrored road signs among the clean images
     "ft": ("ft", {}), "fp": ("fp", {}), "anp": ("anp", {}), "ft_sam": ("ft_sam", {}), "pbe": ("pbe", {}),
     "fip": ("fip", {}),
 }

@@ -40,6 +40,7 @@ class NFTConfig:
     mix: MixKind = "mixup"  # batch mixing: MixUp (paper), CutMix (supplementary Sec. 3.4) or none
     mix_alpha: float = 1.0  # lambda ~ Beta(mix_alpha, mix_alpha)
     crop_flip: bool = True  # RandomCrop(size, padding=4) + horizontal flip per sample, before mixing
+    flip: bool = True  # the horizontal flip of crop_flip; off for classes that are not mirror-symmetric (road signs)
     adv_share: float = 0.0  # share of each batch replaced by untargeted PGD examples with true labels (NFT-Adv)
     adv_eps: float = 8 / 255  # L-inf radius of those PGD examples, in [0, 1] pixel units
     adv_steps: int = 2  # PGD steps (supplementary: 2-step L-inf PGD); step size is 2.5 * eps / steps

@@ -151,7 +151,8 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
              trainable, len(layers), 100 * trainable / total, total, eta, samples_per_class, device)
 
     optimizer = torch.optim.SGD([{"params": params, "weight_decay": 0.0}], lr=config.lr, momentum=config.momentum)
-    data = TransformedDataset(clean_data, crop_flip(tuple(example.shape[-2:])) if config.crop_flip else None)
+    data = TransformedDataset(clean_data, crop_flip(tuple(example.shape[-2:]), flip=config.flip)
+                              if config.crop_flip else None)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = (RandomSampler(data, generator=generator) if config.steps_per_epoch is None else
                RandomSampler(data, replacement=True, num_samples=config.steps_per_epoch * config.batch_size,
