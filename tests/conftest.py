@@ -91,9 +91,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def sqlite_registry(tmp_path_factory: pytest.TempPathFactory) -> str:
     """An embedded MLflow tracking/registry URI backed by sqlite in a temporary directory.
 
-    Session-scoped (creating the schema takes seconds); tests stay independent by using unique model names.
+    Session-scoped (creating the schema takes seconds); tests stay independent by using unique model names. The
+    database is created here, so that whichever test uses it first finds a registry (a pull from a sqlite URI
+    whose file does not exist is refused, by design).
     """
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite')}/mlflow.db"
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite')}/mlflow.db"
+    MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models(max_results=1)  # creates the schema
+    return uri
 
 
 @pytest.fixture(params=["sqlite", "server"])
