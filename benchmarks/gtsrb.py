@@ -33,7 +33,9 @@ import argparse
 import hashlib
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -63,8 +65,8 @@ ARCHS = {"preact_resnet18": "preact_resnet18", "resnet18": "torchvision.resnet18
 #: (attack, mode) rows of the main regime
 ATTACK_ROWS = [("badnets", "all2one"), ("blend", "all2one"), ("sig", "all2one"), ("wanet", "all2one"),
                ("trojan", "all2one"), ("clean_label", "all2one"), ("badnets", "all2all")]
-#: clean regimes: name -> (fraction, per_class, total count); exactly one is set
-CLEAN = {"3%": (0.03, None, None), "1%": (0.01, None, None), "1/class": (None, 1, None)}
+#: clean regimes of the main candidates: name -> (fraction, per_class); exactly one is set
+CLEAN: dict[str, tuple[float | None, int | None]] = {"3%": (0.03, None), "1%": (0.01, None), "1/class": (None, 1)}
 LOW_DATA_FRACTION = 0.1
 LOW_DATA_CLEAN = 250
 #: the paper's NFT, pinned here so that the row keeps its meaning whatever the library defaults become
@@ -163,7 +165,7 @@ def clean_set(train: ImageData, regime: str, clean_name: str, rest: ImageData | 
     if regime == "low":
         assert rest is not None
         return stratified_split(rest, fraction=LOW_DATA_CLEAN / len(rest), seed=1)[0]
-    fraction, per_class, _ = CLEAN[clean_name]
+    fraction, per_class = CLEAN[clean_name]
     return stratified_split(train, fraction=fraction, per_class=per_class, seed=1)[0]
 
 
@@ -242,9 +244,17 @@ def render(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], header:
     return "\n".join(out) + "\n"
 
 
+def write(out: Path | None, text: str) -> None:
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="GTSRB root (the spec is torchvision:GTSRB:ROOT)")
+    parser.add_argument("--data", type=Path, help="GTSRB root (the spec is torchvision:GTSRB:ROOT); not needed "
+                        "with --table-only")
     parser.add_argument("--arch", default="preact_resnet18,resnet18", help=f"comma-separated, of {list(ARCHS)}")
     parser.add_argument("--attacks", default=",".join(f"{a}/{m}" for a, m in ATTACK_ROWS),
                         help="comma-separated ATTACK/MODE rows of the main regime")
@@ -271,8 +281,7 @@ def main() -> None:
     results = args.cache / "results.jsonl"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "none"
     header = [f"## GTSRB, real photographs ({date.today()})", "",
-              f"Command: `.venv/bin/python benchmarks/gtsrb.py --data GTSRB_ROOT --arch {args.arch} --methods "
-              f"{args.methods} --width {args.width} --train-epochs {args.train_epochs}`  ",
+              f"Command: `.venv/bin/python benchmarks/gtsrb.py {shlex.join(sys.argv[1:])}`  ",
               f"Hardware: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, GPU: {gpu}; "
               f"torch {torch.__version__}. PreActResNet-18 width {args.width} (paper: 64); torchvision ResNet-18 at "
               "full width.  ",
@@ -281,23 +290,20 @@ def main() -> None:
               f"{LOW_DATA_CLEAN} clean images it was not trained on. Test: all 12,630 test images.", ""]
     if args.table_only:
         candidates = [json.loads(p.read_text()) for p in args.cache.glob("*.json")]
-        text = render(read_results(results), candidates, header)
-        print(text)
-        if args.out:
-            args.out.write_text(text)
+        write(args.out, render(read_results(results), candidates, header))
         return
+    if args.data is None:
+        parser.error("--data GTSRB_ROOT is needed (only --table-only works without it)")
 
     spec = f"torchvision:GTSRB:{args.data}"
     t0 = time.perf_counter()
     train, test = load_dataset(spec, train=True), load_dataset(spec, train=False)
     print(f"loaded {len(train)} training and {len(test)} test images in {time.perf_counter() - t0:.0f}s", flush=True)
     low_train, low_rest = stratified_split(train, fraction=LOW_DATA_FRACTION, seed=2)
-    plan: list[tuple[str, str, str, str]] = []
+    plan: list[tuple[str, str, str]] = []  # (arch, ATTACK/MODE, regime)
     for arch in args.arch.split(","):
-        for row in filter(None, args.attacks.split(",")):
-            plan.append((arch, row, "full", ""))
-        for row in filter(None, args.low_data.split(",")):
-            plan.append((arch, row, "low", ""))
+        plan += [(arch, row, "full") for row in filter(None, args.attacks.split(","))]
+        plan += [(arch, row, "low") for row in filter(None, args.low_data.split(","))]
     labels = args.methods.split(",")
     unknown = ([m for m in labels if m not in METHODS and m != "params.yaml"]
                + [a for a in args.arch.split(",") if a not in ARCHS])
@@ -306,7 +312,7 @@ def main() -> None:
     probes: dict[tuple[str, str], tuple] = {}
     rows: list[dict[str, Any]] = []
     candidates: list[dict[str, Any]] = []
-    for arch, row, regime, _ in plan:
+    for arch, row, regime in plan:
         name, mode = row.split("/")
         attack = attack_for(name, mode)
         if (name, mode) not in probes:
@@ -325,11 +331,7 @@ def main() -> None:
                 print(f"  {arch} {name}/{mode} {regime}/{clean_name} {label}: ACC {pct(r['before']['acc'])} -> "
                       f"{pct(r['after']['acc'])}, ASR {pct(r['before']['asr'])} -> {pct(r['after']['asr'])} "
                       f"({r['time_s']:.0f}s)", flush=True)
-    text = render(rows, candidates, header)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write(args.out, render(rows, candidates, header))
 
 
 if __name__ == "__main__":
