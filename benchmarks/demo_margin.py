@@ -11,7 +11,7 @@ each check's margin: how far the value lies inside its threshold, in points (per
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import os
 import subprocess
 import sys
@@ -21,26 +21,29 @@ from pathlib import Path
 
 import yaml
 
+from harden.gate import Blessing, CheckResult
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def margin(check: dict) -> float | None:
+def margin(check: CheckResult) -> float | None:
     """Distance of a check's value inside its threshold, in points; None for facts."""
-    value, threshold, kind = check["value"], check["threshold"], check["kind"]
-    if kind in ("fact", "probes") or value is None or threshold is None:
+    value, threshold, kind = check.value, check.threshold, check.kind
+    if kind in ("fact", "probes") or not isinstance(value, float) or not isinstance(threshold, float):
         return None
     if kind == "max":
         return 100 * (threshold - value)
     if kind == "min":
         return 100 * (value - threshold)
-    change = value - check["baseline"]
+    assert check.baseline is not None  # change thresholds always carry the candidate's value
+    change = value - check.baseline
     return 100 * (threshold + change if kind == "max_drop" else threshold - change)
 
 
-def run_once(params: dict, seed: int, threads: int) -> tuple[dict, float]:
+def run_once(params: dict, seed: int, threads: int) -> tuple[Blessing, float]:
     with tempfile.TemporaryDirectory(prefix="demo-margin-") as tmp:
         work = Path(tmp)
-        p = json.loads(json.dumps(params))
+        p = copy.deepcopy(params)
         p["base"]["seed"] = seed
         p["base"]["tracking_uri"] = f"sqlite:///{work / 'mlflow.db'}"
         (work / "params.yaml").write_text(yaml.safe_dump(p))
@@ -52,7 +55,7 @@ def run_once(params: dict, seed: int, threads: int) -> tuple[dict, float]:
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"seed {seed}, {threads} threads: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-        return json.loads((work / "runs" / "gate" / "blessing.json").read_text()), wall
+        return Blessing.model_validate_json((work / "runs" / "gate" / "blessing.json").read_text()), wall
 
 
 def main() -> None:
@@ -66,10 +69,10 @@ def main() -> None:
     for seed in map(int, args.seeds.split(",")):
         for threads in map(int, args.threads.split(",")):
             blessing, wall = run_once(params, seed, threads)
-            margins = {c["name"]: margin(c) for c in blessing["checks"] if margin(c) is not None}
-            worst = min(worst, *margins.values())
+            margins = {c.name: m for c in blessing.checks if (m := margin(c)) is not None}
+            worst = min([worst, *margins.values()])
             cells = ", ".join(f"{name} {m:+.2f}" for name, m in margins.items())
-            rows.append(f"| {seed} | {threads} | {'BLESSED' if blessing['blessed'] else 'REJECTED'} | {cells} | {wall:.0f} |")
+            rows.append(f"| {seed} | {threads} | {'BLESSED' if blessing.blessed else 'REJECTED'} | {cells} | {wall:.0f} |")
             print(rows[-1], flush=True)
     print("\n| seed | threads | verdict | margin per check (points) | wall (s) |\n|---:|---:|---|---|---:|")
     print("\n".join(rows))

@@ -19,7 +19,7 @@ What one command does:
    triggered images classified as their true label) on the triggered test images, and wall time. Each
    measured cell is cached under the candidate's hash, the clean set and the method's full config, so the
    matrix can be filled in by several runs and the table rendered from all of them (``--table-only``).
-4. Prints the table, the mean and worst case per method and clean regime, and the issue's targets met or not.
+4. Prints the candidates, every cell, and the mean and worst case per method and clean regime.
 
     .venv/bin/python benchmarks/gtsrb.py --data /data/gtsrb --arch resnet18 --out runs/bench/gtsrb.md
 
@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from nft_core.attacks import Attack, make_attack
 from nft_core.data import ImageData, load_dataset, stratified_split
-from nft_core.defenses import DEFENSES, default_config, run_defense
+from nft_core.defenses import default_config, run_defense
 from nft_core.metrics import accuracy, attack_success_rate, predict, robust_accuracy
 from nft_core.models import Normalized, build_model
 from nft_core.train import channel_stats, make_backdoored_candidate
