@@ -258,7 +258,7 @@ def main() -> None:
     parser.add_argument("--arch", default="preact_resnet18,resnet18", help=f"comma-separated, of {list(ARCHS)}")
     parser.add_argument("--attacks", default=",".join(f"{a}/{m}" for a, m in ATTACK_ROWS),
                         help="comma-separated ATTACK/MODE rows of the main regime")
-    parser.add_argument("--clean", default=",".join(CLEAN), help=f"clean regimes of the main candidates, of {list(CLEAN)}")
+    parser.add_argument("--clean", default=",".join(CLEAN), help="clean regimes of the main candidates, of " + ", ".join(CLEAN).replace("%", "%%"))
     parser.add_argument("--low-data", default="badnets/all2one",
                         help="ATTACK/MODE rows of the low-data regime ('' for none)")
     parser.add_argument("--methods", default="nft", help=f"comma-separated, of {list(METHODS)} and 'params.yaml' "
