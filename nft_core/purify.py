@@ -16,19 +16,24 @@ Algorithm (one call of :func:`purify`):
 
 With ``checkpoint=path`` the full training state (model incl. masks and BN statistics, optimiser, scheduler,
 RNG states, history) is written atomically after every epoch, and a rerun with the same path resumes from
-it and ends with the same masks as an uninterrupted run.
+it and ends with the same masks as an uninterrupted run. The checkpoint is bound to what it was made from by a
+fingerprint (sha256 of the candidate's weights, the clean images and labels, and the config): a checkpoint of
+another candidate, clean set or config is never resumed (:class:`StaleCheckpoint`, or a fresh start with
+``stale_checkpoint="restart"``).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -105,6 +110,29 @@ def _mask_stats(model: nn.Module, lower_bounds: list[float]) -> dict[str, float]
             "frac_at_lower_bound": at_lb.float().mean().item()}
 
 
+class StaleCheckpoint(ValueError):
+    """A checkpoint written for another candidate, clean set or config."""
+
+
+def fingerprint(model: nn.Module, clean_data: Dataset, config: NFTConfig) -> str:
+    """sha256 binding a checkpoint to its inputs: the model's state (weights and buffers, by name), every clean
+    image and label in order, and the config (without ``progress``, which changes nothing)."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in config.to_dict().items() if k != "progress"},
+                                       sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    tensors = getattr(clean_data, "tensors", None)
+    samples = [tensors] if tensors is not None else (clean_data[i] for i in range(len(clean_data)))  # type: ignore[arg-type]
+    for sample in samples:
+        for part in sample:
+            t = torch.as_tensor(part).detach().cpu().contiguous()
+            digest.update(str(t.dtype).encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -112,7 +140,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(), *,
-           num_classes: int | None = None, checkpoint: str | Path | None = None) -> PurifyResult:
+           num_classes: int | None = None, checkpoint: str | Path | None = None,
+           stale_checkpoint: Literal["error", "restart"] = "error") -> PurifyResult:
     """Purify ``model`` with NFT on ``clean_data``; ``model`` itself is not modified.
 
     Args:
@@ -121,14 +150,19 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
         config: hyper-parameters (defaults are the paper's).
         num_classes: number of classes; default: the model's output width.
         checkpoint: file to write the training state to after every epoch and to resume from if present.
+        stale_checkpoint: what to do with a checkpoint made from another model, clean set or config: raise
+            :class:`StaleCheckpoint` (``"error"``) or discard it and start over (``"restart"``, logged).
 
     Raises:
-        ValueError: empty clean set, labels outside [0, num_classes), or a checkpoint from another setup.
+        ValueError: empty clean set, labels outside [0, num_classes).
+        StaleCheckpoint: a checkpoint from another setup, with ``stale_checkpoint="error"``.
     """
     if len(clean_data) == 0:  # type: ignore[arg-type]
         raise ValueError("clean_data is empty: NFT needs at least one clean sample per class")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    key = fingerprint(model, clean_data, config) if ckpt_path is not None else None
     model = copy.deepcopy(model).to(device)
     example = clean_data[0][0].unsqueeze(0).to(device)
     with torch.no_grad():
@@ -166,11 +200,17 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
 
     history: list[dict[str, float]] = []
     start_epoch, previous_time = 0, 0.0
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    state = None
     if ckpt_path is not None and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["config"] != config.to_dict() or state["n_clean"] != len(labels):
-            raise ValueError(f"checkpoint {ckpt_path} was written for another config or clean set; delete it to start over")
+        if state.get("fingerprint") != key:
+            message = (f"checkpoint {ckpt_path} was written for another candidate, clean set or config "
+                       f"(fingerprint {str(state.get('fingerprint'))[:12]}, this run {str(key)[:12]})")
+            if stale_checkpoint == "error":
+                raise StaleCheckpoint(f"{message}; delete it to start over")
+            log.warning("NFT: %s; not resuming it, starting over", message)
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -214,7 +254,7 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", mask_mean=f"{row['mask_mean']:.3f}")
         if ckpt_path is not None:
-            _atomic_save({"epoch": epoch + 1, "config": config.to_dict(), "n_clean": len(labels),
+            _atomic_save({"epoch": epoch + 1, "fingerprint": key, "config": config.to_dict(), "n_clean": len(labels),
                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
                           "rng_sampler": generator.get_state(),

@@ -1,5 +1,6 @@
 """The NFT training loop: bounds, what it may change, determinism, resume after a kill."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from nft_core.config import NFTConfig
 from nft_core.fold import fold_masks
 from nft_core.masks import mask_modules
 from nft_core.models import Normalized, build_model
-from nft_core.purify import purify
+from nft_core.purify import StaleCheckpoint, fingerprint, purify
 
 FAST = NFTConfig(epochs=3, batch_size=16, progress=False)
 
@@ -152,5 +153,24 @@ def test_killed_run_resumes_from_checkpoint_to_the_same_masks(tmp_path):
     uninterrupted = purify(model, data, config)
     assert torch.equal(_masks(resumed.model), _masks(uninterrupted.model))
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in uninterrupted.history]
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(StaleCheckpoint, match="another candidate, clean set or config"):
         purify(model, data, config.replace(lr=0.04), checkpoint=ckpt)
+
+
+def test_checkpoint_of_another_candidate_or_clean_set_is_never_resumed(tmp_path):
+    """Same config, same clean-set size: only the content differs. Refused, or (restart) a fresh start."""
+    model, data = _setup()
+    ckpt = tmp_path / "nft.ckpt"
+    config = NFTConfig(epochs=2, batch_size=16, progress=False)
+    purify(model, data, config, checkpoint=ckpt)
+    other_model = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other_model.parameters()).mul_(1.01)
+    other_images = TensorDataset(data.tensors[0].flip(-1), data.tensors[1])
+    for m, d in ((other_model, data), (model, other_images)):
+        with pytest.raises(StaleCheckpoint, match="another candidate, clean set or config"):
+            purify(m, d, config, checkpoint=ckpt)
+    restarted = purify(other_model, data, config, checkpoint=ckpt, stale_checkpoint="restart")
+    fresh = purify(other_model, data, config)
+    assert torch.equal(_masks(restarted.model), _masks(fresh.model))
+    assert torch.load(ckpt, weights_only=True)["fingerprint"] == fingerprint(other_model, data, config)
