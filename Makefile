@@ -22,6 +22,7 @@ demo: install
 	$(VENV)/bin/nft-harden demo
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 test-fast: install

@@ -50,7 +50,7 @@ def pull_op(params: Input[Artifact], candidate: Output[Model]):
     p = load_params(params.path)
     prov = pull_stage(p.candidate, p.base.tracking_uri, Path(candidate.path))
     candidate.metadata.update({"model_name": prov.model_name, "version": prov.version, "run_id": prov.run_id or "",
-                               "source_uri": prov.source_uri})
+                               "source_uri": prov.source_uri, "sha256": prov.package_sha256})
 
 
 @component
@@ -64,9 +64,9 @@ def purify_op(params: Input[Artifact], candidate: Input[Model], clean: Input[Dat
 
     p = load_params(params.path)
     s = purify_stage(p.nft, p.base, Path(candidate.path), Path(clean.path), Path(purified.path), progress=False)
-    purified.metadata.update({"defense": s["defense"], "device": s.get("device", "")})
-    metrics.log_metric("purify_wall_time_s", s["wall_time_s"])
-    metrics.log_metric("clean_samples", s["clean_samples"])
+    purified.metadata.update({"defense": s.defense, "device": s.device or ""})
+    metrics.log_metric("purify_wall_time_s", s.wall_time_s)
+    metrics.log_metric("clean_samples", s.clean_samples)
 
 
 @component
@@ -78,9 +78,9 @@ def fold_op(candidate: Input[Model], purified: Input[Artifact], clean: Input[Dat
     from harden.stages import fold_stage
 
     r = fold_stage(Path(candidate.path), Path(purified.path), Path(clean.path), Path(hardened.path))
-    fold_check.log_metric("fold_max_abs_diff", r["max_abs_diff"] if r["max_abs_diff"] is not None else 0.0)
-    hardened.metadata.update({"fold_check": r["passed"]})
-    return bool(r["passed"])
+    fold_check.log_metric("fold_max_abs_diff", r.max_abs_diff if r.max_abs_diff is not None else 0.0)
+    hardened.metadata.update({"fold_check": r.passed, "sha256": r.hardened_sha256})
+    return r.passed
 
 
 @component
@@ -94,10 +94,10 @@ def export_op(params: Input[Artifact], hardened: Input[Model], clean: Input[Data
 
     p = load_params(params.path)
     r = export_stage(p.export, p.base.seed, Path(hardened.path), Path(clean.path), Path(onnx_model.path))
-    onnx_model.metadata.update({"sha256": r["onnx_sha256"], "provider": r["provider"], "parity": r["passed"]})
-    parity.log_metric("onnx_max_abs_diff", r["max_abs_diff"])
-    parity.log_metric("onnx_argmax_agreement", r["argmax_agreement"])
-    return bool(r["passed"])
+    onnx_model.metadata.update({"sha256": r.onnx_sha256, "provider": r.provider, "parity": r.passed})
+    parity.log_metric("onnx_max_abs_diff", r.max_abs_diff)
+    parity.log_metric("onnx_argmax_agreement", r.argmax_agreement)
+    return r.passed
 
 
 @component
@@ -114,7 +114,7 @@ def evaluate_op(params: Input[Artifact], candidate: Input[Model], purified: Inpu
     m = evaluate_stage(p.probes, p.base.seed, Path(candidate.path), Path(purified.path), Path(hardened.path),
                        Path(onnx_model.path), Path(test.path), Path(evaluation.path))
     for side in ("candidate", "hardened"):
-        for key, value in flatten(m[side]).items():
+        for key, value in flatten(getattr(m, side)).items():
             metrics.log_metric(f"{side}/{key}", value)
 
 
@@ -134,8 +134,9 @@ def gate_op(params: Input[Artifact], evaluation: Input[Artifact], hardened: Inpu
 
 
 @component
-def report_op(params: Input[Artifact], candidate: Input[Model], purified: Input[Artifact], evaluation: Input[Artifact],
-              blessing: Input[Artifact], report: Output[Artifact], html: Output[HTML], markdown: Output[Markdown]):
+def report_op(params: Input[Artifact], candidate: Input[Model], purified: Input[Artifact], hardened: Input[Model],
+              onnx_model: Input[Model], evaluation: Input[Artifact], blessing: Input[Artifact], report: Output[Artifact],
+              html: Output[HTML], markdown: Output[Markdown]):
     """Render the reviewer's report (HTML for the KFP UI, Markdown, plots)."""
     import shutil
     from pathlib import Path
@@ -144,8 +145,8 @@ def report_op(params: Input[Artifact], candidate: Input[Model], purified: Input[
     from harden.stages import report_stage
 
     p = load_params(params.path)
-    files = report_stage(p, Path(candidate.path), Path(purified.path), Path(evaluation.path), Path(blessing.path),
-                         Path(report.path))
+    files = report_stage(p, Path(candidate.path), Path(purified.path), Path(hardened.path), Path(onnx_model.path),
+                         Path(evaluation.path), Path(blessing.path), Path(report.path))
     shutil.copyfile(files.html, html.path)
     shutil.copyfile(files.markdown, markdown.path)
 
@@ -158,7 +159,7 @@ def register_op(params: Input[Artifact], candidate: Input[Model], hardened: Inpu
     from pathlib import Path
 
     from harden.params import load_params
-    from harden.stages import Layout, register_stage
+    from harden.stages import register_stage
 
     p = load_params(params.path)
     r = register_stage(p, pull_dir=Path(candidate.path), fold_dir=Path(hardened.path),
@@ -166,8 +167,8 @@ def register_op(params: Input[Artifact], candidate: Input[Model], hardened: Inpu
                        purify_dir=Path(purified.path), evaluate_dir=Path(evaluation.path),
                        gate_dir=Path(blessing.path), report_dir=Path(report.path), out_dir=Path(registered.path),
                        move_alias=False)
-    registered.metadata.update(r)
-    return int(r["version"])
+    registered.metadata.update(r.model_dump(mode="json", exclude={"inputs"}))
+    return r.version
 
 
 @component

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from harden.errors import EXIT_CODES, DataError, GateRejected
+from harden.errors import ERROR_CODES, EXIT_CODES, GateRejected
+from harden.stage_table import STAGES, Stage
 
 _EPILOG = "Exit codes: " + "; ".join(f"{code} = {text}" for code, text in EXIT_CODES.items())
 app = typer.Typer(help=__doc__, epilog=_EPILOG, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,16 +32,7 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="sho
 
 def exit_code(err: BaseException) -> int | None:
     """The documented exit code of a foreseen failure, None for anything else."""
-    from harden.evaluate import ProbeError
-    from harden.package import PackageError
-    from harden.params import ParamsError
-    from harden.registry import RegistryError
-
-    for kind, code in ((ParamsError, 2), (PackageError, 3), (RegistryError, 4), (DataError, 5), (ProbeError, 6),
-                       (GateRejected, 10)):
-        if isinstance(err, kind):
-            return code
-    return None
+    return next((code for kind, code in ERROR_CODES if isinstance(err, kind)), None)
 
 
 def _command(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,138 +67,34 @@ def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
     typer.echo(load_params(params).model_dump_json(indent=2))
 
 
-@app.command()
-@_command
-def prepare(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
-    """Draw the clean set and the test set (data/clean.npz, data/test.npz)."""
-    from harden.stages import prepare_data
+def _stage_command(stage: Stage) -> None:
+    """Register ``nft-harden <stage.command>`` from its entry in the stage table."""
+    def invoke(params: Path, runs: Path, data: Path, progress: bool = True, strict: bool = False) -> None:
+        p, layout = _ctx(params, runs, data)
+        record = stage.call(p, layout, progress)
+        typer.echo(stage.describe(record, p, layout))
+        if strict and stage.verdict is not None and not stage.verdict(record):
+            raise GateRejected(record.summary)
 
-    p, layout = _ctx(params, runs, data)
-    summary = prepare_data(p.data, p.base.seed, layout.clean, layout.test)
-    typer.echo(f"clean set: {summary['clean']['n']} images -> {layout.clean}; test set: {summary['test']['n']} images -> {layout.test}")
-
-
-@app.command("make-candidate")
-@_command
-def make_candidate(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data"),
-                   progress: ProgressOpt = True) -> None:
-    """Train a backdoored demo candidate on the offline data and register it as candidate.model."""
-    from harden.stages import make_demo_candidate
-
-    p, layout = _ctx(params, runs, data)
-    s = make_demo_candidate(p, layout.stage("candidate"), progress=progress)
-    if "skipped" in s:
-        typer.echo(f"skipped: {s['skipped']}")
-        return
-    typer.echo(f"registered {s['name']} version {s['version']} as @{s['alias']} ({s['attack']} backdoor, "
-               f"{s['train_images']} training images) in {p.base.tracking_uri}")
-
-
-@app.command()
-@_command
-def pull(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
-    """Pull candidate.model from the registry and verify the package."""
-    from harden.stages import pull_stage
-
-    p, layout = _ctx(params, runs, data)
-    prov = pull_stage(p.candidate, p.base.tracking_uri, layout.stage("pull"))
-    typer.echo(f"pulled {prov.model_name} version {prov.version} -> {layout.stage('pull')}")
+    if stage.progress:
+        def command(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"),
+                    data: DataOpt = Path("data"), progress: ProgressOpt = True) -> None:
+            invoke(params, runs, data, progress=progress)
+    elif stage.verdict is not None:
+        def command(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"),  # type: ignore[misc]
+                    data: DataOpt = Path("data"), strict: StrictOpt = False) -> None:
+            invoke(params, runs, data, strict=strict)
+    else:
+        def command(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"),  # type: ignore[misc]
+                    data: DataOpt = Path("data")) -> None:
+            invoke(params, runs, data)
+    command.__doc__ = stage.summary
+    command.__name__ = stage.command.replace("-", "_")
+    app.command(stage.command)(_command(command))
 
 
-@app.command()
-@_command
-def purify(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data"),
-           progress: ProgressOpt = True) -> None:
-    """Purify the pulled candidate on the clean set (NFT or another defense)."""
-    from harden.stages import purify_stage
-
-    p, layout = _ctx(params, runs, data)
-    s = purify_stage(p.nft, p.base, layout.stage("pull"), layout.clean, layout.stage("purify"), progress=progress)
-    typer.echo(f"{s['defense']}: {s['wall_time_s']:.1f}s on {s['clean_samples']} clean images -> {layout.stage('purify')}")
-
-
-@app.command()
-@_command
-def fold(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
-    """Fold the masks into the weights and check the folded model."""
-    from harden.stages import fold_stage
-
-    _, layout = _ctx(params, runs, data)
-    r = fold_stage(layout.stage("pull"), layout.stage("purify"), layout.clean, layout.stage("fold"))
-    typer.echo(f"fold check {'passed' if r['passed'] else 'FAILED'} (max |diff| {r['max_abs_diff']}) -> {layout.stage('fold')}")
-
-
-@app.command()
-@_command
-def export(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
-    """Export the hardened model to ONNX and check it against PyTorch with ONNX Runtime."""
-    from harden.stages import export_stage
-
-    p, layout = _ctx(params, runs, data)
-    r = export_stage(p.export, p.base.seed, layout.stage("fold"), layout.clean, layout.stage("export"))
-    typer.echo(f"ONNX parity {'passed' if r['passed'] else 'FAILED'}: max |diff| {r['max_abs_diff']:.2e}, "
-               f"argmax agreement {r['argmax_agreement']:.4f} on {r['provider']} -> {layout.stage('export')}")
-
-
-@app.command()
-@_command
-def evaluate(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
-    """Evaluate the candidate (PyTorch) and the hardened ONNX model on the test set and every probe."""
-    from harden.stages import evaluate_stage
-
-    p, layout = _ctx(params, runs, data)
-    m = evaluate_stage(p.probes, p.base.seed, layout.stage("pull"), layout.stage("purify"), layout.stage("fold"),
-                       layout.stage("export"), layout.test, layout.stage("evaluate"))
-    typer.echo(f"ACC {m['candidate']['acc']:.4f} -> {m['hardened']['acc']:.4f}; metrics -> {layout.stage('evaluate')}")
-
-
-@app.command()
-@_command
-def gate(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data"),
-         strict: StrictOpt = False) -> None:
-    """Apply the promotion gate and write blessing.json."""
-    from harden.stages import gate_stage
-
-    p, layout = _ctx(params, runs, data)
-    b = gate_stage(p.gate, layout.stage("evaluate"), layout.stage("fold"), layout.stage("export"), layout.stage("gate"))
-    typer.echo(b.summary)
-    if strict and not b.blessed:
-        raise GateRejected(b.summary)
-
-
-@app.command()
-@_command
-def report(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data")) -> None:
-    """Render the HTML/Markdown report and plots."""
-    from harden.stages import report_stage
-
-    p, layout = _ctx(params, runs, data)
-    files = report_stage(p, layout.stage("pull"), layout.stage("purify"), layout.stage("evaluate"),
-                         layout.stage("gate"), layout.stage("report"))
-    typer.echo(f"report: {files.html} and {files.markdown}")
-
-
-@app.command()
-@_command
-def promote(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), data: DataOpt = Path("data"),
-            strict: StrictOpt = False) -> None:
-    """Register the hardened version with its evidence; move the alias only if the gate blessed it."""
-    p, layout = _ctx(params, runs, data)
-    r = _register(p, layout)
-    typer.echo(f"registered {r['name']} version {r['version']} ({r['status']})"
-               + (f"; @{r['alias']} -> version {r['version']}" if r["alias_moved"] else f"; @{r['alias']} unchanged"))
-    if strict and not r["blessed"]:
-        raise GateRejected(r["summary"])
-
-
-def _register(p, layout) -> dict:
-    from harden.stages import register_stage
-
-    return register_stage(p, pull_dir=layout.stage("pull"), fold_dir=layout.stage("fold"),
-                          export_dir=layout.stage("export"), clean_npz=layout.clean, test_npz=layout.test,
-                          purify_dir=layout.stage("purify"), evaluate_dir=layout.stage("evaluate"),
-                          gate_dir=layout.stage("gate"), report_dir=layout.stage("report"),
-                          out_dir=layout.stage("promote"))
+for _stage in STAGES:
+    _stage_command(_stage)
 
 
 @app.command()
@@ -215,40 +103,21 @@ def run(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), d
         with_candidate: Annotated[bool, typer.Option(help="first build and register the offline demo candidate")] = False,
         strict: StrictOpt = False, progress: ProgressOpt = True) -> None:
     """Run every stage in this process, in order (prepare ... promote)."""
-    from harden import stages
     from harden.summary import latest_version_summary, render
 
     p, layout = _ctx(params, runs, data)
-    steps = [("prepare", lambda: stages.prepare_data(p.data, p.base.seed, layout.clean, layout.test))]
-    if with_candidate:
-        steps.append(("make-candidate", lambda: stages.make_demo_candidate(p, layout.stage("candidate"), progress=progress)))
-    steps += [
-        ("pull", lambda: stages.pull_stage(p.candidate, p.base.tracking_uri, layout.stage("pull"))),
-        ("purify", lambda: stages.purify_stage(p.nft, p.base, layout.stage("pull"), layout.clean,
-                                               layout.stage("purify"), progress=progress)),
-        ("fold", lambda: stages.fold_stage(layout.stage("pull"), layout.stage("purify"), layout.clean, layout.stage("fold"))),
-        ("export", lambda: stages.export_stage(p.export, p.base.seed, layout.stage("fold"), layout.clean,
-                                               layout.stage("export"))),
-        ("evaluate", lambda: stages.evaluate_stage(p.probes, p.base.seed, layout.stage("pull"), layout.stage("purify"),
-                                                   layout.stage("fold"), layout.stage("export"), layout.test,
-                                                   layout.stage("evaluate"))),
-        ("gate", lambda: stages.gate_stage(p.gate, layout.stage("evaluate"), layout.stage("fold"),
-                                           layout.stage("export"), layout.stage("gate"))),
-        ("report", lambda: stages.report_stage(p, layout.stage("pull"), layout.stage("purify"),
-                                               layout.stage("evaluate"), layout.stage("gate"), layout.stage("report"))),
-        ("promote", lambda: _register(p, layout)),
-    ]
+    steps = [stage for stage in STAGES if stage.name != "candidate" or with_candidate]
     timings: list[tuple[str, float]] = []
-    for name, step in steps:
-        typer.secho(f"== {name}", bold=True)
+    for stage in steps:
+        typer.secho(f"== {stage.command}", bold=True)
         t0 = time.perf_counter()
-        result = step()
-        timings.append((name, time.perf_counter() - t0))
+        result = stage.call(p, layout, progress)
+        timings.append((stage.command, time.perf_counter() - t0))
     typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
     typer.echo("stage wall times: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings)
                + f" (total {sum(s for _, s in timings):.1f}s)")
-    if strict and not result["blessed"]:
-        raise GateRejected(result["summary"])
+    if strict and not result.blessed:
+        raise GateRejected(result.summary)
 
 
 @app.command()

@@ -6,8 +6,29 @@ Every failure the stage can foresee maps to one code (see ``harden.cli``); anyth
 from __future__ import annotations
 
 
+class ParamsError(ValueError):
+    """``params.yaml`` is missing, unreadable or invalid; the message names every bad key."""
+
+
+class PackageError(ValueError):
+    """A package cannot be saved, loaded or verified; the message names the file, key and value."""
+
+
+class RegistryError(RuntimeError):
+    """A registry operation failed; the message names the model, alias, version or URI."""
+
+
 class DataError(ValueError):
     """Data unusable with this model: wrong channels, size or classes, labels out of range, empty clean set."""
+
+
+class ProbeError(ValueError):
+    """A probe cannot be used with this test set; the message names the probe, file and key."""
+
+
+class ChainError(RuntimeError):
+    """A stage's inputs do not form one chain: an input was made from another candidate, clean or test set,
+    params section or upstream output, or a file changed after its stage wrote it (see ``harden.records``)."""
 
 
 class GateRejected(RuntimeError):
@@ -24,5 +45,14 @@ EXIT_CODES = {
     4: "registry error: model, alias or version missing, registry unreachable after retries, registration failed",
     5: "data error: model and data disagree (channels, size, classes), labels out of range, clean set unusable",
     6: "probe error: target outside the label range, malformed probe file",
+    7: "stage outputs do not form one chain: an input was made from another candidate, data set, params section "
+       "or upstream output, a record was edited, or a blessing does not follow from its checks (re-run the stages "
+       "in order)",
     10: "the gate rejected the hardened model (only with --strict)",
 }
+
+
+#: The exit code of each foreseen failure (anything else exits 1).
+ERROR_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (ParamsError, 2), (PackageError, 3), (RegistryError, 4), (DataError, 5), (ProbeError, 6), (ChainError, 7),
+    (GateRejected, 10))

@@ -14,21 +14,21 @@ Mask statistics of a purification (per layer mean/min/share at the lower bound) 
 
 from __future__ import annotations
 
-import re
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from harden.errors import ProbeError
+from harden.probes import Probe
 from harden.onnx_export import onnx_predict_logits, onnx_session
-from nft_core.attacks import ATTACKS, make_attack
+from nft_core.attacks import make_attack
 from nft_core.data import ImageData
 from nft_core.masks import MaskedLayer, mask_state
 from nft_core.metrics import accuracy, attack_success_rate, per_class_accuracy, predict_logits, robust_accuracy
@@ -43,56 +43,6 @@ CATEGORICAL = frozenset({"scan/top_label"})
 
 #: Tolerance for "a mask sits at its lower bound" (same as the purify loop's history).
 AT_BOUND_TOL = 1e-6
-
-
-class ProbeError(ValueError):
-    """A probe cannot be used with this test set; the message names the probe, file and key."""
-
-
-class Probe(BaseModel):
-    """An attack probe: a named trigger applied to the clean test set, or an npz of triggered inputs.
-
-    The npz holds ``x`` (uint8 N x H x W x C, the dataset convention, or float N x C x H x W in [0, 1]),
-    ``y_true`` and ``y_target`` (integer, shape (N,)).
-
-    Attributes:
-        name: key of the probe's metrics (``asr/<name>``); default: the attack name or the npz file stem.
-        attack: trigger name from :data:`nft_core.attacks.ATTACKS`.
-        target: target label (all2one) of the attack.
-        mode: ``all2one`` or ``all2all``.
-        npz: path of a user-supplied probe file (instead of ``attack``).
-        seed: seed of the trigger's random parts.
-        options: attack-specific options (``alpha`` for blend, ...), see :func:`nft_core.attacks.make_attack`.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    attack: str | None = None
-    target: int = Field(default=0, ge=0)
-    mode: Literal["all2one", "all2all"] = "all2one"
-    npz: Path | None = None
-    seed: int = 0
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_name(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "name" not in data:
-            source = data.get("attack") or (Path(data["npz"]).stem if data.get("npz") else None)
-            if source is not None:
-                return {**data, "name": re.sub(r"[^A-Za-z0-9_.-]", "_", str(source))}
-        return data
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Probe:
-        if (self.attack is None) == (self.npz is None):
-            raise ValueError(f"probe {self.name!r}: set exactly one of 'attack' and 'npz'")
-        if self.attack is not None and self.attack not in ATTACKS:
-            raise ValueError(f"probe {self.name!r}: attack={self.attack!r} is unknown; use one of {sorted(ATTACKS)}")
-        if self.npz is not None and self.options:
-            raise ValueError(f"probe {self.name!r}: options apply to attacks, not to an npz file")
-        return self
 
 
 def _npz_labels(path: Path, arrays: Mapping[str, np.ndarray], key: str, n: int, num_classes: int) -> torch.Tensor:

@@ -24,12 +24,11 @@ import fnmatch
 import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from harden.integrity import write_json_atomic
+from harden.records import Record
 
 Direction = Literal["higher", "lower"]
 OnMissing = Literal["error", "fail"]
@@ -153,9 +152,14 @@ class CheckResult(BaseModel):
     reason: str
 
 
-class Blessing(BaseModel):
-    """The gate's verdict: blessed only when every check passed."""
+class Blessing(Record):
+    """The gate's verdict (``blessing.json``): blessed only when every check passed.
 
+    ``inputs`` binds it to the evaluation, fold and parity records and the gate settings it was made from;
+    ``promote`` re-derives the verdict from them and refuses a blessing that does not follow.
+    """
+
+    FILE: ClassVar[str] = "blessing.json"
     blessed: bool
     summary: str
     checks: list[CheckResult]
@@ -165,10 +169,6 @@ class Blessing(BaseModel):
     def failed(self) -> list[CheckResult]:
         """The checks that did not pass."""
         return [c for c in self.checks if not c.passed]
-
-    def write(self, path: str | Path) -> Path:
-        """Write the blessing as JSON atomically (temporary file in the same folder, then rename)."""
-        return write_json_atomic(path, self.model_dump(mode="json"))
 
 
 def _fmt(value: float) -> str:
@@ -297,5 +297,5 @@ def evaluate_gate(config: GateConfig | Mapping[str, Any], before: Mapping[str, A
     failed = [c.name for c in checks if not c.passed]
     summary = (f"Blessed: all {len(checks)} checks passed." if not failed else
                f"Not blessed: {len(failed)} of {len(checks)} checks failed ({'; '.join(failed)}).")
-    return Blessing(blessed=not failed, summary=summary, checks=checks,
+    return Blessing(inputs={}, blessed=not failed, summary=summary, checks=checks,
                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from harden.errors import PackageError
 from harden.integrity import atomic_dir, sha256_file, write_json_atomic
 from nft_core.models import Normalized, available_builders, build_model
 
@@ -35,10 +36,6 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 #: File suffixes treated as pickles (torch.save, pickle, joblib, Lightning checkpoints).
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib"})
-
-
-class PackageError(ValueError):
-    """A package cannot be saved, loaded or verified; the message names the file, key and value."""
 
 
 class InputSpec(BaseModel):

@@ -18,13 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from harden.evaluate import Probe
+from harden.errors import ParamsError
+from harden.probes import Probe
 from harden.gate import GateConfig
 from nft_core.config import NFTConfig
-
-
-class ParamsError(ValueError):
-    """``params.yaml`` is missing, unreadable or invalid; the message names every bad key."""
 
 
 class _Section(BaseModel):

@@ -1,6 +1,6 @@
 """MLflow model registry adapter: pull a candidate package, register candidates and hardened versions.
 
-Conventions (see DESIGN.md): aliases (``@candidate``, ``@champion``) and tags only, never stages. Every
+Conventions: aliases (``@candidate``, ``@champion``) and tags only, never stages. Every
 call takes the tracking URI explicitly (``sqlite:///<dir>/mlflow.db`` embedded, or an ``http://`` server);
 the registry URI is the same. Nothing global is left changed: ``mlflow.onnx.log_model`` reads the global
 tracking URI, so it runs inside :func:`_global_tracking_uri`, which restores the previous value.
@@ -42,7 +42,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,10 @@ from mlflow.entities import LoggedModel, Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from harden.integrity import atomic_dir, sha256_file, sha256_tree, write_json_atomic
+from harden.errors import RegistryError
+from harden.integrity import atomic_dir, sha256_file, sha256_tree
 from harden.package import SPEC_FILE, WEIGHTS_FILE, ModelSpec, find_pickles, load_package, save_package
+from harden.records import Provenance, tree_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +77,6 @@ CLAIM_ROUNDS = 20
 ALIAS_WRITE_ATTEMPTS = 3
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 _REF = re.compile(r"^(?:models:/)?(?P<name>[^@/\s]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+))$")
-
-
-class RegistryError(RuntimeError):
-    """A registry operation failed; the message names the model, alias, version or URI."""
-
-
-@dataclass
-class Provenance:
-    """Where a pulled package came from (written to ``provenance.json``)."""
-
-    model_name: str
-    version: int
-    run_id: str | None
-    source_uri: str
-    aliases: list[str]
-    tracking_uri: str
-    files_sha256: dict[str, str]
-    pulled_at: str
 
 
 @dataclass
@@ -294,11 +278,11 @@ def pull(ref: str, dest: str | Path, *, tracking_uri: str, allow_pickle: bool = 
             else:
                 save_package(net, spec, out)
     prov = Provenance(
-        model_name=name, version=int(mv.version), run_id=mv.run_id, source_uri=source,
+        inputs={}, model_name=name, version=int(mv.version), run_id=mv.run_id, source_uri=source,
         aliases=sorted(mv.aliases or []), tracking_uri=strip_credentials(tracking_uri), files_sha256=files,
-        pulled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        package_sha256=tree_sha256(dest / "package"), pulled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    write_json_atomic(dest / "provenance.json", asdict(prov))
+    prov.write(dest)
     logger.info("pulled %s version %s (%s) into %s", name, mv.version, source, dest)
     return prov
 

@@ -25,16 +25,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from harden.errors import DataError
+from harden.errors import ChainError, DataError
 from harden.evaluate import (LayerMasks, compare, evaluate_onnx, evaluate_torch, flatten, layer_masks,
                              mask_statistics, scan_metrics)
 from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
-from harden.package import InputSpec, ModelSpec, PackageError, load_package, save_package
+from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params, ProbesParams
-from harden.registry import (PLOT_ROLE_PREFIX, Provenance, parse_model_ref, pull, register_candidate,
-                             register_hardened)
+from harden.records import (Chain, FoldRecord, MetricsRecord, ParityRecord, Provenance, PurifyRecord,
+                            Registration, ReportRecord, canonical_sha256, check_chain, tree_sha256)
+from harden.registry import PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened
 from harden.report import ReportFiles, write_report
 from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.data.npz import load_npz
@@ -45,18 +46,19 @@ from nft_core.purify import purify
 log = logging.getLogger(__name__)
 
 PACKAGE = "package"
-PROVENANCE = "provenance.json"
+PROVENANCE = Provenance.FILE
 CANDIDATE = "candidate.json"
 MASKS = "masks.safetensors"
 BUFFERS = "buffers.safetensors"
 MASKS_META = "masks.json"
-PURIFY = "purify.json"
-FOLD = "fold.json"
+PURIFY = PurifyRecord.FILE
+FOLD = FoldRecord.FILE
 ONNX = "model.onnx"
-PARITY = "parity.json"
-METRICS = "metrics.json"
-BLESSING = "blessing.json"
-REGISTERED = "registered.json"
+PARITY = ParityRecord.FILE
+METRICS = MetricsRecord.FILE
+BLESSING = Blessing.FILE
+REPORT = ReportRecord.FILE
+REGISTERED = Registration.FILE
 
 #: Max |masked - folded| on logits for the fold check (fp32, eval mode).
 FOLD_ATOL = 1e-5
@@ -214,13 +216,15 @@ def _load_model(pkg_dir: Path):
 
 
 def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_npz: Path, out_dir: Path, *,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True) -> PurifyRecord:
     """Purify the candidate on the clean set with ``nft.defense``.
 
     NFT writes its masks (``masks.safetensors``), the model's buffers (BatchNorm statistics updated in BN train
     mode) and ``masks.json``; other defenses write a complete package. A checkpoint beside ``out_dir`` lets a
-    killed run resume where it stopped; it is removed when the stage completes.
+    killed run resume where it stopped; it is bound to the candidate, the clean set and the config (a checkpoint
+    of anything else is discarded, never resumed) and removed when the stage completes.
     """
+    chain = check_chain(pull=Path(candidate_dir), clean=Path(clean_npz))
     model, spec = _load_model(Path(candidate_dir) / PACKAGE)
     clean = read_npz(clean_npz)
     check_compatible(spec, clean, f"clean set {clean_npz}")
@@ -228,15 +232,13 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir.with_name(f".{out_dir.name}.ckpt")
-    summary: dict[str, Any] = {"defense": nft.defense, "clean_samples": len(clean), "seed": base.seed,
-                               "versions": library_versions()}
+    inputs = {"candidate": chain.digest("candidate"), "clean": chain.digest("clean"),
+              "params": canonical_sha256({"nft": nft.model_dump(mode="json"), "seed": base.seed})}
+    common = {"inputs": inputs, "defense": nft.defense, "clean_samples": len(clean), "seed": base.seed,
+              "versions": library_versions()}
     if nft.defense == "nft":
         config = nft.config(base.seed, base.device, progress)
-        result = purify(model, clean.dataset(), config, checkpoint=checkpoint)
-        summary.update(config=config.to_dict(), wall_time_s=result.wall_time_s, device=result.device,
-                       eta=result.eta, samples_per_class=result.samples_per_class,
-                       trainable_params=result.trainable_params, total_params=result.total_params,
-                       history=result.history)
+        result = purify(model, clean.dataset(), config, checkpoint=checkpoint, stale_checkpoint="restart")
         meta = {"placement": config.placement, "skip_first": config.skip_first,
                 "layers": [{"index": l.index, "name": l.name, "kind": l.kind, "size": l.size,
                             "lower_bound": result.lower_bounds[l.index - 1]} for l in result.layers]}
@@ -245,40 +247,44 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
         with atomic_dir(out_dir) as tmp:
             save_file(mask_state(result.model), str(tmp / MASKS))
             save_file(buffers, str(tmp / BUFFERS))
-            meta["sha256"] = {name: sha256_file(tmp / name) for name in (MASKS, BUFFERS)}
             write_json_atomic(tmp / MASKS_META, meta)
-            write_json_atomic(tmp / PURIFY, summary)
+            record = PurifyRecord(**common, config=config.to_dict(), wall_time_s=result.wall_time_s,
+                                  device=result.device, eta=result.eta, samples_per_class=result.samples_per_class,
+                                  trainable_params=result.trainable_params, total_params=result.total_params,
+                                  history=result.history,
+                                  outputs={name: sha256_file(tmp / name) for name in (MASKS, BUFFERS, MASKS_META)})
+            record.write(tmp)
     else:
         from nft_core.defenses import default_config, run_defense
 
         config = default_config(nft.defense).replace(seed=base.seed, device=base.device, **nft.options)
         result = run_defense(nft.defense, model, clean.dataset(), config)
-        summary.update(config=config.to_dict(), wall_time_s=result.wall_time_s, history=result.history)
         with atomic_dir(out_dir) as tmp:
             save_package(result.model, spec, tmp / PACKAGE)
-            write_json_atomic(tmp / PURIFY, summary)
+            record = PurifyRecord(**common, config=config.to_dict(), wall_time_s=result.wall_time_s,
+                                  history=result.history, outputs={PACKAGE: tree_sha256(tmp / PACKAGE)})
+            record.write(tmp)
     checkpoint.unlink(missing_ok=True)
-    return summary
+    return record
 
 
-def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: Path) -> dict[str, Any]:
+def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: Path) -> FoldRecord:
     """Fold NFT masks into the candidate's weights and check the result.
 
     The fold check compares the masked and the folded model on clean images (max |logit difference| <=
     :data:`FOLD_ATOL`) and the folded state dict against the candidate's keys, shapes and dtypes. A failed check
     is recorded in ``fold.json`` (the gate refuses the model), not raised. Defenses without masks already
-    produced a plain package, which is passed through.
+    produced a plain package, which is passed through. The purification must have been made from this
+    candidate and clean set (:class:`~harden.errors.ChainError` otherwise).
     """
+    chain = check_chain(pull=Path(candidate_dir), purify=Path(purify_dir), clean=Path(clean_npz))
+    purified: PurifyRecord = chain.record("purify")
     model, spec = _load_model(Path(candidate_dir) / PACKAGE)
     reference = {k: (tuple(v.shape), v.dtype) for k, v in model.net.state_dict().items()}
     purify_dir = Path(purify_dir)
     x = read_npz(clean_npz).images()[:256]
-    if (purify_dir / MASKS).exists():
+    if MASKS in purified.outputs:
         meta = read_json(purify_dir / MASKS_META)
-        for name, recorded in meta.get("sha256", {}).items():
-            if (actual := sha256_file(purify_dir / name)) != recorded:
-                raise PackageError(f"{purify_dir / name}: sha256 {actual} differs from the {recorded} recorded by "
-                                   "the purify stage; the file changed after purification")
         model.load_state_dict(load_file(str(purify_dir / BUFFERS)), strict=False)
         attach_masks(model, meta["placement"], x[:1], skip_first=meta["skip_first"])
         load_mask_state(model, load_file(str(purify_dir / MASKS)))
@@ -294,21 +300,24 @@ def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: 
     state = net.state_dict()
     keys_match = {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == reference
     finite = all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    passed = keys_match and finite and (diff is None or diff <= FOLD_ATOL)
-    report = {"passed": passed, "masks_folded": diff is not None, "max_abs_diff": diff, "atol": FOLD_ATOL,
-              "keys_match": keys_match, "finite": finite}
+    passed = bool(keys_match and finite and (diff is None or diff <= FOLD_ATOL))
     with atomic_dir(out_dir) as tmp:
         save_package(net, spec, tmp / PACKAGE)
-        write_json_atomic(tmp / FOLD, report)
+        record = FoldRecord(inputs={"candidate": chain.digest("candidate"), "purify": chain.digest("purify"),
+                                    "clean": chain.digest("clean")},
+                            passed=passed, masks_folded=diff is not None, max_abs_diff=diff, atol=FOLD_ATOL,
+                            keys_match=keys_match, finite=bool(finite), hardened_sha256=tree_sha256(tmp / PACKAGE))
+        record.write(tmp)
     if not passed:
-        log.error("fold check failed: %s", report)
-    return report
+        log.error("fold check failed: %s", record.model_dump(exclude={"inputs"}))
+    return record
 
 
 # ------------------------------------------------------------------------------------ export / eval ------
 
-def export_stage(export: ExportParams, seed: int, hardened_dir: Path, clean_npz: Path, out_dir: Path) -> dict[str, Any]:
+def export_stage(export: ExportParams, seed: int, hardened_dir: Path, clean_npz: Path, out_dir: Path) -> ParityRecord:
     """Export the hardened package to ONNX (normalisation inside the graph) and check it against PyTorch."""
+    chain = check_chain(fold=Path(hardened_dir), clean=Path(clean_npz))
     model, spec = _load_model(Path(hardened_dir) / PACKAGE)
     clean = read_npz(clean_npz).images()[: export.parity_samples]
     noise = torch.rand(clean.shape, generator=torch.Generator().manual_seed(seed))
@@ -316,12 +325,16 @@ def export_stage(export: ExportParams, seed: int, hardened_dir: Path, clean_npz:
     with atomic_dir(out_dir) as tmp:
         export_onnx(model, shape, tmp / ONNX, opset=export.opset)
         parity = check_parity(tmp / ONNX, model, {"clean": clean, "random": noise}, atol=export.atol)
-        report = {**parity.to_dict(), "onnx_sha256": sha256_file(tmp / ONNX)}
-        write_json_atomic(tmp / PARITY, report)
+        record = ParityRecord(**parity.to_dict(), onnx_sha256=sha256_file(tmp / ONNX),
+                              inputs={"hardened": chain.digest("hardened"), "fold": chain.digest("fold"),
+                                      "clean": chain.digest("clean"),
+                                      "params": canonical_sha256({"export": export.model_dump(mode="json"),
+                                                                  "seed": seed})})
+        record.write(tmp)
     if not parity.passed:
         log.error("ONNX parity check failed: max |diff| %.3g, argmax agreement %.4f", parity.max_abs_diff,
                   parity.argmax_agreement)
-    return report
+    return record
 
 
 def _layer_masks(purify_dir: Path) -> list[LayerMasks] | None:
@@ -333,8 +346,10 @@ def _layer_masks(purify_dir: Path) -> list[LayerMasks] | None:
 
 
 def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_dir: Path, fold_dir: Path,
-                   export_dir: Path, test_npz: Path, out_dir: Path) -> dict[str, Any]:
+                   export_dir: Path, test_npz: Path, out_dir: Path) -> MetricsRecord:
     """Evaluate the candidate (PyTorch) and the hardened model as it ships (the ONNX file, ONNX Runtime)."""
+    chain = check_chain(pull=Path(candidate_dir), purify=Path(purify_dir), fold=Path(fold_dir),
+                        export=Path(export_dir), test=Path(test_npz))
     candidate, spec = _load_model(Path(candidate_dir) / PACKAGE)
     test = read_npz(test_npz)
     check_compatible(spec, test, f"test set {test_npz}")
@@ -345,24 +360,38 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
         kwargs = {"samples": probes.scan.samples, "eps": probes.scan.eps, "steps": probes.scan.steps, "seed": seed}
         before.update(scan_metrics(candidate, test, **kwargs))
         after.update(scan_metrics(hardened, test, **kwargs))
-    purified = read_json(Path(purify_dir) / PURIFY)
+    purified: PurifyRecord = chain.record("purify")
     layers = _layer_masks(Path(purify_dir))
-    metrics = {"candidate": before, "hardened": after, "compare": compare(before, after),
-               "purify": {k: purified[k] for k in ("defense", "wall_time_s", "clean_samples")},
-               "versions": library_versions(),
-               "masks": mask_statistics(layers) if layers else None}
-    write_json_atomic(Path(out_dir) / METRICS, metrics)
-    return metrics
+    inputs = {name: chain.digest(name) for name in ("candidate", "purify", "fold", "parity", "onnx", "test")}
+    inputs["params"] = canonical_sha256({"probes": probes.model_dump(mode="json"), "seed": seed})
+    record = MetricsRecord(inputs=inputs, candidate=before, hardened=after, compare=compare(before, after),
+                           purify={"defense": purified.defense, "wall_time_s": purified.wall_time_s,
+                                   "clean_samples": purified.clean_samples},
+                           versions=library_versions(), masks=mask_statistics(layers) if layers else None)
+    record.write(out_dir)
+    return record
+
+
+def gate_facts(chain: Chain) -> dict[str, bool]:
+    """The facts the gate can require, from the chain's fold and parity records."""
+    return {"fold_check": chain.record("fold").passed, "onnx_parity": chain.record("parity").passed}
 
 
 def gate_stage(gate: GateConfig, evaluate_dir: Path, fold_dir: Path, export_dir: Path, out_dir: Path) -> Blessing:
     """Apply the gate's checks to the evaluation and the fold/parity checks; write ``blessing.json``."""
-    metrics = read_json(Path(evaluate_dir) / METRICS)
-    facts = {"fold_check": bool(read_json(Path(fold_dir) / FOLD)["passed"]),
-             "onnx_parity": bool(read_json(Path(export_dir) / PARITY)["passed"])}
-    blessing = evaluate_gate(gate, metrics["candidate"], metrics["hardened"], facts)
-    blessing.write(Path(out_dir) / BLESSING)
+    chain = check_chain(evaluate=Path(evaluate_dir), fold=Path(fold_dir), export=Path(export_dir))
+    metrics: MetricsRecord = chain.record("metrics")
+    blessing = evaluate_gate(gate, metrics.candidate, metrics.hardened, gate_facts(chain))
+    blessing = blessing.model_copy(update={"inputs": {
+        "metrics": chain.digest("metrics"), "fold": chain.digest("fold"), "parity": chain.digest("parity"),
+        "params": gate_digest(gate)}})
+    blessing.write(out_dir)
     return blessing
+
+
+def gate_digest(gate: GateConfig) -> str:
+    """sha256 of the gate settings a blessing was made with."""
+    return canonical_sha256({"gate": gate.model_dump(mode="json")})
 
 
 # --------------------------------------------------------------------------------- report / register ------
@@ -385,30 +414,37 @@ def params_sha256(params: Params) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _identity(params: Params, pull_dir: Path, purify_dir: Path) -> dict[str, Any]:
-    prov = read_json(Path(pull_dir) / PROVENANCE)
-    purified = read_json(Path(purify_dir) / PURIFY)
-    return {"candidate": {"name": prov["model_name"], "version": prov["version"], "run_id": prov["run_id"],
-                          "aliases at pull": ", ".join(prov["aliases"]), "registry": prov["tracking_uri"]},
-            "defense": purified["defense"], "clean samples": purified["clean_samples"],
+def _identity(params: Params, prov: Provenance, purified: PurifyRecord) -> dict[str, Any]:
+    return {"candidate": {"name": prov.model_name, "version": prov.version, "run_id": prov.run_id,
+                          "aliases at pull": ", ".join(prov.aliases), "registry": prov.tracking_uri},
+            "defense": purified.defense, "clean samples": purified.clean_samples,
             "params sha256": params_sha256(params), "code version": code_version(),
             "target": {"name": params.promote.name, "alias": params.promote.alias}}
 
 
-def report_stage(params: Params, pull_dir: Path, purify_dir: Path, evaluate_dir: Path, gate_dir: Path,
-                 out_dir: Path) -> ReportFiles:
-    """Render ``report.html`` (self-contained), ``report.md``, the plots and their DVC plot data."""
-    metrics = read_json(Path(evaluate_dir) / METRICS)
-    blessing = Blessing.model_validate(read_json(Path(gate_dir) / BLESSING))
-    purified = read_json(Path(purify_dir) / PURIFY)
-    purification = {"defense": purified["defense"], "wall_time_s": purified["wall_time_s"],
-                    "clean_samples": purified["clean_samples"], "device": purified.get("device")}
-    if metrics.get("masks"):
-        purification["masks"] = metrics["masks"]
+def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Path, export_dir: Path,
+                 evaluate_dir: Path, gate_dir: Path, out_dir: Path) -> ReportFiles:
+    """Render ``report.html`` (self-contained), ``report.md``, the plots and their DVC plot data.
+
+    The report renders only a verdict that follows from the evidence (:func:`verify_blessing`)."""
+    chain = check_chain(pull=Path(pull_dir), purify=Path(purify_dir), fold=Path(fold_dir), export=Path(export_dir),
+                        evaluate=Path(evaluate_dir), gate=Path(gate_dir))
+    metrics: MetricsRecord = chain.record("metrics")
+    blessing = verify_blessing(params.gate, chain)
+    purified: PurifyRecord = chain.record("purify")
+    purification = {"defense": purified.defense, "wall_time_s": purified.wall_time_s,
+                    "clean_samples": purified.clean_samples, "device": purified.device}
+    if metrics.masks:
+        purification["masks"] = metrics.masks
     with atomic_dir(out_dir) as tmp:
-        files = write_report(tmp, identity=_identity(params, pull_dir, purify_dir), before=metrics["candidate"],
-                             after=metrics["hardened"], blessing=blessing, masks=_layer_masks(Path(purify_dir)),
-                             history=purified.get("history"), purification=purification)
+        files = write_report(tmp, identity=_identity(params, chain.record("provenance"), purified),
+                             before=metrics.candidate, after=metrics.hardened, blessing=blessing,
+                             masks=_layer_masks(Path(purify_dir)), history=purified.history,
+                             purification=purification)
+        outputs = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        ReportRecord(inputs={name: chain.digest(name) for name in ("provenance", "purify", "metrics", "blessing")},
+                     outputs=outputs).write(tmp)
+
     def moved(path: Path) -> Path:  # where a file written into tmp lives now
         return Path(out_dir) / Path(path).relative_to(tmp)
 
@@ -417,47 +453,79 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, evaluate_dir:
                        plot_data={k: moved(v) for k, v in files.plot_data.items()})
 
 
+def verify_blessing(gate: GateConfig, chain: Chain) -> Blessing:
+    """The chain's blessing, if it follows from the recorded checks under ``gate``; else ChainError.
+
+    The verdict is re-derived from the evaluation and the fold/parity records with the current gate settings
+    and compared with the blessing as written: a blessing edited by hand, made with other gate settings, or
+    written for other evidence is refused.
+    """
+    blessing: Blessing = chain.record("blessing")
+    if blessing.inputs.get("params") != gate_digest(gate):
+        raise ChainError(f"{chain.path('blessing')} was made with other gate settings than params.yaml's gate "
+                         "section; re-run the gate stage")
+    metrics: MetricsRecord = chain.record("metrics")
+    derived = evaluate_gate(gate, metrics.candidate, metrics.hardened, gate_facts(chain))
+    if (derived.blessed, derived.checks, derived.summary) != (blessing.blessed, blessing.checks, blessing.summary):
+        raise ChainError(f"{chain.path('blessing')} does not follow from the recorded checks: the gate re-derived "
+                         f"{'blessed' if derived.blessed else 'not blessed'} ({derived.summary!r}) but the file says "
+                         f"{'blessed' if blessing.blessed else 'not blessed'}; it was changed after the gate wrote it. "
+                         "Re-run the gate stage")
+    return blessing
+
+
 def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir: Path, clean_npz: Path,
                    test_npz: Path, purify_dir: Path, evaluate_dir: Path, gate_dir: Path, report_dir: Path,
-                   out_dir: Path, move_alias: bool = True) -> dict[str, Any]:
+                   out_dir: Path, move_alias: bool = True) -> Registration:
     """Register the hardened version (ONNX flavour + package + evidence + lineage tags).
 
-    The serving alias moves only when the gate blessed the model, and only when ``move_alias`` (the Kubeflow
-    pipeline moves it in a separate step inside its ``dsl.If``). A rejected version is registered and tagged
-    rejected with the gate's reasons.
+    Every stage output must belong to one chain (same candidate, data, purification, fold, ONNX file,
+    evaluation, blessing and report) and the blessing must follow from its checks under params.yaml's gate
+    (:func:`verify_blessing`); otherwise :class:`~harden.errors.ChainError` and nothing is registered. The
+    lineage tags are read from the verified chain. The serving alias moves only when the gate blessed the
+    model, and only when ``move_alias`` (the Kubeflow pipeline moves it in a separate step inside its
+    ``dsl.If``). A rejected version is registered and tagged rejected with the gate's reasons.
     """
-    blessing = Blessing.model_validate(read_json(Path(gate_dir) / BLESSING))
-    prov = read_json(Path(pull_dir) / PROVENANCE)
-    parity = read_json(Path(export_dir) / PARITY)
-    metrics = read_json(Path(evaluate_dir) / METRICS)
-    purified = read_json(Path(purify_dir) / PURIFY)
-    tags = {"hardening.source.name": prov["model_name"], "hardening.source.version": str(prov["version"]),
-            "hardening.source.run_id": prov["run_id"] or "", "hardening.source.uri": prov["source_uri"],
-            "hardening.data.clean_sha256": sha256_file(clean_npz), "hardening.data.test_sha256": sha256_file(test_npz),
+    chain = check_chain(pull=Path(pull_dir), clean=Path(clean_npz), test=Path(test_npz), purify=Path(purify_dir),
+                        fold=Path(fold_dir), export=Path(export_dir), evaluate=Path(evaluate_dir),
+                        gate=Path(gate_dir), report=Path(report_dir))
+    blessing = verify_blessing(params.gate, chain)
+    prov: Provenance = chain.record("provenance")
+    parity: ParityRecord = chain.record("parity")
+    metrics: MetricsRecord = chain.record("metrics")
+    purified: PurifyRecord = chain.record("purify")
+    tags = {"hardening.source.name": prov.model_name, "hardening.source.version": str(prov.version),
+            "hardening.source.run_id": prov.run_id or "", "hardening.source.uri": prov.source_uri,
+            "hardening.source.package_sha256": prov.package_sha256,
+            "hardening.data.clean_sha256": chain.digest("clean"), "hardening.data.test_sha256": chain.digest("test"),
             "hardening.params_sha256": params_sha256(params), "hardening.code_version": code_version(),
-            "hardening.defense": purified["defense"], "hardening.seed": str(params.base.seed),
-            "hardening.torch_version": torch.__version__, "hardening.onnx_provider": parity["provider"],
+            "hardening.defense": purified.defense, "hardening.seed": str(purified.seed),
+            "hardening.blessing_sha256": chain.digest("blessing"),
+            "hardening.torch_version": torch.__version__, "hardening.onnx_provider": parity.provider,
             "hardening.versions": json.dumps(library_versions(), sort_keys=True)}
-    numbers = {f"{side}/{k}": v for side in ("candidate", "hardened") for k, v in flatten(metrics[side]).items()}
-    numbers["purify_wall_time_s"] = purified["wall_time_s"]
+    numbers = {f"{side}/{k}": v for side in ("candidate", "hardened")
+               for k, v in flatten(getattr(metrics, side)).items()}
+    numbers["purify_wall_time_s"] = purified.wall_time_s
     report = Path(report_dir)
-    evidence = {"metrics": Path(evaluate_dir) / METRICS, "blessing": Path(gate_dir) / BLESSING,
-                "parity": Path(export_dir) / PARITY, "fold": Path(fold_dir) / FOLD,
-                "purify": Path(purify_dir) / PURIFY, "provenance": Path(pull_dir) / PROVENANCE,
-                "report_html": report / "report.html", "report_md": report / "report.md",
+    evidence = {"metrics": chain.path("metrics"), "blessing": chain.path("blessing"), "parity": chain.path("parity"),
+                "fold": chain.path("fold"), "purify": chain.path("purify"), "provenance": chain.path("provenance"),
+                "report_record": chain.path("report"), "report_html": report / "report.html",
+                "report_md": report / "report.md",
                 **{f"{PLOT_ROLE_PREFIX}{p.stem}": p for p in sorted((report / "plots").glob("*.png"))}}
-    rows = [f"- {k}: {v['before']:.4f} -> {v['after']:.4f}" for k, v in metrics["compare"].items()
+    rows = [f"- {k}: {v['before']:.4f} -> {v['after']:.4f}" for k, v in metrics.compare.items()
             if (k == "acc" or k.startswith(("asr/", "robust_acc/"))) and v["before"] is not None and v["after"] is not None]
-    description = "\n".join([f"Hardened from {prov['model_name']} version {prov['version']} with "
-                             f"{purified['defense']} on {purified['clean_samples']} clean images.", blessing.summary,
+    description = "\n".join([f"Hardened from {prov.model_name} version {prov.version} with "
+                             f"{purified.defense} on {purified.clean_samples} clean images.", blessing.summary,
                              "", *rows])
     registered = register_hardened(params.promote.name, tracking_uri=params.base.tracking_uri,
-                                   package_dir=Path(fold_dir) / PACKAGE, onnx_path=Path(export_dir) / ONNX,
+                                   package_dir=chain.path("hardened"), onnx_path=chain.path("onnx"),
                                    evidence=evidence, metrics=numbers, tags=tags, description=description,
                                    blessed=blessing.blessed, alias=params.promote.alias,
-                                   onnx_sha256=parity["onnx_sha256"], reasons=[c.reason for c in blessing.failed],
+                                   onnx_sha256=parity.onnx_sha256, reasons=[c.reason for c in blessing.failed],
                                    set_alias=move_alias)
-    summary = {**dataclasses.asdict(registered), "alias": params.promote.alias, "blessed": blessing.blessed,
-               "summary": blessing.summary, "tracking_uri": params.base.tracking_uri}
-    write_json_atomic(Path(out_dir) / REGISTERED, summary)
-    return summary
+    record = Registration(**dataclasses.asdict(registered), alias=params.promote.alias, blessed=blessing.blessed,
+                          summary=blessing.summary, tracking_uri=params.base.tracking_uri,
+                          inputs={"blessing": chain.digest("blessing"), "onnx": chain.digest("onnx"),
+                                  "hardened": chain.digest("hardened"), "report": chain.digest("report")})
+    record.write(out_dir)
+    return record

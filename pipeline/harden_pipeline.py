@@ -76,7 +76,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(
                         hardened=folded.outputs["hardened"], onnx_model=exported.outputs["onnx_model"])
         gated.set_display_name("gate")
         reported = report_op(params=params, candidate=pulled.outputs["candidate"],
-                             purified=purified.outputs["purified"], evaluation=evaluated.outputs["evaluation"],
+                             purified=purified.outputs["purified"], hardened=folded.outputs["hardened"],
+                             onnx_model=exported.outputs["onnx_model"], evaluation=evaluated.outputs["evaluation"],
                              blessing=gated.outputs["blessing"]).set_display_name("report")
         registered = register_op(params=params, candidate=pulled.outputs["candidate"],
                                  hardened=folded.outputs["hardened"], onnx_model=exported.outputs["onnx_model"],

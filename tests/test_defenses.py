@@ -121,7 +121,7 @@ BEHAVIOUR = {
 
 
 NFT_WEAK = pytest.mark.xfail(reason="measured: NFT-Adv as params.yaml sets it (here 20 epochs) leaves this overfit, "
-                                    "no-augmentation BadNets candidate at ~72 % ASR (the DESIGN.md low-data regime)",
+                                    "no-augmentation BadNets candidate at ~72 % ASR (the low-data regime)",
                               strict=True)
 
 

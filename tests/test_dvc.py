@@ -2,7 +2,8 @@
 
 Every stage that ``dvc.yaml`` lists runs and leaves its declared outputs; ``dvc metrics show`` reads the
 metrics; ``dvc status`` is clean; a second ``dvc repro`` runs nothing; ``dvc exp run -S nft.epochs=2`` re-runs
-purify but neither data preparation nor the candidate. The gate here rejects the model, and ``dvc repro``
+purify but neither data preparation nor the candidate; a change to the purify stage's code re-runs purify and
+every stage after it. The gate here rejects the model, and ``dvc repro``
 still succeeds (the blessing records the rejection; only ``--strict`` fails a run).
 """
 
@@ -137,4 +138,11 @@ def test_dvc_repro_end_to_end(clone: Path) -> None:
     assert yaml.safe_load((clone / "params.yaml").read_text())["nft"]["epochs"] == 2
     assert json.loads((clone / "runs" / "purify" / "purify.json").read_text())["config"]["epochs"] == 2
     assert [int(v.version) for v in versions(uri, "nft-tiny")] == [1], "the candidate was not rebuilt"
+    assert json.loads(dvc("status", "--json", cwd=clone).stdout) == {}
+
+    # 5. the purify stage's code changes: purify and every stage after it re-run, nothing before it
+    code = clone / "nft_core" / "purify.py"
+    code.write_text(code.read_text() + "\n# touched by the test\n")
+    touched = dvc("repro", cwd=clone)
+    assert ran(touched.stdout) == downstream(stages, "purify"), describe(touched)
     assert json.loads(dvc("status", "--json", cwd=clone).stdout) == {}

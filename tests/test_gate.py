@@ -149,11 +149,11 @@ def test_default_gate_and_blessing_file(tmp_path):
     b = evaluate_gate({}, BEFORE, AFTER, FACTS)
     assert b.blessed and b.summary.startswith("Blessed")
     assert [c.kind for c in b.checks] == ["probes", "max_drop", "max", "max", "fact", "fact"]
-    path = b.write(tmp_path / "out" / "blessing.json")
+    path = b.write(tmp_path / "out")
     data = json.loads(path.read_text())
     assert data["blessed"] is True and len(data["checks"]) == 6
     assert set(data["checks"][1]) == {"name", "kind", "metric", "value", "threshold", "baseline", "passed", "reason"}
-    assert Blessing.model_validate(data) == b
+    assert Blessing.model_validate(data) == b == Blessing.read(tmp_path / "out")
     assert [p.name for p in path.parent.iterdir()] == ["blessing.json"]  # no temporary file left behind
 
 

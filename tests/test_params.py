@@ -133,3 +133,25 @@ def test_check_params_cli(tmp_path: Path, repo_params: dict[str, Any]) -> None:
     missing = run_cli(["check-params"], cwd=tmp_path)  # default ./params.yaml, absent here
     assert missing.returncode == 2, describe(missing)
     assert "params.yaml" in missing.stderr, describe(missing)
+
+
+def test_the_schema_knows_every_attack_and_defense_by_name() -> None:
+    """The schema lists the names itself (so it imports no torch); they must stay those of the registries."""
+    from harden.params import _DEFENSES
+    from harden.probes import ATTACK_NAMES
+    from nft_core.attacks import ATTACKS
+    from nft_core.defenses import DEFENSES
+
+    assert ATTACK_NAMES == ATTACKS
+    assert sorted(_DEFENSES) == sorted(DEFENSES)
+
+
+def test_the_schema_and_the_cli_import_no_torch() -> None:
+    """`check-params` answers before torch, onnxruntime or mlflow would have loaded (seconds each)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, harden.params, harden.cli, harden.stage_table; "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'mlflow', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -188,8 +188,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
                           layout.stage("export"), layout.test, layout.stage("evaluate"))
     stages.gate_stage(p.gate, layout.stage("evaluate"), layout.stage("fold"), layout.stage("export"),
                       layout.stage("gate"))
-    stages.report_stage(p, layout.stage("pull"), layout.stage("purify"), layout.stage("evaluate"),
-                        layout.stage("gate"), layout.stage("report"))
+    stages.report_stage(p, layout.stage("pull"), layout.stage("purify"), layout.stage("fold"), layout.stage("export"),
+                        layout.stage("evaluate"), layout.stage("gate"), layout.stage("report"))
     return Base(root=root, uri=uri, params=raw)
 
 
@@ -392,9 +392,10 @@ def test_failed_onnx_parity_is_never_promoted(ws: Workspace):
     expect_exit(ws.cli("export"), 0)
     parity = json.loads((ws.runs / "export" / "parity.json").read_text())
     assert parity["passed"] is False and parity["max_abs_diff"] > 1e-30
-    for stage in ("evaluate", "report"):
-        expect_exit(ws.cli(stage), 0)
+    expect_exit(ws.cli("gate"), 7, "metrics.json was made from parity")  # the evaluation is stale: refused
+    expect_exit(ws.cli("evaluate"), 0)
     expect_exit(ws.cli("gate", "--strict"), 10, "onnx_parity")
+    expect_exit(ws.cli("report"), 0)
     blessing = json.loads((ws.runs / "gate" / "blessing.json").read_text())
     assert blessing["blessed"] is False
     assert [c["reason"] for c in blessing["checks"] if not c["passed"]] == ["onnx_parity did not pass."]
@@ -406,10 +407,12 @@ def test_failed_onnx_parity_is_never_promoted(ws: Workspace):
     assert "onnx_parity did not pass" in mv.tags[REASONS_TAG]
 
 
-def test_failed_fold_check_is_never_promoted(ws: Workspace):
-    fold = json.loads((ws.runs / "fold" / "fold.json").read_text())
-    (ws.runs / "fold" / "fold.json").write_text(json.dumps({**fold, "passed": False, "max_abs_diff": 0.5}))
-    expect_exit(ws.cli("gate"), 0)
+def test_failed_fold_check_is_never_promoted(ws: Workspace, monkeypatch):
+    monkeypatch.setattr(stages, "FOLD_ATOL", -1.0)  # a real fold check no fold can meet (|diff| >= 0 > -1)
+    expect_exit(ws.cli("fold"), 0)
+    assert json.loads((ws.runs / "fold" / "fold.json").read_text())["passed"] is False
+    for stage in ("export", "evaluate", "gate", "report"):
+        expect_exit(ws.cli(stage), 0)
     blessing = json.loads((ws.runs / "gate" / "blessing.json").read_text())
     assert not blessing["blessed"] and "fold_check" in blessing["summary"]
     expect_exit(ws.cli("promote", "--strict"), 10, "fold_check")
@@ -426,16 +429,16 @@ def _nan_masks(ws: Workspace) -> None:
 def test_masks_changed_after_purification_are_refused_by_the_fold(ws: Workspace):
     _nan_masks(ws)
     before = ws.state()
-    expect_exit(ws.cli("fold"), 3, "recorded by the purify stage")
+    expect_exit(ws.cli("fold"), 7, "masks.safetensors is sha256", "its stage recorded")
     assert ws.state() == before
 
 
 def test_non_finite_masks_stop_the_fold_and_keep_the_previous_fold(ws: Workspace):
     _nan_masks(ws)  # as if purification itself had produced them: the recorded hash matches
-    meta_path = ws.runs / "purify" / "masks.json"
-    meta = json.loads(meta_path.read_text())
-    meta["sha256"]["masks.safetensors"] = sha256_file(ws.runs / "purify" / "masks.safetensors")
-    meta_path.write_text(json.dumps(meta))
+    record_path = ws.runs / "purify" / "purify.json"
+    record = json.loads(record_path.read_text())
+    record["outputs"]["masks.safetensors"] = sha256_file(ws.runs / "purify" / "masks.safetensors")
+    record_path.write_text(json.dumps(record))
     before = ws.state()
     expect_exit(ws.cli("fold"), 3, "non-finite")
     assert ws.state() == before
@@ -487,7 +490,7 @@ def test_cli_killed_purify_keeps_previous_output_and_resumes_to_the_same_masks(w
 def test_promote_refuses_an_onnx_file_changed_after_evaluation(ws: Workspace):
     onnx_file = ws.runs / "export" / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
-    expect_exit(ws.cli("promote"), 4, "refusing to register a file other than the one evaluated")
+    expect_exit(ws.cli("promote"), 7, "model.onnx is", "parity.json (onnx_sha256) was made from onnx")
     assert registry_state(ws.uri, ws.name) == ([], None)
     assert not (ws.runs / "promote").exists()
 
@@ -786,9 +789,122 @@ def test_same_inputs_and_seed_give_identical_masks_and_metrics(base: Base, tmp_p
 
     first = json.loads((runs / "evaluate" / "metrics.json").read_text())
     second = json.loads((out / "evaluate" / "metrics.json").read_text())
+    # the records upstream hold wall times, so their digests differ; the data and the candidate do not
+    inputs = [doc.pop("inputs") for doc in (first, second)]
+    assert {k: inputs[0][k] for k in ("candidate", "test", "onnx", "params")} == \
+        {k: inputs[1][k] for k in ("candidate", "test", "onnx", "params")}
     assert without_timings(second) == without_timings(first)
     history = [json.loads((d / "purify" / "purify.json").read_text())["history"] for d in (runs, out)]
     assert without_timings({"h": history[0]}) == without_timings({"h": history[1]})
+
+
+# ------------------------------------------------------- 13: mixed, stale or forged evidence (issue 11) ------
+
+def _other_candidate(ws: Workspace, tmp_path: Path, seed: int = 1) -> str:
+    """Register a second candidate (other weights, same architecture) and point candidate.model at it."""
+    torch.manual_seed(seed)
+    spec = _candidate_spec()
+    name = f"rel-other-{uuid.uuid4().hex[:8]}"
+    register_candidate(save_package(spec.build().eval(), spec, tmp_path / "other-package"), name,
+                       tracking_uri=ws.uri)
+    ws.set_params({"candidate": {"model": f"models:/{name}@candidate"}})
+    return name
+
+
+def test_a_checkpoint_of_the_previous_candidate_is_never_resumed(ws: Workspace, tmp_path: Path, caplog):
+    """Attack 1: a purify killed on candidate A leaves its checkpoint; the alias moves to B; purify runs again.
+    It must start over on B (not log "resumed" and hand back A's masks) and the chain must name B."""
+    from nft_core.purify import purify
+
+    p = load_params(ws.root / "params.yaml")
+    old, _ = stages._load_model(ws.runs / "pull" / "package")
+    clean = stages.read_npz(ws.data / "clean.npz")
+    purify(old, clean.dataset(), p.nft.config(p.base.seed, p.base.device, False), checkpoint=ws.runs / ".purify.ckpt")
+    assert torch.load(ws.runs / ".purify.ckpt", weights_only=True)["epoch"] == p.nft.epochs  # A's finished state
+    name = _other_candidate(ws, tmp_path)
+    expect_exit(ws.cli("pull"), 0)
+    with caplog.at_level("WARNING"):
+        expect_exit(ws.cli("purify", "--no-progress"), 0)
+    assert "starting over" in caplog.text and "resumed" not in caplog.text
+    stages.purify_stage(p.nft, p.base, ws.runs / "pull", ws.data / "clean.npz", tmp_path / "fresh", progress=False)
+    assert sha256_file(ws.runs / "purify" / "masks.safetensors") == sha256_file(tmp_path / "fresh" / "masks.safetensors")
+    for stage in ("fold", "export", "evaluate", "gate", "report", "promote"):
+        expect_exit(ws.cli(stage), 0)
+    mv = MlflowClient(ws.uri, ws.uri).get_model_version(ws.name, "1")
+    assert mv.tags["hardening.source.name"] == name
+    assert mv.tags["hardening.source.package_sha256"] == json.loads(
+        (ws.runs / "pull" / "provenance.json").read_text())["package_sha256"]
+
+
+def test_promote_refuses_outputs_of_another_candidate(ws: Workspace, tmp_path: Path):
+    """Attack 2: pull a new candidate, then promote the old candidate's hardening. Nothing is registered."""
+    _other_candidate(ws, tmp_path)
+    expect_exit(ws.cli("pull"), 0)
+    before = ws.state()
+    expect_exit(ws.cli("promote"), 7, "do not form one chain", "runs/purify/purify.json was made from candidate")
+    assert registry_state(ws.uri, ws.name) == ([], None)
+    assert ws.state() == before
+    for stage in ("fold", "evaluate", "report"):  # every stage that reads the candidate refuses the mix too
+        expect_exit(ws.cli(stage), 7, "was made from candidate")
+    assert ws.state() == before
+
+
+def test_promote_refuses_a_blessing_edited_by_hand(ws: Workspace):
+    """Attack 3: the gate rejected the model; blessing.json is edited to say blessed. @champion stays put."""
+    champion = _promote_blessed(ws)
+    ws.set_params({"gate": {"metrics": [{"metric": "acc", "min": 0.99}]}})  # the random-weight model is far below
+    expect_exit(ws.cli("gate"), 0)
+    path = ws.runs / "gate" / "blessing.json"
+    blessing = json.loads(path.read_text())
+    assert blessing["blessed"] is False
+    forged = {**blessing, "blessed": True, "summary": "Blessed: all checks passed.",
+              "checks": [{**c, "passed": True} for c in blessing["checks"]]}
+    path.write_text(json.dumps(forged))
+    before = ws.state()
+    expect_exit(ws.cli("report"), 7, "does not follow from the recorded checks")  # no report renders it
+    expect_exit(ws.cli("promote"), 7, "report.json was made from blessing")  # the report shows the real one
+    # a forger who also rebinds the report's record: promote re-derives the verdict and refuses
+    report = ws.runs / "report" / "report.json"
+    report.write_text(json.dumps(merge(json.loads(report.read_text()), {"inputs": {"blessing": sha256_file(path)}})))
+    expect_exit(ws.cli("promote"), 7, "does not follow from the recorded checks", "re-derived not blessed")
+    assert {k: v for k, v in ws.state().items() if k != "runs/report/report.json"} == \
+        {k: v for k, v in before.items() if k != "runs/report/report.json"}
+    assert registry_state(ws.uri, ws.name) == ([(champion, "blessed")], champion)
+
+
+def test_promote_refuses_a_blessing_made_with_other_gate_settings(ws: Workspace):
+    ws.set_params({"gate": {"metrics": [{"metric": "acc", "min": 0.01}]}})  # edited after the gate ran
+    expect_exit(ws.cli("promote"), 7, "other gate settings")
+    assert registry_state(ws.uri, ws.name) == ([], None)
+
+
+@pytest.mark.parametrize("record, change, refused_by", [
+    ("fold/fold.json", {"passed": True, "max_abs_diff": 0.0}, "gate"),
+    ("export/parity.json", {"passed": True, "argmax_agreement": 1.0}, "gate"),
+    ("evaluate/metrics.json", {"hardened": {"acc": 0.99}}, "report"),
+    ("purify/purify.json", {"clean_samples": 1000}, "evaluate"),
+])
+def test_a_record_edited_after_its_stage_is_refused_downstream(ws: Workspace, record: str, change: dict,
+                                                               refused_by: str):
+    path = ws.runs / record
+    path.write_text(json.dumps(merge(json.loads(path.read_text()), change)))
+    before = ws.state()
+    expect_exit(ws.cli(refused_by), 7, f"{record.split('/')[0]}")
+    expect_exit(ws.cli("promote"), 7, "do not form one chain")
+    assert ws.state() == before
+    assert registry_state(ws.uri, ws.name) == ([], None)
+
+
+@pytest.mark.parametrize("record", ["purify/purify.json", "fold/fold.json", "gate/blessing.json"])
+def test_a_record_without_its_chain_or_malformed_is_refused(ws: Workspace, record: str):
+    path = ws.runs / record
+    data = json.loads(path.read_text())
+    data.pop("inputs")
+    path.write_text(json.dumps(data))
+    expect_exit(ws.cli("promote"), 7, "not a valid", "inputs")
+    path.write_text("{not json")
+    expect_exit(ws.cli("promote"), 7, "not a valid")
+    assert registry_state(ws.uri, ws.name) == ([], None)
 
 
 # ------------------------------------------------------------------------------------------------ load ------

@@ -1,5 +1,5 @@
-"""Datasets by spec string (``DESIGN.md``), the in-memory :class:`ImageData`, an offline synthetic source and
-stratified splits. Loaders return uint8 images; :meth:`ImageData.images` gives floats in [0, 1]."""
+"""Datasets by spec string (:mod:`nft_core.data.specs`), the in-memory :class:`ImageData`, an offline synthetic
+source and stratified splits. Loaders return uint8 images; :meth:`ImageData.images` gives floats in [0, 1]."""
 
 from nft_core.data.image_data import ImageData
 from nft_core.data.specs import SCHEMES, load_dataset

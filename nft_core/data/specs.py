@@ -1,4 +1,4 @@
-"""Dataset spec strings (``DESIGN.md``): ``npz:PATH``, ``imagefolder:DIR``, ``torchvision:CIFAR10:ROOT``,
+"""Dataset spec strings: ``npz:PATH``, ``imagefolder:DIR``, ``torchvision:CIFAR10:ROOT``,
 ``torchvision:GTSRB:ROOT``, ``synthetic`` and ``synthetic:n=5000,seed=0``."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Fisher Information guided Purification (FIP): Karim, Al Arafat, Rakin, Guo, Rahnavard, "Fisher Information
-guided Purification against Backdoor Attacks", ACM CCS 2024 (papers/003 holds the abstract only).
+guided Purification against Backdoor Attacks", ACM CCS 2024.
 
 What the abstract states: a backdoored model sits in a sharper minimum than a benign one; FIP re-optimises it
 towards a smoother minimum with two regularisers built on the Fisher Information Matrix (FIM): one suppresses

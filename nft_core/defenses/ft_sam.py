@@ -8,9 +8,9 @@ Each step on a clean batch (x, y):
    w <- w + e. BatchNorm running statistics are frozen for the second pass.
 3. g' = grad L(w + e); restore w <- w - e; take the SGD step with g'.
 
-Defaults follow a public FT-SAM reference implementation (the paper text is not in papers/): SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine schedule,
-100 epochs, rho = 2 (much larger than SAM's 0.05: FT-SAM relies on a wide neighbourhood to leave the backdoor
-region), non-adaptive. Each step costs two forward/backward passes, hence the runtime the NFT paper reports.
+Defaults follow a public FT-SAM reference implementation: SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine
+schedule, 100 epochs, rho = 2 (much larger than SAM's 0.05: FT-SAM relies on a wide neighbourhood to leave the
+backdoor region), non-adaptive. Each step costs two forward/backward passes, hence the runtime the NFT paper reports.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Progressive Backdoor Erasing (PBE): Mu, Wang, Niu, Zhang, Huang, "Progressive Backdoor Erasing via connecting
-Backdoor and Adversarial Attacks", CVPR 2023 (papers/002).
+Backdoor and Adversarial Attacks", CVPR 2023.
 
 Untargeted adversarial examples of a backdoored model behave like triggered inputs (they land on the target
 label), so fine-tuning on them with their true labels breaks the trigger -> target association.

@@ -1,0 +1,306 @@
+"""What one stage hands to the next: typed records, chained by content digests.
+
+Every JSON file a stage writes for another stage is one of the pydantic records below, read back with
+validation (never by string key into a dict). Each record carries ``inputs``: the sha256 of everything it was
+made from (the candidate package, the clean or test set, the upstream records, the ``params.yaml`` section it
+read). :func:`check_chain` recomputes those digests from the files a stage is about to read and refuses a mixed
+or stale set with :class:`~harden.errors.ChainError` (exit 7): a purification of another candidate, an ONNX
+file exported from another fold, a blessing edited by hand after the gate wrote it.
+
+Digests: a file's is the sha256 of its bytes; a package directory's (:func:`tree_sha256`) is the sha256 of the
+sorted ``{relative path: file sha256}`` map, so it changes when any file in it does; a params section's
+(:func:`canonical_sha256`) is the sha256 of its canonical JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from harden.errors import ChainError
+from harden.integrity import sha256_file, sha256_tree, write_json_atomic
+
+R = TypeVar("R", bound="Record")
+
+PACKAGE = "package"
+
+
+def canonical_sha256(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys, no whitespace): equal settings hash equally."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def tree_sha256(root: str | Path) -> str:
+    """One digest for a directory: the sha256 of its sorted ``{relative path: sha256}`` map."""
+    return canonical_sha256(sha256_tree(root))
+
+
+class Record(BaseModel):
+    """A stage output another stage reads. ``FILE`` is its name inside the stage directory."""
+
+    model_config = ConfigDict(extra="forbid")
+    FILE: ClassVar[str]
+
+    #: sha256 of each input this record was made from (see the module docstring).
+    inputs: dict[str, str]
+
+    @classmethod
+    def read(cls: type[R], directory: str | Path) -> R:
+        """Read and validate ``directory/FILE``; a missing, unreadable or malformed file raises ChainError."""
+        path = Path(directory) / cls.FILE
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError as err:
+            raise ChainError(f"{path} is missing: run the stage that writes it first") from err
+        except (OSError, ValidationError) as err:
+            detail = str(err).splitlines()[0] if isinstance(err, OSError) else _first_error(err)
+            raise ChainError(f"{path} is not a valid {cls.__name__} record ({detail}); re-run its stage") from err
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``directory/FILE`` atomically."""
+        return write_json_atomic(Path(directory) / self.FILE, self.model_dump(mode="json"))
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "record"
+    return f"{where}: {first['msg']}"
+
+
+class Provenance(Record):
+    """Where a pulled package came from (``provenance.json`` beside ``package/``). ``inputs`` is empty: the
+    registry is the origin; ``package_sha256`` binds this record to the package it describes."""
+
+    FILE: ClassVar[str] = "provenance.json"
+    model_name: str
+    version: int
+    run_id: str | None
+    source_uri: str
+    aliases: list[str]
+    tracking_uri: str
+    files_sha256: dict[str, str]
+    package_sha256: str
+    pulled_at: str
+
+
+class PurifyRecord(Record):
+    """What purification did (``purify.json``). ``outputs``: sha256 of each file it wrote beside the record
+    (masks and buffers for NFT, the package's tree digest for the other defenses)."""
+
+    FILE: ClassVar[str] = "purify.json"
+    defense: str
+    clean_samples: int
+    seed: int
+    config: dict[str, Any]
+    wall_time_s: float
+    history: list[dict[str, float]]
+    outputs: dict[str, str]
+    versions: dict[str, str]
+    device: str | None = None
+    eta: float | None = None
+    samples_per_class: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+
+
+class FoldRecord(Record):
+    """The fold check (``fold.json``); ``hardened_sha256`` is the tree digest of the folded ``package/``."""
+
+    FILE: ClassVar[str] = "fold.json"
+    passed: bool
+    masks_folded: bool
+    max_abs_diff: float | None
+    atol: float
+    keys_match: bool
+    finite: bool
+    hardened_sha256: str
+
+
+class ParityRecord(Record):
+    """ONNX Runtime against PyTorch (``parity.json``) for the ONNX file whose sha256 is ``onnx_sha256``."""
+
+    FILE: ClassVar[str] = "parity.json"
+    max_abs_diff: float
+    argmax_agreement: float
+    batches: dict[str, dict[str, float]]
+    provider: str
+    passed: bool
+    atol: float
+    onnx_sha256: str
+
+
+class MetricsRecord(Record):
+    """The evaluation (``metrics.json``): flat-or-nested metric trees of the candidate and the hardened model."""
+
+    FILE: ClassVar[str] = "metrics.json"
+    candidate: dict[str, Any]
+    hardened: dict[str, Any]
+    compare: dict[str, Any]
+    purify: dict[str, Any]
+    versions: dict[str, str]
+    masks: Any = None
+
+
+class ReportRecord(Record):
+    """The report's own record (``report.json``): which evidence it renders, and the sha256 of its files."""
+
+    FILE: ClassVar[str] = "report.json"
+    outputs: dict[str, str]
+
+
+class Registration(Record):
+    """What ``promote`` registered (``registered.json``)."""
+
+    FILE: ClassVar[str] = "registered.json"
+    name: str
+    version: int
+    run_id: str
+    alias_moved: bool
+    status: str
+    superseded_by: int | None = None
+    alias: str
+    blessed: bool
+    summary: str
+    tracking_uri: str
+
+
+# ------------------------------------------------------------------------------------------- the chain ------
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The stage outputs a stage is about to read (None: not read). Directories, except the two npz files."""
+
+    pull: Path | None = None
+    clean: Path | None = None
+    test: Path | None = None
+    purify: Path | None = None
+    fold: Path | None = None
+    export: Path | None = None
+    evaluate: Path | None = None
+    gate: Path | None = None
+    report: Path | None = None
+
+
+#: (record, its input key, the artifact it names): record.inputs[key] must equal the artifact's digest now.
+LINKS: tuple[tuple[str, str, str], ...] = (
+    ("purify", "candidate", "candidate"), ("purify", "clean", "clean"),
+    ("fold", "candidate", "candidate"), ("fold", "purify", "purify"), ("fold", "clean", "clean"),
+    ("parity", "hardened", "hardened"), ("parity", "fold", "fold"), ("parity", "clean", "clean"),
+    ("metrics", "candidate", "candidate"), ("metrics", "purify", "purify"), ("metrics", "fold", "fold"),
+    ("metrics", "parity", "parity"), ("metrics", "onnx", "onnx"), ("metrics", "test", "test"),
+    ("blessing", "metrics", "metrics"), ("blessing", "fold", "fold"), ("blessing", "parity", "parity"),
+    ("report", "provenance", "provenance"), ("report", "purify", "purify"), ("report", "metrics", "metrics"),
+    ("report", "blessing", "blessing"),
+)
+
+#: Which stage writes each record or artifact (for the error message: what to re-run).
+PRODUCER = {"candidate": "pull", "provenance": "pull", "clean": "prepare", "test": "prepare", "purify": "purify",
+            "fold": "fold", "hardened": "fold", "parity": "export", "onnx": "export", "metrics": "evaluate",
+            "blessing": "gate", "report": "report"}
+
+
+class Chain:
+    """Lazily computed digests and typed records of the artifacts in :class:`Artifacts`."""
+
+    def __init__(self, artifacts: Artifacts):
+        from harden.gate import Blessing  # the gate module owns the blessing record
+
+        a = artifacts
+        self._records: dict[str, tuple[Path | None, Callable[[Path], Any]]] = {
+            "provenance": (a.pull, Provenance.read), "purify": (a.purify, PurifyRecord.read),
+            "fold": (a.fold, FoldRecord.read), "parity": (a.export, ParityRecord.read),
+            "metrics": (a.evaluate, MetricsRecord.read), "blessing": (a.gate, Blessing.read),
+            "report": (a.report, ReportRecord.read)}
+        files = {"provenance": Provenance, "purify": PurifyRecord, "fold": FoldRecord, "parity": ParityRecord,
+                 "metrics": MetricsRecord, "blessing": Blessing, "report": ReportRecord}
+        self._paths: dict[str, Path | None] = {
+            "candidate": a.pull / PACKAGE if a.pull else None, "clean": a.clean, "test": a.test,
+            "hardened": a.fold / PACKAGE if a.fold else None, "onnx": a.export / "model.onnx" if a.export else None,
+            **{name: (d / files[name].FILE if d else None) for name, (d, _) in self._records.items()}}
+        self._cache: dict[str, Any] = {}
+
+    def record(self, name: str) -> Any:
+        """The typed record ``name`` (provenance, purify, fold, parity, metrics, blessing, report)."""
+        if name not in self._cache:
+            directory, read = self._records[name]
+            if directory is None:
+                raise KeyError(f"{name} is not among this chain's artifacts")
+            self._cache[name] = read(directory)
+        return self._cache[name]
+
+    def has(self, name: str) -> bool:
+        return self._paths.get(name) is not None
+
+    def path(self, name: str) -> Path:
+        path = self._paths[name]
+        assert path is not None
+        return path
+
+    def digest(self, name: str) -> str:
+        """sha256 of artifact ``name`` as it is on disk now (tree digest for the package directories)."""
+        key = f"sha256:{name}"
+        if key not in self._cache:
+            path = self.path(name)
+            try:
+                self._cache[key] = tree_sha256(path) if path.is_dir() else sha256_file(path)
+            except OSError as err:
+                raise ChainError(f"{path} cannot be read ({err}); run the {PRODUCER[name]} stage first") from err
+        return self._cache[key]
+
+    def check(self) -> Chain:
+        """Refuse (ChainError) unless every link among the present artifacts holds; returns self."""
+        problems: list[str] = []
+
+        def expect(what: str, recorded: str | None, artifact: str) -> None:
+            actual = self.digest(artifact)
+            if recorded != actual:
+                problems.append(f"{what} was made from {artifact} sha256 {_short(recorded)}, but "
+                                f"{self.path(artifact)} is {_short(actual)}")
+
+        if self.has("provenance") and self.has("candidate"):
+            expect(f"{self.path('provenance')}", self.record("provenance").package_sha256, "candidate")
+        if self.has("fold"):
+            expect(f"{self.path('fold')} (hardened_sha256)", self.record("fold").hardened_sha256, "hardened")
+        if self.has("parity"):
+            expect(f"{self.path('parity')} (onnx_sha256)", self.record("parity").onnx_sha256, "onnx")
+        for record, key, artifact in LINKS:
+            if self.has(record) and self.has(artifact):
+                expect(str(self.path(record)), self.record(record).inputs.get(key), artifact)
+        if self.has("purify"):
+            directory = self.path("purify").parent
+            for name, recorded in self.record("purify").outputs.items():
+                problems += _output_problem(directory, name, recorded)
+        if self.has("report"):
+            directory = self.path("report").parent
+            for name, recorded in self.record("report").outputs.items():
+                problems += _output_problem(directory, name, recorded)
+        if problems:
+            raise ChainError("the stage outputs do not form one chain (mixed or stale outputs, or a file changed "
+                             "after its stage wrote it): " + "; ".join(problems)
+                             + ". Re-run the stages in order (nft-harden run, or dvc repro).")
+        return self
+
+
+def _output_problem(directory: Path, name: str, recorded: str) -> list[str]:
+    path = directory / name
+    try:
+        actual = tree_sha256(path) if path.is_dir() else sha256_file(path)
+    except OSError:
+        return [f"{path} is missing"]
+    return [] if actual == recorded else [f"{path} is sha256 {_short(actual)}, not the {_short(recorded)} its "
+                                          f"stage recorded"]
+
+
+def _short(digest: str | None) -> str:
+    return "(none recorded)" if digest is None else digest[:12]
+
+
+def check_chain(**artifacts: Path | None) -> Chain:
+    """Check the links among the named artifacts (see :class:`Artifacts`); returns the checked chain."""
+    return Chain(Artifacts(**artifacts)).check()
