@@ -15,12 +15,10 @@ component = dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 @component
 def validate_params_op(params_yaml: str, params: Output[Artifact]):
     """Validate params.yaml once, up front, and hand the resolved parameters to every other component."""
-    import yaml
-
     from harden.integrity import write_json_atomic
-    from harden.params import parse_params
+    from harden.params import parse_params_text
 
-    resolved = parse_params(yaml.safe_load(params_yaml), "params_yaml")
+    resolved = parse_params_text(params_yaml, "params_yaml")
     write_json_atomic(params.path, resolved.model_dump(mode="json"))
     params.metadata.update({"defense": resolved.nft.defense, "candidate": resolved.candidate.model})
 

@@ -39,7 +39,8 @@ class GateRejected(RuntimeError):
 EXIT_CODES = {
     0: "success (with --strict: the model was blessed)",
     1: "unexpected error (a bug: please report it with the traceback)",
-    2: "params.yaml invalid, or bad command-line usage",
+    2: "params.yaml invalid (incl. duplicate keys, anchors/aliases, a gate check naming a metric the evaluation "
+       "does not produce), or bad command-line usage",
     3: "model package refused: pickle without opt-in, sha256 mismatch, corrupt or truncated weights, key/shape "
        "mismatch, non-finite weights, builder not on the allow-list",
     4: "registry error: model, alias or version missing, registry unreachable after retries, registration failed",

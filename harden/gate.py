@@ -13,9 +13,11 @@ Modelled on TFX's Evaluator (value thresholds, change thresholds against a basel
 4. The model is blessed when every check passed.
 
 A value equal to its threshold passes (comparisons allow :data:`TOLERANCE` for float rounding, so
-``0.90 - 0.88 <= 0.02`` holds). A plain metric name that is missing raises :class:`MissingMetricError`
-(``on_missing: error``, the default: a misconfigured gate should stop the pipeline loudly) or becomes a failed
-check (``on_missing: fail``); a wildcard that matches nothing expands to no checks.
+``0.90 - 0.88 <= 0.02`` holds). A check that cannot be evaluated never passes: a metric name or pattern that
+no metric of the evaluation can match (:data:`METRIC_FAMILIES`; ``ASR/*`` for ``asr/*``) is refused when
+``params.yaml`` loads; a metric, or a pattern matching nothing, that is missing from this evaluation raises
+:class:`MissingMetricError` (``on_missing: error``, the default: exit code 2) or becomes a failed check
+(``on_missing: fail``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from harden.errors import ParamsError
 from harden.records import Record
 
 Direction = Literal["higher", "lower"]
@@ -42,12 +45,37 @@ DIRECTIONS: tuple[tuple[str, Direction], ...] = (
     ("asr/*", "lower"), ("scan/top_share", "lower"),
 )
 
+#: Every metric the evaluation produces, as fnmatch patterns (``tests/test_evaluate.py`` checks a real evaluation
+#: against it). A gate check whose metric or pattern can match none of these is refused when params.yaml loads.
+METRIC_FAMILIES: tuple[str, ...] = (
+    "acc", "min_class_acc", "per_class_acc/*", "asr/*", "robust_acc/*", "n/*", "eval_time_s",
+    "scan/flip_rate", "scan/top_label", "scan/top_share",
+)
+
 #: Metrics whose presence shows that an attack probe was evaluated.
 PROBE_PATTERN = "asr/*"
 
 
-class MissingMetricError(LookupError):
-    """A metric or fact a check needs is not in the evidence."""
+class MissingMetricError(ParamsError):
+    """A metric or fact a check needs is not in the evidence (a gate that names what the evaluation does not
+    produce is a misconfigured gate: exit code 2)."""
+
+
+def _literal_prefix(pattern: str) -> str:
+    cut = min((i for i, ch in enumerate(pattern) if ch in "*?["), default=len(pattern))
+    return pattern[:cut]
+
+
+def is_wildcard(metric: str) -> bool:
+    return any(ch in metric for ch in "*?[")
+
+
+def could_match(metric: str) -> bool:
+    """Whether a metric name or pattern can match a metric of :data:`METRIC_FAMILIES` (names are case-sensitive)."""
+    if not is_wildcard(metric):
+        return any(fnmatch.fnmatchcase(metric, family) for family in METRIC_FAMILIES)
+    prefix = _literal_prefix(metric)
+    return any(_literal_prefix(f).startswith(prefix) or prefix.startswith(_literal_prefix(f)) for f in METRIC_FAMILIES)
 
 
 def infer_direction(metric: str) -> Direction | None:
@@ -89,6 +117,10 @@ class MetricCheck(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> MetricCheck:
         where = f"check on {self.metric!r}"
+        if not could_match(self.metric) and self.direction is None:
+            raise ValueError(f"{where}: no metric of the evaluation can match it (names are case-sensitive); the "
+                             f"evaluation produces {', '.join(METRIC_FAMILIES)} (a metric of your own needs an "
+                             "explicit direction: higher or lower)")
         if all(v is None for v in (self.min, self.max, self.max_drop, self.max_increase)):
             raise ValueError(f"{where} has no threshold: set at least one of min, max, max_drop, max_increase")
         if infer_direction(self.metric) is not None:  # a known rate: every threshold is a share in [0, 1]
@@ -143,7 +175,7 @@ class CheckResult(BaseModel):
     """One evaluated check, as it appears in ``blessing.json``."""
 
     name: str
-    kind: Literal["min", "max", "max_drop", "max_increase", "fact", "probes"]
+    kind: Literal["min", "max", "max_drop", "max_increase", "fact", "probes", "pattern"]
     metric: str
     value: float | bool | None
     threshold: float | bool | None
@@ -232,7 +264,15 @@ def _change_check(metric: str, kind: Literal["max_drop", "max_increase"], value:
 def _metric_results(check: MetricCheck, before: Mapping[str, Any], after: Mapping[str, Any],
                     on_missing: OnMissing) -> list[CheckResult]:
     results: list[CheckResult] = []
-    for metric in expand(check.metric, after):
+    matched = expand(check.metric, after)
+    probe_family = check.metric.startswith(("asr/", "robust_acc/"))
+    if not matched and probe_family and not expand(PROBE_PATTERN, after):
+        return []  # no probe at all: the probes check (allow_no_probes) decides
+    if not matched:  # a pattern that matches nothing cannot be evaluated: it never passes by omission
+        return [_missing(f"{check.metric} (pattern)", "pattern", check.metric, None,
+                         f"every metric matching {check.metric!r} (the hardened model has "
+                         f"{', '.join(sorted(k for k, v in after.items() if _is_number(v))) or 'none'})", on_missing)]
+    for metric in matched:
         for kind in ("min", "max", "max_drop", "max_increase"):
             threshold = getattr(check, kind)
             if threshold is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,16 @@ logger = logging.getLogger(__name__)
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+#: Resource bounds checked before anything is built from a supplier's ``model.json``.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SIDE = 2048
+MAX_CHANNELS = 16
+MAX_CLASSES = 1_000_000
+MAX_KWARG_LIST = 64
+#: Floating dtypes a package may store (cast to the architecture's float32 on load), by safetensors name.
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+#: Integer buffers (BatchNorm's step counter) may be stored as int64.
+INT_DTYPES = {"I64": torch.int64}
 #: File suffixes treated as pickles (torch.save, pickle, joblib, Lightning checkpoints).
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib"})
 
@@ -43,9 +54,9 @@ class InputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    channels: int = Field(gt=0)
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
+    channels: int = Field(gt=0, le=MAX_CHANNELS)
+    height: int = Field(gt=0, le=MAX_SIDE)
+    width: int = Field(gt=0, le=MAX_SIDE)
     mean: list[float]
     std: list[float]
 
@@ -57,8 +68,10 @@ class InputSpec(BaseModel):
                 raise ValueError(f"input.{key} has {len(values)} values, expected channels={self.channels}")
             if not all(math.isfinite(v) for v in values):
                 raise ValueError(f"input.{key} must be finite, got {values}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"input.std must be positive, got {self.std}")
+        if not all(1e-3 <= s <= 1e3 for s in self.std):
+            raise ValueError(f"input.std must lie in [0.001, 1000] (images are in [0, 1]), got {self.std}")
+        if not all(abs(m) <= 1e3 for m in self.mean):
+            raise ValueError(f"input.mean must lie in [-1000, 1000], got {self.mean}")
         return self
 
 
@@ -70,7 +83,7 @@ class ModelSpec(BaseModel):
     format_version: int = FORMAT_VERSION
     builder: str
     kwargs: dict[str, Any] = {}
-    num_classes: int = Field(gt=0)
+    num_classes: int = Field(gt=0, le=MAX_CLASSES)
     input: InputSpec
     class_names: list[str] | None = None
     #: sha256 of ``model.safetensors``; written by :func:`save_package`, checked by :func:`load_package`.
@@ -92,6 +105,12 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        for key, value in self.kwargs.items():
+            items = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) > MAX_KWARG_LIST:
+                raise ValueError(f"kwargs.{key} is a list of {len(value)} values (at most {MAX_KWARG_LIST})")
+            if not all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
+                raise ValueError(f"kwargs.{key} must be a number, string, bool, null or a short list of them")
         if "weights" in self.kwargs or "weights_backbone" in self.kwargs:
             raise ValueError("kwargs may not request pretrained weights ('weights'/'weights_backbone')")
         if self.kwargs.get("num_classes", self.num_classes) != self.num_classes:
@@ -100,9 +119,15 @@ class ModelSpec(BaseModel):
             raise ValueError(f"class_names has {len(self.class_names)} names, num_classes={self.num_classes}")
         return self
 
-    def build(self) -> nn.Module:
-        """The bare architecture with random weights, from the allow-list."""
-        return build_model(self.builder, **{**self.kwargs, "num_classes": self.num_classes})
+    def build(self, device: str | torch.device | None = None) -> nn.Module:
+        """The bare architecture with random weights, from the allow-list (``device="meta"``: shapes only, no
+        memory). A builder that refuses the kwargs raises :class:`PackageError` naming them."""
+        try:
+            with torch.device(device) if device is not None else _nullcontext():
+                return build_model(self.builder, **{**self.kwargs, "num_classes": self.num_classes})
+        except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+            raise PackageError(f"model.json: builder {self.builder!r} cannot be built with kwargs "
+                               f"{sorted(self.kwargs)}: {err}") from err
 
     def wrap(self, net: nn.Module) -> Normalized:
         """``net`` behind this spec's input normalisation (inputs in [0, 1])."""
@@ -113,14 +138,17 @@ def _bare(net: nn.Module) -> nn.Module:
     return net.net if isinstance(net, Normalized) else net
 
 
-def _check_state(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], where: str) -> None:
-    """Raise :class:`PackageError` unless ``state`` has exactly the keys/shapes of ``reference``, all finite."""
-    missing = sorted(set(reference) - set(state))
-    unexpected = sorted(set(state) - set(reference))
+def _check_keys(present: set[str], expected: set[str], where: str) -> None:
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
         raise PackageError(f"{where}: keys do not match the architecture: missing {missing[:5]}"
                            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                            f"{'...' if len(unexpected) > 5 else ''}")
+
+
+def _check_state(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`PackageError` unless ``state`` has exactly the keys/shapes of ``reference``, all finite."""
+    _check_keys(set(state), set(reference), where)
     for key, ref in reference.items():
         value = state[key]
         if tuple(value.shape) != tuple(ref.shape):
@@ -160,7 +188,7 @@ def save_package(net: nn.Module, spec: ModelSpec, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     bare = _bare(net)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in bare.state_dict().items()}
-    _check_state(state, spec.build().state_dict(), f"save_package({str(out_dir)!r})")
+    _check_state(state, spec.build(device="meta").state_dict(), f"save_package({str(out_dir)!r})")
     with atomic_dir(out_dir) as tmp:
         safetensors.torch.save_file(state, str(tmp / WEIGHTS_FILE))
         recorded = spec.model_copy(update={"weights_sha256": sha256_file(tmp / WEIGHTS_FILE)})
@@ -176,6 +204,8 @@ def read_spec(path: str | Path) -> ModelSpec:
     """
     path = Path(path)
     try:
+        if (size := path.stat().st_size) > MAX_SPEC_BYTES:
+            raise PackageError(f"{path}: {size} bytes; a model spec is at most {MAX_SPEC_BYTES} bytes")
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PackageError(f"{path}: cannot read model spec: {err}") from err
@@ -204,13 +234,52 @@ def _load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
     raise PackageError(f"{path}: unpickled a {type(obj).__name__}, expected an nn.Module or a state dict")
 
 
+def _read_header(weights: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{key: (safetensors dtype, shape)}`` from the file's header, without reading the tensors."""
+    try:
+        with safetensors.safe_open(str(weights), framework="pt", device="cpu") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        raise PackageError(f"{weights}: cannot parse safetensors (truncated or corrupt?): {err}") from err
+
+
+def _check_header(header: dict[str, tuple[str, tuple[int, ...]]], reference: dict[str, torch.Tensor],
+                  where: str) -> None:
+    """Keys, shapes and dtypes of the stored tensors against the architecture, before loading any of them."""
+    _check_keys(set(header), set(reference), where)
+    for key, ref in reference.items():
+        dtype, shape = header[key]
+        if shape != tuple(ref.shape):
+            raise PackageError(f"{where}: key {key!r} has shape {shape}, the architecture expects {tuple(ref.shape)}")
+        allowed = FLOAT_DTYPES if ref.is_floating_point() else INT_DTYPES
+        if dtype not in allowed:
+            raise PackageError(f"{where}: key {key!r} is stored as {dtype}; allowed: {', '.join(allowed)}")
+
+
+def _cast_like(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Each tensor in its reference's dtype (float16/bfloat16 weights become float32); other dtypes are refused."""
+    _check_keys(set(state), set(reference), where)
+    out = {}
+    for key, ref in reference.items():
+        value = state[key]
+        allowed = FLOAT_DTYPES if ref.is_floating_point() else INT_DTYPES
+        if value.dtype not in allowed.values():
+            raise PackageError(f"{where}: key {key!r} is {value.dtype}; allowed: {', '.join(allowed)}")
+        out[key] = value.to(ref.dtype)
+    return out
+
+
 def load_package(pkg_dir: str | Path, *, allow_pickle: bool = False,
                  spec: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec]:
     """Load and verify a package; returns the bare network in eval mode and its spec.
 
-    Checks, in order: ``model.json`` valid (builder on the allow-list), ``model.safetensors`` present, its
-    sha256 equal to the recorded one, the file parses, every key and shape equals the built architecture,
-    all floating weights finite, and the output is ``(1, num_classes)`` for an input of the spec's size.
+    Checks, in order, and nothing is allocated from the supplier's description until its weights agree with
+    it: ``model.json`` at most 1 MiB and valid (builder on the allow-list, bounded input size, classes and
+    kwargs); the architecture built on the ``meta`` device (shapes only); ``model.safetensors`` present, its
+    sha256 recorded and equal; its header's keys, shapes and dtypes (float32/float16/bfloat16, int64 counters)
+    equal to the architecture's; then the tensors are read, cast to float32, checked finite *after* the cast,
+    the model is built and loaded, and its output is ``(1, num_classes)`` for an input of the spec's size. A
+    spec declaring a billion classes or a huge width is refused by the shape comparison, in milliseconds.
 
     Args:
         pkg_dir: the package directory.
@@ -235,22 +304,28 @@ def load_package(pkg_dir: str | Path, *, allow_pickle: bool = False,
         if not (pkg_dir / SPEC_FILE).is_file():
             raise PackageError(f"{pkg_dir}: {SPEC_FILE} is missing")
         spec = read_spec(pkg_dir / SPEC_FILE)
-    net = spec.build()
+    reference = spec.build(device="meta").state_dict()  # shapes and dtypes, no memory
     if pickles:
         state = _load_pickle_state(pickles[0])
         where = str(pickles[0])
     else:
+        where = str(weights)
         if not weights.is_file():
             raise PackageError(f"{pkg_dir}: {WEIGHTS_FILE} is missing")
-        if spec.weights_sha256 is not None and (actual := sha256_file(weights)) != spec.weights_sha256:
+        if spec.weights_sha256 is None:
+            raise PackageError(f"{pkg_dir / SPEC_FILE}: weights_sha256 is missing; a package records the sha256 "
+                               f"of its {WEIGHTS_FILE}")
+        if (actual := sha256_file(weights)) != spec.weights_sha256:
             raise PackageError(f"{weights}: sha256 {actual} differs from the recorded "
                                f"weights_sha256 {spec.weights_sha256}")
+        _check_header(_read_header(weights), reference, where)  # before anything is allocated
         try:
             state = safetensors.torch.load_file(str(weights), device="cpu")
         except (safetensors.SafetensorError, OSError) as err:
             raise PackageError(f"{weights}: cannot parse safetensors (truncated or corrupt?): {err}") from err
-        where = str(weights)
-    _check_state(state, net.state_dict(), where)
+    state = _cast_like(state, reference, where)
+    _check_state(state, reference, where)
+    net = spec.build()
     net.load_state_dict(state, strict=True)
     net.eval()
     _check_head(net, spec, where)

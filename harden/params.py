@@ -149,6 +149,46 @@ def _describe(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys, anchors and aliases.
+
+    A duplicate ``gate:`` key would otherwise let the second silently win, and aliases are how a YAML
+    "billion laughs" bomb expands a few hundred bytes into gigabytes; ``params.yaml`` needs neither.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in params.yaml "
+                                              "(anchors and aliases are refused)", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, f"anchor &{event.anchor} is not allowed in params.yaml "
+                                              "(anchors and aliases are refused)", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse ``params.yaml`` text strictly (:class:`StrictLoader`); errors raise :class:`ParamsError`."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{source} is not valid YAML: {err}") from err
+
+
 def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
     """Validate a parsed ``params.yaml`` mapping."""
     try:
@@ -165,11 +205,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ParamsError(f"cannot read {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from err
+    return parse_params_text(text, str(path))
+
+
+def parse_params_text(text: str, source: str) -> Params:
+    """Parse (strictly: no duplicate keys, anchors or aliases) and validate ``params.yaml`` text."""
+    raw = load_yaml(text, source)
     if raw is not None and not isinstance(raw, dict):
-        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, str(path))
+        raise ParamsError(f"{source} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, source)

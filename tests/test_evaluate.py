@@ -149,3 +149,21 @@ def test_mask_statistics_per_layer_and_overall():
 def test_layer_masks_refuses_mismatched_state():
     with pytest.raises(ValueError, match="do not match"):
         layer_masks({"x": torch.ones(2)}, [MaskedLayer(1, "y", "BatchNorm2d", 2)], [0.5])
+
+
+def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_path, test_set):
+    """``harden.gate.METRIC_FAMILIES`` is what params.yaml's gate checks are validated against: it must cover
+    every metric a real evaluation (PyTorch, ONNX Runtime and the scan) writes, or a valid check is refused."""
+    import fnmatch
+
+    from harden.evaluate import scan_metrics
+    from harden.gate import METRIC_FAMILIES
+
+    torch.manual_seed(0)
+    model = Normalized(build_model("small_cnn", num_classes=K, width=4), [0.5] * 3, [0.25] * 3).eval()
+    path = export_onnx(model, (3, SIZE, SIZE), tmp_path / "model.onnx")
+    probes = [Probe(attack="badnets", target=1), Probe(attack="blend", target=2)]
+    metrics = {**evaluate_torch(model, test_set, probes), **scan_metrics(model, test_set, samples=20, steps=1)}
+    names = set(flatten(metrics)) | set(flatten(evaluate_onnx(path, test_set, probes)))
+    orphans = [n for n in sorted(names) if not any(fnmatch.fnmatchcase(n, f) for f in METRIC_FAMILIES)]
+    assert not orphans, f"metrics outside METRIC_FAMILIES: {orphans}"

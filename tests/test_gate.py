@@ -63,7 +63,7 @@ def test_an_improvement_never_fails_a_change_threshold():
 @pytest.mark.parametrize("check, message", [
     ({"metric": "asr/*", "max_drop": 0.1}, "use max_increase"),
     ({"metric": "acc", "max_increase": 0.1}, "use max_drop"),
-    ({"metric": "latency_ms", "max_increase": 5}, "needs a direction"),
+    ({"metric": "latency_ms", "max_increase": 5}, "needs an explicit direction"),
     ({"metric": "acc"}, "no threshold"),
     ({"metric": "acc", "min": 0.9, "max": 0.5}, "min must be <= max"),
 ])
@@ -166,3 +166,27 @@ def test_rate_thresholds_outside_unit_interval_are_refused(check):
 
 def test_thresholds_of_other_metrics_are_not_limited_to_unit_interval():
     GateConfig(metrics=[{"metric": "eval_time_s", "max": 30.0}])
+
+
+@pytest.mark.parametrize("metric", ["ASR/*", "Robust_acc/*", "accuracy", "asr", "scan/top"])
+def test_a_check_no_metric_of_the_evaluation_can_match_is_refused_at_load(metric):
+    """Issue 12: ``ASR/*`` for ``asr/*`` used to expand to no check, and the gate blessed without it."""
+    with pytest.raises(ValidationError, match="no metric of the evaluation can match it"):
+        MetricCheck(metric=metric, max=0.05)
+
+
+def test_a_pattern_that_matches_nothing_in_this_evaluation_is_never_passed_by_omission():
+    check = {"metric": "robust_acc/bl*", "min": 0.5}  # a plausible pattern, but no blend probe was run
+    with pytest.raises(MissingMetricError, match="robust_acc/bl"):
+        evaluate_gate(gate(check), BEFORE, AFTER, FACTS)
+    b = evaluate_gate(gate(check, on_missing="fail"), BEFORE, AFTER, FACTS)
+    failed = [c for c in b.checks if not c.passed]
+    assert not b.blessed and [c.kind for c in failed] == ["pattern"] and "robust_acc/bl*" in failed[0].reason
+
+
+def test_a_missing_metric_is_a_params_error_with_exit_code_2():
+    from harden.cli import exit_code
+
+    with pytest.raises(MissingMetricError) as info:
+        evaluate_gate(gate({"metric": "min_class_acc", "min": 0.5}), BEFORE, AFTER, FACTS)
+    assert exit_code(info.value) == 2

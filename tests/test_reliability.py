@@ -342,6 +342,47 @@ def test_cli_invalid_params_exit_2_before_touching_anything(ws: Workspace, chang
     assert ws.state() == before
 
 
+@pytest.mark.parametrize("metric", ["ASR/*", "Robust_acc/*", "accuracy"])
+def test_a_gate_check_no_metric_can_match_is_refused_by_check_params(ws: Workspace, metric: str):
+    """Issue 12: these used to pass check-params; the patterns then expanded to no check and the gate blessed."""
+    ws.set_params({"gate": {"metrics": [{"metric": "acc", "min": 0.0}, {"metric": metric, "max": 0.05}]}})
+    before = ws.state()
+    for command in ("check-params", "gate"):
+        args = [command, "--params", str(ws.root / "params.yaml")] if command == "check-params" else [command]
+        result = CliRunner().invoke(app, args) if command == "check-params" else ws.cli(command)
+        expect_exit(result, 2, "gate.metrics.1", "no metric of the evaluation can match it")
+    assert ws.state() == before
+
+
+def test_a_gate_check_this_evaluation_cannot_answer_stops_the_gate_with_exit_2(ws: Workspace):
+    """A plausible check the evidence cannot answer (no blend probe ran) is never passed by omission."""
+    ws.set_params({"gate": {"metrics": [{"metric": "acc", "min": 0.0}, {"metric": "asr/blend*", "max": 0.05}]}})
+    before = ws.state()
+    expect_exit(ws.cli("gate", "--strict"), 2, "asr/blend*", "missing from the evidence")
+    assert ws.state() == before
+    ws.set_params({"gate": {"on_missing": "fail"}})
+    expect_exit(ws.cli("gate", "--strict"), 10, "asr/blend*")
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("gate:\n  metrics: [{metric: acc, min: 0.0}]\n", "duplicate key 'gate'"),
+    ("laughs:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "  c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n  d: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n", "anchor &a"),
+], ids=["duplicate-section", "billion-laughs"])
+def test_params_yaml_with_duplicate_keys_or_aliases_is_refused(ws: Workspace, text: str, pattern: str):
+    """Issue 12: a second ``gate:`` silently won; a YAML alias bomb passed validation, then aborted later."""
+    path = ws.root / "params.yaml"
+    path.write_text(path.read_text() + text)
+    before = ws.state()
+    start = time.monotonic()
+    for command in ("check-params", "report"):
+        args = [command, "--params", str(path)] + ([] if command == "check-params" else
+                                                     ["--runs", str(ws.runs), "--data", str(ws.data)])
+        expect_exit(CliRunner().invoke(app, args), 2, "is not valid YAML", pattern)
+    assert time.monotonic() - start < 10
+    assert ws.state() == before
+
+
 # ------------------------------------------------------------------------------------ 7: bad probes ------
 
 PROBE_FAULTS = {
