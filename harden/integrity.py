@@ -42,10 +42,29 @@ def sha256_tree(root: str | Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
 
 
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete the temporaries a killed writer of ``path`` left beside it (``.NAME.*.tmp``, ``.NAME.*.old``).
+
+    Called before each atomic write of ``path``: one writer per output path at a time (a stage's outputs
+    are written by one run of that stage), so anything matching is a leftover. Returns what was removed.
+    """
+    path = Path(path)
+    removed = []
+    for pattern in (f".{path.name}.*.tmp", f".{path.name}.*.old"):
+        for leftover in path.parent.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -73,6 +92,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -91,10 +111,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     An existing ``path`` is first renamed aside and removed only after the new directory is in place, so
     ``path`` is never a half-written directory: it is the old complete one, the new complete one, or, for
     the instant between the two renames, absent (a crash there leaves the old one under a ``.old`` name).
-    On error the temporary directory is deleted and ``path`` is untouched.
+    On error the temporary directory is deleted and ``path`` is untouched. Leftovers of a killed earlier
+    writer (:func:`remove_leftovers`) are deleted first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

@@ -14,6 +14,7 @@ import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -28,10 +29,46 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``NAME@ALIAS`` or ``NAME/VERSION`` (see harden.registry).
+MODEL_REF = re.compile(r"^(?:models:/)?(?P<name>[^@/\s]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+))$")
+DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """A registry URI the step can use: ``sqlite:///PATH`` (PATH not a directory) or ``http(s)://HOST[:PORT]``.
+
+    ``file://`` stores have no model registry, and a bare path is a file store; both fail later and obscurely.
+    """
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.name:
+            raise ValueError(f"{uri!r} names no database file (sqlite:///PATH/mlflow.db)")
+        if path.is_dir():
+            raise ValueError(f"{uri!r} points at a directory; name the database file inside it (.../mlflow.db)")
+        return uri
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return uri
+    raise ValueError(f"{uri!r} is not a registry URI this step supports: use sqlite:///PATH/mlflow.db (embedded) "
+                     "or http(s)://HOST:PORT (an mlflow server)")
+
+
 class BaseParams(_Section):
     seed: int = Field(0, ge=0, description="seed of data splits, the demo candidate and every purifier")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking/registry URI (sqlite file or http server)")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _registry_uri(cls, value: str) -> str:
+        return check_tracking_uri(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE.match(value):
+            raise ValueError(f"{value!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
 
 
 class DataParams(_Section):
@@ -59,9 +96,17 @@ class DemoCandidateParams(_Section):
 
 
 class CandidateParams(_Section):
-    model: str = Field("models:/nft-demo@candidate", description="registry reference: models:/NAME@ALIAS or models:/NAME/VERSION")
+    model: str = Field("models:/nft-demo@candidate",
+                       description="registry reference: models:/NAME@ALIAS or models:/NAME/VERSION")
     allow_pickle: bool = Field(False, description="explicit opt-in to unpickle a pickled candidate (runs its code!)")
     demo: DemoCandidateParams = DemoCandidateParams()
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, value: str) -> str:
+        if not MODEL_REF.match(value.strip()):
+            raise ValueError(f"{value!r} is not a model reference: use models:/NAME@ALIAS or models:/NAME/VERSION")
+        return value
 
 
 _DEFENSES = ("nft", "ft", "fp", "anp", "ft_sam", "pbe", "fip")

@@ -34,7 +34,6 @@ import logging
 import os
 import posixpath
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -59,6 +58,7 @@ from mlflow.exceptions import MlflowException
 from harden.errors import RegistryError
 from harden.integrity import atomic_dir, sha256_file, sha256_tree
 from harden.package import SPEC_FILE, WEIGHTS_FILE, ModelSpec, find_pickles, load_package, save_package
+from harden.params import MODEL_REF
 from harden.records import Provenance, tree_sha256
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ CLAIM_ROUNDS = 20
 #: Failed alias writes tolerated while claiming (concurrent first writes of an alias collide in MLflow's store).
 ALIAS_WRITE_ATTEMPTS = 3
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
-_REF = re.compile(r"^(?:models:/)?(?P<name>[^@/\s]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+))$")
+_REF = MODEL_REF
 
 
 @dataclass
@@ -155,21 +155,36 @@ def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def check_store_exists(tracking_uri: str) -> None:
-    """For a ``sqlite:///PATH`` URI, refuse a database file that does not exist.
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
-    MLflow silently creates a new, empty database (and its directories) for a mistyped path; reading from
-    that would fail later with a misleading "model does not exist". Other schemes return at once.
+
+def check_store_exists(tracking_uri: str, *, may_create: bool = False) -> None:
+    """For a ``sqlite:///PATH`` URI, refuse a database file that does not exist (unless ``may_create``), and
+    a file that exists but is not an SQLite database (an empty file included).
+
+    MLflow silently creates a new, empty database (and its directories) for a mistyped path, and writes its
+    schema into any empty file; reading from that would fail later with a misleading "model does not exist".
+    Other schemes return at once.
 
     Raises:
-        RegistryError: the sqlite database file is missing.
+        RegistryError: the sqlite database file is missing, or is not an SQLite database.
     """
     prefix = "sqlite:///"
     if not tracking_uri.startswith(prefix):
         return
     db = Path(tracking_uri[len(prefix):])
-    if not db.is_file():
+    if not db.exists():
+        if may_create:
+            return
         raise RegistryError(f"no MLflow database at {db} (tracking URI {tracking_uri}): wrong base.tracking_uri?")
+    try:
+        with open(db, "rb") as fh:
+            magic = fh.read(len(SQLITE_MAGIC))
+    except OSError as err:
+        raise RegistryError(f"cannot read the MLflow database {db}: {err}") from err
+    if magic != SQLITE_MAGIC:
+        raise RegistryError(f"{db} is not an SQLite database ({db.stat().st_size} bytes; tracking URI "
+                            f"{tracking_uri}); refusing to let MLflow write its schema into it")
 
 
 @contextmanager
@@ -326,6 +341,7 @@ def register_candidate(pkg_dir: str | Path, name: str, *, tracking_uri: str, ali
     """
     pkg_dir = Path(pkg_dir)
     load_package(pkg_dir)
+    check_store_exists(tracking_uri, may_create=True)
     wait_reachable(tracking_uri)
     client = _client(tracking_uri)
     try:
@@ -447,6 +463,7 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
     manifest_sha = hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     status = "blessed" if blessed else "rejected"
     reasons = [] if blessed else (reasons or ["not blessed by the gate (no reasons given)"])
+    check_store_exists(tracking_uri, may_create=True)
     wait_reachable(tracking_uri)
     client = _client(tracking_uri)
     run_id, version, claiming, winner = None, None, False, None

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from harden.errors import ChainError, DataError
+from harden.errors import ChainError, DataError, ParamsError
 from harden.evaluate import (LayerMasks, compare, evaluate_onnx, evaluate_torch, flatten, layer_masks,
                              mask_statistics, scan_metrics)
 from harden.gate import Blessing, GateConfig, evaluate_gate
@@ -210,6 +210,16 @@ def pull_stage(candidate: CandidateParams, tracking_uri: str, out_dir: Path) -> 
 
 # ------------------------------------------------------------------------------------- purify / fold ------
 
+def check_device(device: str) -> None:
+    """Refuse (ParamsError, exit 2) a CUDA device this machine does not have, before any work."""
+    if not device.startswith("cuda"):
+        return
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise ParamsError(f"base.device={device!r}: this machine has {count} CUDA device(s); use 'auto' or 'cpu'")
+
+
 def _load_model(pkg_dir: Path):
     net, spec = load_package(pkg_dir)
     return spec.wrap(net).eval(), spec
@@ -224,6 +234,7 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
     killed run resume where it stopped; it is bound to the candidate, the clean set and the config (a checkpoint
     of anything else is discarded, never resumed) and removed when the stage completes.
     """
+    check_device(base.device)
     chain = check_chain(pull=Path(candidate_dir), clean=Path(clean_npz))
     model, spec = _load_model(Path(candidate_dir) / PACKAGE)
     clean = read_npz(clean_npz)

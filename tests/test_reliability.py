@@ -342,6 +342,56 @@ def test_cli_invalid_params_exit_2_before_touching_anything(ws: Workspace, chang
     assert ws.state() == before
 
 
+@pytest.mark.parametrize("changes, pattern", [
+    ({"base": {"tracking_uri": "TMP"}}, "not a registry URI this step supports"),
+    ({"base": {"tracking_uri": "sqlite:///TMP"}}, "points at a directory"),
+    ({"base": {"tracking_uri": "file:///TMP/mlruns"}}, "not a registry URI this step supports"),
+    ({"base": {"tracking_uri": "ftp://example.invalid/registry"}}, "not a registry URI this step supports"),
+    ({"base": {"device": "banana"}}, "'banana' is not a device"),
+    ({"candidate": {"model": "models:/rel-candidate@@candidate"}}, "is not a model reference"),
+], ids=["uri-directory", "sqlite-directory", "file-scheme", "ftp-scheme", "device-banana", "bad-model-ref"])
+def test_check_params_validates_every_value_it_can_without_the_network(ws: Workspace, changes, pattern):
+    """Issue 12: these passed check-params and then exited 1 (or 4) in the middle of a run."""
+    changes = json.loads(json.dumps(changes).replace("TMP", str(ws.root)))  # an existing directory
+    ws.set_params(changes)
+    before = ws.state()
+    expect_exit(CliRunner().invoke(app, ["check-params", "--params", str(ws.root / "params.yaml")]), 2, pattern)
+    expect_exit(ws.cli("pull"), 2, pattern)
+    assert ws.state() == before
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused_before_purification(ws: Workspace):
+    ws.set_params({"base": {"device": "cuda:3"}})
+    before = ws.state()
+    expect_exit(ws.cli("purify", "--no-progress"), 2, "base.device='cuda:3'", "CUDA device(s)")
+    assert ws.state() == before
+
+
+def test_an_sqlite_uri_naming_a_file_that_is_not_a_database_is_refused_untouched(ws: Workspace):
+    """Issue 12: MLflow wrote its schema into an empty file named by the tracking URI."""
+    for content in (b"", b"not a database"):
+        target = ws.root / "registry.db"
+        target.write_bytes(content)
+        ws.set_params({"base": {"tracking_uri": f"sqlite:///{target}"}})
+        before = ws.state()
+        expect_exit(ws.cli("pull"), 4, "is not an SQLite database")
+        expect_exit(ws.cli("promote"), 4, "is not an SQLite database")
+        assert target.read_bytes() == content and ws.state() == before
+
+
+def test_temporaries_of_a_killed_stage_are_removed_by_its_next_run(ws: Workspace):
+    """Issue 12: a stage killed mid-write left ``runs/.export.*.tmp/`` behind forever."""
+    leftovers = [ws.runs / ".export.k1ll3d.tmp", ws.runs / ".export.k1ll3d.old", ws.runs / "evaluate" / ".metrics.json.x.tmp"]
+    for leftover in leftovers[:2]:
+        (leftover / "model.onnx").parent.mkdir(parents=True)
+        (leftover / "model.onnx").write_bytes(b"half")
+    leftovers[2].write_bytes(b"{")
+    for stage in ("export", "evaluate"):
+        expect_exit(ws.cli(stage), 0)
+    assert not [p for p in leftovers if p.exists()]
+    assert not [p for p in ws.runs.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
 @pytest.mark.parametrize("metric", ["ASR/*", "Robust_acc/*", "accuracy"])
 def test_a_gate_check_no_metric_can_match_is_refused_by_check_params(ws: Workspace, metric: str):
     """Issue 12: these used to pass check-params; the patterns then expanded to no check and the gate blessed."""
