@@ -199,3 +199,56 @@ def test_stratified_split_counts_and_determinism(kwargs, sizes):
 def test_stratified_split_argument_errors(kwargs):
     with pytest.raises(ValueError):
         stratified_split(_random_data(), **kwargs)
+
+
+def _npz_declaring(path, shape):
+    """An npz whose ``x`` member declares ``shape`` (uint8) but holds no data: a few hundred bytes on disk."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_2_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    y = io.BytesIO()
+    np.save(y, np.zeros(2, dtype=np.int64))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("x.npy", header.getvalue())  # the header (with its magic), and no data
+        zf.writestr("y.npy", y.getvalue())
+    return path
+
+
+def test_npz_declaring_gigabytes_is_refused_from_its_headers(tmp_path):
+    """Issue 12: an 11 MB npz holding 11.8 GB of zeros was read until memory ran out."""
+    path = _npz_declaring(tmp_path / "bomb.npz", (1_000_000, 64, 64, 3))
+    with pytest.raises(ValueError, match=r"'x' declares 12288000000 bytes"):
+        load_dataset(f"npz:{path}")
+
+
+def test_npz_size_bound_is_configurable(tmp_path):
+    from nft_core.data.npz import load_npz
+
+    data = _random_data()
+    data.save_npz(tmp_path / "d.npz")
+    assert len(load_npz(tmp_path / "d.npz")) == 40
+    with pytest.raises(ValueError, match="above the 1000 allowed"):
+        load_npz(tmp_path / "d.npz", max_bytes=1000)
+
+
+def test_imagefolder_refuses_an_image_above_the_pixel_bound_before_decoding(tmp_path, monkeypatch):
+    """Issue 12: a decompression-bomb PNG (gigapixels in kilobytes) was decoded; the size is read first."""
+    import nft_core.data.folders as folders
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "0.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "a" / "1.png")
+    (tmp_path / "a" / "2.png").write_bytes(b"not a png")
+    monkeypatch.setattr(folders, "MAX_IMAGE_PIXELS", 1000)
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or None)
+    with pytest.raises(ValueError, match=r"64 x 64 pixels, above the 1000 allowed"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    assert (64, 64) not in decoded
+    monkeypatch.setattr(folders, "MAX_IMAGE_PIXELS", 10_000)
+    monkeypatch.undo()
+    (tmp_path / "a" / "1.png").unlink()
+    with pytest.raises(ValueError, match="2.png: not a readable image"):
+        load_dataset(f"imagefolder:{tmp_path}")

@@ -392,6 +392,28 @@ def test_temporaries_of_a_killed_stage_are_removed_by_its_next_run(ws: Workspace
     assert not [p for p in ws.runs.rglob(".*") if p.name.endswith((".tmp", ".old"))]
 
 
+def test_a_data_bomb_is_refused_with_exit_5_before_it_is_read(ws: Workspace):
+    """Issue 12: an npz declaring gigabytes (a few hundred bytes on disk) exits 5, naming the array."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_2_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10_000_000, 64, 64, 3)})
+    bomb = ws.root / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w") as zf:
+        zf.writestr("x.npy", header.getvalue())
+        zf.writestr("y.npy", b"")
+    before = ws.state()
+    shutil.copy(bomb, ws.data / "clean.npz")
+    expect_exit(ws.cli("purify", "--no-progress"), 5, "clean.npz", "declares", "above the")
+    shutil.copy(bomb, ws.data / "test.npz")
+    ws.set_params({"data": {"train": f"npz:{bomb}"}})
+    expect_exit(ws.cli("prepare"), 5, "bomb.npz", "declares")
+    assert {k: v for k, v in ws.state().items() if not k.startswith("data/")} == \
+        {k: v for k, v in before.items() if not k.startswith("data/")}
+
+
 @pytest.mark.parametrize("metric", ["ASR/*", "Robust_acc/*", "accuracy"])
 def test_a_gate_check_no_metric_can_match_is_refused_by_check_params(ws: Workspace, metric: str):
     """Issue 12: these used to pass check-params; the patterns then expanded to no check and the gate blessed."""

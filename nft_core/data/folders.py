@@ -6,12 +6,30 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from nft_core.data.image_data import ImageData
 
 _TO_UINT8 = v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])
+
+#: Largest image an image folder may hold (pixels), checked from the file's header before decoding it.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def open_bounded(path: str) -> Image.Image:
+    """``PIL.Image.open`` as RGB, refusing an image above :data:`MAX_IMAGE_PIXELS` before it is decoded (a
+    few-kilobyte PNG can declare gigapixels)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{path}: {width} x {height} pixels, above the {MAX_IMAGE_PIXELS} allowed "
+                                 "(a decompression bomb, or an image to resize first)")
+            return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: not a readable image: {err}") from err
 
 #: GTSRB images vary in size; like the NFT supplementary (Sec. 2.1) they are resized to 32 x 32.
 GTSRB_SIZE = 32
@@ -39,7 +57,7 @@ def load_imagefolder(root: str | Path) -> ImageData:
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"imagefolder dataset {str(root)!r} is not a directory")
-    folder = datasets.ImageFolder(str(root), transform=_TO_UINT8)
+    folder = datasets.ImageFolder(str(root), transform=_TO_UINT8, loader=open_bounded)
     x, y = _stack(folder, f"imagefolder dataset {str(root)!r}")
     return ImageData(x, y, len(folder.classes), tuple(folder.classes))
 
