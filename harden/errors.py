@@ -15,7 +15,16 @@ class PackageError(ValueError):
 
 
 class RegistryError(RuntimeError):
-    """A registry operation failed; the message names the model, alias, version or URI."""
+    """A registry operation failed; the message names the model, alias, version or URI.
+
+    ``state`` (when a registration failed part-way) says what the registry holds as far as is known:
+    ``version``, its ``status`` tag, whether the alias moved (``True``/``False``/``"unknown"``) and whether
+    that was ``confirmed`` by reading the registry back.
+    """
+
+    def __init__(self, message: str, *, state: dict | None = None):
+        super().__init__(message)
+        self.state = state
 
 
 class DataError(ValueError):

@@ -77,6 +77,15 @@ CLAIM_ROUNDS = 20
 ALIAS_WRITE_ATTEMPTS = 3
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 _REF = MODEL_REF
+#: Every registration shares one deadline (seconds): a registry that stops answering mid-promote ends it
+#: within DEADLINE_S plus one call's bound (below), with a RegistryError that says what the registry holds.
+DEADLINE_S = 300.0
+#: One HTTP call's bound: MLflow's own retries (default 7 with backoff factor 2, about 8.5 minutes) lowered to
+#: 2 retries, backoff factor 1, 10 s timeout, unless the user set these variables; set only while we call MLflow.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+#: A version left ``pending`` longer than this by an interrupted promote is tagged failed by the next one.
+PENDING_STALE_S = 3600.0
 
 
 @dataclass
@@ -153,6 +162,36 @@ def wait_reachable(tracking_uri: str, *, retries: int = 3, backoff_s: float = 0.
 
 def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextmanager
+def bounded_http() -> Iterator[None]:
+    """MLflow's HTTP retries and timeout bounded by :data:`HTTP_BOUNDS` (where the user set none), restored after."""
+    added = {k: v for k, v in HTTP_BOUNDS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+class _Deadline:
+    """An MlflowClient whose every call first checks a shared deadline (RegistryError once it has passed)."""
+
+    def __init__(self, client: MlflowClient, seconds: float, what: str):
+        self._client, self._end, self._seconds, self._what = client, time.monotonic() + seconds, seconds, what
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if time.monotonic() > self._end:
+                raise RegistryError(f"{self._what}: the {self._seconds:.0f} s deadline passed before {name}")
+            return attr(*args, **kwargs)
+        return call
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -237,8 +276,18 @@ def _locate_package(root: Path) -> Path:
 def _download_version(client: MlflowClient, tracking_uri: str, mv, into: Path) -> tuple[Path, str]:
     """Download the version's source artifacts into ``into``; fall back to the run's ``package/``."""
     source = client.get_model_version_download_uri(mv.name, mv.version)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into / "source"),
-                                                     tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into / "source"),
+                                                         tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    except ImportError as err:  # an artifact store whose client library is not installed (boto3 for s3://)
+        raise RegistryError(f"{mv.name} version {mv.version} is stored at {source!r}, and this environment lacks "
+                            f"the library that artifact store needs ({err.name or err}); install it (s3: boto3, "
+                            "gs: google-cloud-storage, azure: azure-storage-blob)") from err
+    except (MlflowException, OSError):
+        raise
+    except Exception as err:  # the artifact store's own client failed (botocore, google.api_core, ...)
+        raise RegistryError(f"cannot download {mv.name} version {mv.version} from {source!r}: "
+                            f"{type(err).__name__}: {err}") from err
     has_package = any((p.parent / WEIGHTS_FILE).is_file() for p in local.rglob(SPEC_FILE)) if local.is_dir() else False
     if not has_package and not find_pickles(local) and mv.run_id:
         try:
@@ -274,11 +323,12 @@ def pull(ref: str, dest: str | Path, *, tracking_uri: str, allow_pickle: bool = 
     name, alias, version = parse_model_ref(ref)
     check_store_exists(tracking_uri)
     wait_reachable(tracking_uri, retries=retries, backoff_s=backoff_s)
-    client = _client(tracking_uri)
-    mv = _resolve(client, name, alias, version)
+    client = _Deadline(_client(tracking_uri), DEADLINE_S, f"pulling {ref!r}")
+    with bounded_http():
+        mv = _resolve(client, name, alias, version)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest) as tmp:
+    with bounded_http(), tempfile.TemporaryDirectory(prefix=".pull-", dir=dest) as tmp:
         try:
             local, source = _download_version(client, tracking_uri, mv, Path(tmp))
         except (MlflowException, OSError) as err:
@@ -465,9 +515,21 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
     reasons = [] if blessed else (reasons or ["not blessed by the gate (no reasons given)"])
     check_store_exists(tracking_uri, may_create=True)
     wait_reachable(tracking_uri)
-    client = _client(tracking_uri)
+    with bounded_http():
+        return _register_hardened(name, tracking_uri, package_dir, onnx_path, onnx_sha, evidence, metrics, tags,
+                                  description, blessed, alias, manifest, manifest_sha, status, reasons, set_alias,
+                                  experiment, input_example)
+
+
+def _register_hardened(name: str, tracking_uri: str, package_dir: Path, onnx_path: Path, onnx_sha: str,
+                       evidence: dict[str, Path], metrics: dict[str, float], tags: dict[str, str], description: str,
+                       blessed: bool, alias: str, manifest: dict[str, Any], manifest_sha: str, status: str,
+                       reasons: list[str], set_alias: bool, experiment: str, input_example: Any) -> RegisteredVersion:
+    client = _Deadline(_client(tracking_uri), DEADLINE_S, f"registering {name!r}")
     run_id, version, claiming, winner = None, None, False, None
+    status_written = False
     try:
+        _sweep_pending(client, name)
         experiment_id = _experiment_id(client, tracking_uri, experiment)
         run_id = client.create_run(experiment_id, run_name=f"harden-{name}").info.run_id
         now = int(time.time() * 1000)
@@ -490,14 +552,28 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         if reasons:
             client.set_model_version_tag(name, version, REASONS_TAG, "; ".join(reasons)[:5000])
         client.set_model_version_tag(name, version, STATUS_TAG, status)
+        status_written = True
         client.set_terminated(run_id)
         if blessed and set_alias:
             claiming = True
             winner = _claim_alias(client, name, alias, int(version))
     except (MlflowException, RegistryError, OSError) as err:
-        _mark_failed(client, name, version, run_id, err, alias if claiming else None)
-        raise RegistryError(f"registering hardened model {name!r} failed"
-                            f"{f' (version {version} tagged failed)' if version else ''}: {err}") from err
+        # the clean-up gets its own (short) deadline: the shared one may be what just ran out
+        cleanup = _Deadline(client._client, 60.0, f"marking {name!r} version {version} failed")
+        if _mark_failed(cleanup, name, version, run_id, err, alias if claiming else None):
+            raise RegistryError(f"registering hardened model {name!r} failed"
+                                f"{f' (version {version} tagged failed)' if version else ''}: {err}",
+                                state={"version": int(version) if version else None, "status": "failed",
+                                       "alias_moved": False, "confirmed": True}) from err
+        held = status if status_written else "pending"
+        raise RegistryError(
+            f"registering hardened model {name!r} failed: {err}. The registry did not answer the clean-up either, "
+            f"so its state is unconfirmed: version {version} exists tagged {STATUS_TAG}={held}"
+            + (f", and @{alias} may point at it (the alias write was sent)" if claiming else "")
+            + ". Check the registry before serving from the alias; the next promote tags stale pending versions "
+            "failed.",
+            state={"version": int(version), "status": held, "alias_moved": "unknown" if claiming else False,
+                   "confirmed": False}) from err
     moved = winner == int(version)
     superseded = winner if winner is not None and not moved else None
     logger.info("registered %s version %s: %s%s", name, version, status,
@@ -521,14 +597,15 @@ def move_alias(name: str, version: int, alias: str, *, tracking_uri: str) -> int
     """
     check_store_exists(tracking_uri)
     wait_reachable(tracking_uri)
-    client = _client(tracking_uri)
+    client = _Deadline(_client(tracking_uri), DEADLINE_S, f"moving @{alias} of {name!r}")
     try:
-        mv = client.get_model_version(name, str(version))
-        status = mv.tags.get(STATUS_TAG)
-        if status != "blessed":
-            raise RegistryError(f"refusing to move @{alias} to {name} version {version}: its {STATUS_TAG} is "
-                                f"{status!r}, not 'blessed'")
-        winner = _claim_alias(client, name, alias, int(version))
+        with bounded_http():
+            mv = client.get_model_version(name, str(version))
+            status = mv.tags.get(STATUS_TAG)
+            if status != "blessed":
+                raise RegistryError(f"refusing to move @{alias} to {name} version {version}: its {STATUS_TAG} is "
+                                    f"{status!r}, not 'blessed'")
+            winner = _claim_alias(client, name, alias, int(version))
     except MlflowException as err:
         raise RegistryError(f"moving @{alias} of {name!r} to version {version} failed: {err}") from err
     if winner == int(version):
@@ -624,20 +701,46 @@ def _release_alias(client: MlflowClient, name: str, alias: str, version: str) ->
         logger.warning("@%s of %s removed from failed version %s (no other blessed version)", alias, name, version)
 
 
-def _mark_failed(client: MlflowClient, name: str, version: str | None, run_id: str | None, err: Exception,
-                 alias: str | None) -> None:
+def _mark_failed(client: Any, name: str, version: str | None, run_id: str | None, err: Exception,
+                 alias: str | None) -> bool:
     """Best effort: tag the version failed and the run FAILED, and, when ``alias`` may have been written, take
-    it off the failed version; a second failure is logged, not raised."""
+    it off the failed version. Returns whether the version's tag and the alias are confirmed (a second failure
+    is logged, not raised)."""
+    confirmed = True
     try:
         if version is not None:
             client.set_model_version_tag(name, version, STATUS_TAG, "failed")
             client.set_model_version_tag(name, version, REASONS_TAG, f"registration failed: {err}"[:5000])
         if run_id is not None:
             client.set_terminated(run_id, status="FAILED")
-    except MlflowException as second:
+    except (MlflowException, RegistryError, OSError) as second:
         logger.error("could not mark %s version %s as failed: %s", name, version, second)
+        confirmed = version is None
     if version is not None and alias is not None:
         try:
             _release_alias(client, name, alias, version)
-        except MlflowException as second:
+        except (MlflowException, RegistryError, OSError) as second:
             logger.error("could not check @%s of %s after version %s failed: %s", alias, name, version, second)
+            # an alias name the registry refuses cannot point anywhere; anything else leaves it unknown
+            confirmed = confirmed and getattr(second, "error_code", None) == "INVALID_PARAMETER_VALUE"
+    return confirmed
+
+
+def _sweep_pending(client: Any, name: str) -> list[str]:
+    """Tag ``failed`` every version of ``name`` still ``pending`` after :data:`PENDING_STALE_S` (an interrupted
+    promote's leftover; a concurrent promote's fresh pending version is younger). Returns their numbers."""
+    try:
+        found = client.search_model_versions(f"name='{name}'")
+    except MlflowException as err:
+        if _is_not_found(err):
+            return []
+        raise
+    now_ms = time.time() * 1000
+    stale = [mv.version for mv in found if mv.tags.get(STATUS_TAG) == "pending"
+             and now_ms - (mv.creation_timestamp or 0) > PENDING_STALE_S * 1000]
+    for number in stale:
+        client.set_model_version_tag(name, number, STATUS_TAG, "failed")
+        client.set_model_version_tag(name, number, REASONS_TAG,
+                                     f"left pending by an interrupted promote (older than {PENDING_STALE_S:.0f} s)")
+        logger.warning("%s version %s was left pending by an interrupted promote; tagged failed", name, number)
+    return stale

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from harden.errors import ChainError, DataError, ParamsError
+from harden.errors import ChainError, DataError, ParamsError, RegistryError
 from harden.evaluate import (LayerMasks, compare, evaluate_onnx, evaluate_torch, flatten, layer_masks,
                              mask_statistics, scan_metrics)
 from harden.gate import Blessing, GateConfig, evaluate_gate
@@ -59,6 +59,8 @@ METRICS = MetricsRecord.FILE
 BLESSING = Blessing.FILE
 REPORT = ReportRecord.FILE
 REGISTERED = Registration.FILE
+#: Written by promote when registration failed part-way: what the registry holds, as far as is known.
+PROMOTE_FAILED = "failed.json"
 
 #: Max |masked - folded| on logits for the fold check (fp32, eval mode).
 FOLD_ATOL = 1e-5
@@ -528,12 +530,20 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
     description = "\n".join([f"Hardened from {prov.model_name} version {prov.version} with "
                              f"{purified.defense} on {purified.clean_samples} clean images.", blessing.summary,
                              "", *rows])
-    registered = register_hardened(params.promote.name, tracking_uri=params.base.tracking_uri,
-                                   package_dir=chain.path("hardened"), onnx_path=chain.path("onnx"),
-                                   evidence=evidence, metrics=numbers, tags=tags, description=description,
-                                   blessed=blessing.blessed, alias=params.promote.alias,
-                                   onnx_sha256=parity.onnx_sha256, reasons=[c.reason for c in blessing.failed],
-                                   set_alias=move_alias)
+    failed_record = Path(out_dir) / PROMOTE_FAILED
+    try:
+        registered = register_hardened(params.promote.name, tracking_uri=params.base.tracking_uri,
+                                       package_dir=chain.path("hardened"), onnx_path=chain.path("onnx"),
+                                       evidence=evidence, metrics=numbers, tags=tags, description=description,
+                                       blessed=blessing.blessed, alias=params.promote.alias,
+                                       onnx_sha256=parity.onnx_sha256, reasons=[c.reason for c in blessing.failed],
+                                       set_alias=move_alias)
+    except RegistryError as err:
+        if err.state is not None:  # what the registry holds, as far as is known, for CI and the operator
+            write_json_atomic(failed_record, {**err.state, "name": params.promote.name, "alias": params.promote.alias,
+                                              "tracking_uri": params.base.tracking_uri, "error": str(err)})
+        raise
+    failed_record.unlink(missing_ok=True)
     record = Registration(**dataclasses.asdict(registered), alias=params.promote.alias, blessed=blessing.blessed,
                           summary=blessing.summary, tracking_uri=params.base.tracking_uri,
                           inputs={"blessing": chain.digest("blessing"), "onnx": chain.digest("onnx"),

@@ -208,3 +208,19 @@ def test_registered_onnx_is_a_pyfunc_model_with_baked_normalisation(sqlite_regis
     with torch.no_grad():
         expected = spec.wrap(net)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_a_version_in_an_artifact_store_this_environment_cannot_read_is_a_registry_error(tmp_path):
+    """Issue 12: a version whose source is s3://... ended in ModuleNotFoundError (exit 1)."""
+    from mlflow import MlflowClient
+
+    from harden.cli import exit_code
+    from harden.registry import RegistryError, pull
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    client.create_registered_model("in-s3")
+    client.create_model_version("in-s3", "s3://bucket.invalid/models/in-s3/1")
+    with pytest.raises(RegistryError, match=r"s3://bucket.invalid.*(boto3|cannot download)") as info:
+        pull("models:/in-s3/1", tmp_path / "out", tracking_uri=uri)
+    assert exit_code(info.value) == 4 and not (tmp_path / "out" / "package").exists()

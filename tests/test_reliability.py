@@ -639,8 +639,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.server.drop(self.command, urllib.parse.urlsplit(self.path).path):
+        verdict = self.server.drop(self.command, urllib.parse.urlsplit(self.path).path)
+        if verdict:
             self.server.dropped.append(f"{self.command} {self.path}")
+            if verdict == "hang":  # a server that stopped answering: hold the connection, then close it
+                time.sleep(30)
             self.close_connection = True
             return
         upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=60)
@@ -710,6 +713,69 @@ def test_registration_failing_after_artifacts_were_logged_is_tagged_failed_and_a
     superseded = client.get_model_version(ws.name, str(champion)).tags
     assert superseded[SUPERSEDED_TAG] == str(champion + 2)
     assert SUPERSEDED_TAG not in client.get_model_version(ws.name, str(champion + 1)).tags  # failed, not blessed
+
+
+@pytest.mark.slow
+def test_a_registry_that_dies_after_the_alias_write_is_reported_as_unconfirmed(ws: Workspace, mlflow_server: str,
+                                                                                faulty_proxy):
+    """Issue 12: the server died right after the alias write; the CLI said "tagged failed" while the new version
+    was blessed and held @champion. Now it says what the registry may hold, and writes it down."""
+    seen = {"alias": False}
+
+    def die_after_alias(method: str, path: str) -> bool:
+        if seen["alias"]:
+            return True
+        seen["alias"] = method == "POST" and path.endswith("/registered-models/alias")
+        return False
+
+    ws.set_params({"base": {"tracking_uri": faulty_proxy(die_after_alias).url}})
+    start = time.monotonic()
+    expect_exit(ws.cli("promote"), 4, "state is unconfirmed", "@champion may point at it")
+    assert time.monotonic() - start < 120
+    failed = json.loads((ws.runs / "promote" / "failed.json").read_text())
+    assert failed["version"] == 1 and failed["alias_moved"] == "unknown" and failed["confirmed"] is False
+    assert not (ws.runs / "promote" / "registered.json").exists()
+    assert registry_state(mlflow_server, ws.name) == ([(1, "blessed")], 1)  # what the message warned of
+
+
+@pytest.mark.slow
+def test_a_registry_that_stops_answering_mid_promote_ends_within_the_deadline(ws: Workspace, mlflow_server: str,
+                                                                             faulty_proxy, monkeypatch):
+    """Every registry call shares one deadline; MLflow's own retries (about 8.5 minutes per call) are bounded."""
+    import harden.registry as registry
+
+    monkeypatch.setattr(registry, "DEADLINE_S", 15.0)
+    monkeypatch.setattr(registry, "HTTP_BOUNDS", {**registry.HTTP_BOUNDS, "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+                                                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"})
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # the fixture's; use ours
+    hang_from = {"n": 0}
+
+    def hang_after_the_run_started(method: str, path: str) -> bool | str:
+        hang_from["n"] += path.endswith("/runs/create")
+        return "hang" if hang_from["n"] and path.endswith("/model-versions/create") else False
+
+    ws.set_params({"base": {"tracking_uri": faulty_proxy(hang_after_the_run_started).url}})
+    start = time.monotonic()
+    result = ws.cli("promote")
+    elapsed = time.monotonic() - start
+    expect_exit(result, 4, "registering hardened model")
+    assert elapsed < 15 + 2 * (2 + 1) + 60, elapsed  # deadline + one bounded call + the clean-up's bound
+    versions, holder = registry_state(mlflow_server, ws.name)
+    assert holder is None and all(status != "blessed" for _, status in versions)
+
+
+def test_stale_pending_versions_are_tagged_failed_by_the_next_promote(ws: Workspace, monkeypatch):
+    """A promote killed between creating its version and tagging it leaves it pending; the next one sweeps it."""
+    import harden.registry as registry
+
+    expect_exit(ws.cli("promote"), 0)
+    client = MlflowClient(ws.uri, ws.uri)
+    client.set_model_version_tag(ws.name, "1", STATUS_TAG, "pending")  # as a killed promote leaves it
+    monkeypatch.setattr(registry, "PENDING_STALE_S", 0.0)
+    expect_exit(ws.cli("promote"), 0)
+    swept = client.get_model_version(ws.name, "1").tags
+    assert swept[STATUS_TAG] == "failed" and "left pending" in swept[REASONS_TAG]
+    assert registry_state(ws.uri, ws.name) == ([(1, "failed"), (2, "blessed")], 2)
 
 
 # ------------------------------------------------------------------------------ 11: racing promotions ------
