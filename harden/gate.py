@@ -202,6 +202,42 @@ class Blessing(Record):
         """The checks that did not pass."""
         return [c for c in self.checks if not c.passed]
 
+    def inconsistencies(self) -> list[str]:
+        """What in this blessing does not follow from its own checks (empty when it is consistent).
+
+        Each value or change check is re-judged from its recorded value, threshold and baseline; ``blessed``
+        must equal "every check passed" and there must be at least one check. This catches a blessing whose
+        verdict or pass flags were edited; it cannot catch edited values (for that, re-derive the verdict from
+        the evaluation, as ``promote`` does).
+        """
+        problems = [] if self.checks else ["it has no checks"]
+        for check in self.checks:
+            expected = _rejudge(check)
+            if expected is not None and expected != check.passed:
+                problems.append(f"check {check.name!r} says passed={check.passed}, its value says {expected}")
+        if self.blessed != (bool(self.checks) and all(c.passed for c in self.checks)):
+            problems.append(f"blessed={self.blessed} but {len(self.failed)} of {len(self.checks)} checks failed")
+        return problems
+
+
+def _rejudge(check: CheckResult) -> bool | None:
+    """Whether ``check`` passes, judged again from its recorded numbers (None: nothing to re-judge)."""
+    value, threshold, baseline = check.value, check.threshold, check.baseline
+    if check.kind == "fact":
+        return value is True
+    if check.kind in ("probes", "pattern") or isinstance(value, bool) or isinstance(threshold, bool):
+        return None
+    if value is None or threshold is None or not math.isfinite(value):
+        return False
+    if check.kind == "min":
+        return value >= threshold - TOLERANCE
+    if check.kind == "max":
+        return value <= threshold + TOLERANCE
+    if baseline is None or not math.isfinite(baseline):
+        return False
+    change = baseline - value if check.kind == "max_drop" else value - baseline
+    return change <= threshold + TOLERANCE
+
 
 def _fmt(value: float) -> str:
     return f"{value:.4f}"

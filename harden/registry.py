@@ -24,6 +24,11 @@ check sees every contender, so the alias ends on the highest blessed version. Ev
 then tagged ``hardening.superseded_by=<winner>`` (the loser of a race, and the previous champion), so no
 blessed version is silently lost. To roll back, set the bad version's ``hardening.status`` to ``revoked``
 (it then no longer counts as blessed) and move the alias by hand.
+
+A version counts as blessed only when its tag says so **and** its registered evidence does
+(:func:`blessing_problem`: manifest tag -> manifest -> blessing file -> a blessing that says blessed and follows
+from its own checks), so tagging a rejected version ``blessed`` by hand does not win it the alias. Someone who
+can also upload a forged run could still forge that chain: the digests bind, they do not sign.
 """
 
 from __future__ import annotations
@@ -421,6 +426,23 @@ def _describe(description: str, status: str, onnx_sha: str, metrics: dict[str, f
     return "\n".join(lines)
 
 
+def _check_blessing_evidence(evidence: dict[str, Path]) -> None:
+    """A blessed registration needs a ``blessing`` among its evidence that says blessed and follows from its
+    checks: otherwise the alias rule (:func:`blessing_problem`) would not count the version anyway."""
+    from harden.gate import Blessing
+
+    if "blessing" not in evidence:
+        raise RegistryError("refusing to register a blessed version without a 'blessing' among its evidence")
+    try:
+        blessing = Blessing.model_validate_json(Path(evidence["blessing"]).read_bytes())
+    except (OSError, ValueError) as err:
+        raise RegistryError(f"refusing to register a blessed version: {evidence['blessing']} is not a blessing "
+                            f"record ({err})") from err
+    problems = ([] if blessing.blessed else ["it says not blessed"]) + blessing.inconsistencies()
+    if problems:
+        raise RegistryError(f"refusing to register a blessed version: {evidence['blessing']}: {'; '.join(problems)}")
+
+
 def _check_inputs(package_dir: Path, onnx_path: Path, evidence: dict[str, Path], onnx_sha256: str | None) -> str:
     """Verify the files before anything is logged; returns the ONNX file's sha256."""
     missing = [str(p) for p in [onnx_path, *evidence.values()] if not Path(p).is_file()]
@@ -510,7 +532,9 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
     package_dir, onnx_path = Path(package_dir), Path(onnx_path)
     onnx_sha = _check_inputs(package_dir, onnx_path, evidence, onnx_sha256)
     manifest = _manifest(package_dir, onnx_path, onnx_sha, evidence)
-    manifest_sha = hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    manifest_sha = _manifest_sha(manifest)
+    if blessed:
+        _check_blessing_evidence(evidence)
     status = "blessed" if blessed else "rejected"
     reasons = [] if blessed else (reasons or ["not blessed by the gate (no reasons given)"])
     check_store_exists(tracking_uri, may_create=True)
@@ -615,13 +639,64 @@ def move_alias(name: str, version: int, alias: str, *, tracking_uri: str) -> int
     return winner
 
 
-def _blessed_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
-    """Every version of ``name`` tagged ``hardening.status=blessed`` (all result pages)."""
+def _manifest_sha(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def blessing_problem(client: Any, mv: ModelVersion) -> str | None:
+    """Why ``mv``'s registered evidence does not show a blessing, or None when it does.
+
+    The chain: the version's manifest tag -> its run's ``manifest.json`` (sha256 of the canonical JSON) -> the
+    blessing file it lists (sha256) -> a :class:`~harden.gate.Blessing` that says blessed and follows from its
+    own checks. A tag alone (``hardening.status=blessed`` written by hand) does not make a contender.
+    Registry errors other than "not found" are raised.
+    """
+    from harden.gate import Blessing
+
+    if not mv.tags.get(MANIFEST_TAG) or not mv.run_id:
+        return "it has no manifest tag or run"
+    try:
+        with tempfile.TemporaryDirectory(prefix=".verify-") as tmp:
+            manifest = json.loads(Path(client.download_artifacts(mv.run_id, MANIFEST_FILE, tmp)).read_text())
+            if _manifest_sha(manifest) != mv.tags[MANIFEST_TAG]:
+                return "its manifest differs from its manifest tag"
+            entry = manifest.get("evidence", {}).get("blessing")
+            if not entry:
+                return "its evidence has no blessing"
+            path = Path(client.download_artifacts(mv.run_id, f"evidence/{entry['file']}", tmp))
+            if sha256_file(path) != entry["sha256"]:
+                return "its blessing file differs from the manifest"
+            blessing = Blessing.model_validate_json(path.read_bytes())
+    except MlflowException as err:
+        if _is_not_found(err):
+            return f"its evidence is missing ({err})"
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its evidence cannot be read ({type(err).__name__}: {err})"
+    if not blessing.blessed:
+        return "its registered blessing says not blessed"
+    problems = blessing.inconsistencies()
+    return "its registered blessing does not follow from its checks: " + "; ".join(problems) if problems else None
+
+
+def _blessed_versions(client: Any, name: str, verified: dict[str, str | None] | None = None) -> list[ModelVersion]:
+    """Every version of ``name`` tagged ``hardening.status=blessed`` whose registered evidence shows the blessing
+    (:func:`blessing_problem`; results cached in ``verified`` by version). Others are logged and left out."""
+    verified = {} if verified is None else verified
     found: list[ModelVersion] = []
     token = None
     while True:
         page = client.search_model_versions(f"name='{name}'", page_token=token)
-        found += [mv for mv in page if mv.tags.get(STATUS_TAG) == "blessed"]
+        for mv in page:
+            if mv.tags.get(STATUS_TAG) != "blessed":
+                continue
+            key = str(mv.version)
+            if key not in verified:
+                verified[key] = blessing_problem(client, mv)
+                if verified[key]:
+                    logger.warning("%s version %s is tagged blessed but does not count: %s", name, key, verified[key])
+            if verified[key] is None:
+                found.append(mv)
         token = page.token
         if not token:
             return found
@@ -650,10 +725,12 @@ def _claim_alias(client: MlflowClient, name: str, alias: str, version: int) -> i
         MlflowException: a registry call failed.
     """
     write_errors: list[MlflowException] = []
+    verified: dict[str, str | None] = {}
     for _ in range(CLAIM_ROUNDS):
-        blessed = _blessed_versions(client, name)
+        blessed = _blessed_versions(client, name, verified)
         if version not in {int(mv.version) for mv in blessed}:
-            raise RegistryError(f"{name} version {version} is not tagged {STATUS_TAG}=blessed; not promoting it")
+            why = verified.get(str(version)) or f"it is not tagged {STATUS_TAG}=blessed"
+            raise RegistryError(f"{name} version {version} cannot hold @{alias}: {why}; not promoting it")
         best = max(int(mv.version) for mv in blessed)
         if _alias_holder(client, name, alias) == best:
             break

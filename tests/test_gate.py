@@ -190,3 +190,13 @@ def test_a_missing_metric_is_a_params_error_with_exit_code_2():
     with pytest.raises(MissingMetricError) as info:
         evaluate_gate(gate({"metric": "min_class_acc", "min": 0.5}), BEFORE, AFTER, FACTS)
     assert exit_code(info.value) == 2
+
+
+def test_a_blessing_whose_flags_were_edited_is_inconsistent():
+    b = evaluate_gate(gate({"metric": "acc", "max_drop": 0.01}, {"metric": "asr/*", "max": 0.05}), BEFORE, AFTER, FACTS)
+    assert not b.blessed and b.inconsistencies() == []
+    forged = b.model_copy(update={"blessed": True, "checks": [c.model_copy(update={"passed": True}) for c in b.checks]})
+    problems = forged.inconsistencies()
+    assert any("acc drop" in p and "its value says False" in p for p in problems), problems
+    only_verdict = b.model_copy(update={"blessed": True})
+    assert any("checks failed" in p for p in only_verdict.inconsistencies())

@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from harden.gate import evaluate_gate
 from harden.integrity import sha256_file
 from harden.onnx_export import export_onnx
 from harden.package import InputSpec, ModelSpec, PackageError, load_package, save_package
@@ -16,7 +17,9 @@ from harden.registry import (
     ONNX_SHA_TAG,
     REASONS_TAG,
     STATUS_TAG,
+    SUPERSEDED_TAG,
     RegistryError,
+    move_alias,
     parse_model_ref,
     pull,
     register_candidate,
@@ -134,10 +137,10 @@ def hardened(tmp_path_factory):
     net = spec.build().eval()
     pkg = save_package(net, spec, tmp_path / "package")
     onnx_path = export_onnx(spec.wrap(net), (3, 32, 32), tmp_path / "model.onnx")
-    evidence = tmp_path / "blessing.json"
-    evidence.write_text(json.dumps({"blessed": True}))
+    evaluate_gate({}, {"acc": 0.9, "asr/badnets": 0.98}, {"acc": 0.89, "asr/badnets": 0.01},
+                  {"onnx_parity": True, "fold_check": True}).write(tmp_path)  # blessing.json: blessed
     return {"package_dir": pkg, "onnx_path": onnx_path, "onnx_sha256": sha256_file(onnx_path),
-            "evidence": {"blessing": evidence}}
+            "evidence": {"blessing": tmp_path / "blessing.json"}}
 
 
 def _register(uri, name, files, blessed, **kw):
@@ -224,3 +227,36 @@ def test_a_version_in_an_artifact_store_this_environment_cannot_read_is_a_regist
     with pytest.raises(RegistryError, match=r"s3://bucket.invalid.*(boto3|cannot download)") as info:
         pull("models:/in-s3/1", tmp_path / "out", tracking_uri=uri)
     assert exit_code(info.value) == 4 and not (tmp_path / "out" / "package").exists()
+
+
+def _rejected_blessing(tmp_path):
+    evaluate_gate({}, {"acc": 0.9, "asr/badnets": 0.98}, {"acc": 0.5, "asr/badnets": 0.5},
+                  {"onnx_parity": True, "fold_check": True}).write(tmp_path)
+    return tmp_path / "blessing.json"
+
+
+def test_a_version_tagged_blessed_by_hand_never_holds_the_alias(registry_uri, model_name, hardened, tmp_path):
+    """Issue 12: the alias rule trusted the tag; anyone with write access could tag a rejected version blessed.
+    Now a contender counts only when its registered blessing (manifest -> sha256 -> checks) says so."""
+    champion = _register(registry_uri, model_name, hardened, blessed=True).version
+    rejected = _register(registry_uri, model_name, {**hardened, "evidence": {"blessing": _rejected_blessing(tmp_path)}},
+                         blessed=False).version
+    client = MlflowClient(registry_uri, registry_uri)
+    client.set_model_version_tag(model_name, str(rejected), STATUS_TAG, "blessed")  # the forgery
+    with pytest.raises(RegistryError, match=f"version {rejected} cannot hold @champion: its registered blessing "
+                                            "says not blessed"):
+        move_alias(model_name, rejected, "champion", tracking_uri=registry_uri)
+    assert move_alias(model_name, champion, "champion", tracking_uri=registry_uri) == champion
+    newest = _register(registry_uri, model_name, hardened, blessed=True)
+    assert newest.alias_moved and int(client.get_model_version_by_alias(model_name, "champion").version) == newest.version
+    assert SUPERSEDED_TAG not in client.get_model_version(model_name, str(rejected)).tags
+
+
+def test_a_blessed_registration_needs_a_blessing_that_says_so(registry_uri, model_name, hardened, tmp_path):
+    for evidence, message in ((_rejected_blessing(tmp_path), "it says not blessed"),
+                              (tmp_path / "plain.json", "is not a blessing record")):
+        if evidence.name == "plain.json":
+            evidence.write_text(json.dumps({"blessed": True}))
+        with pytest.raises(RegistryError, match=message):
+            _register(registry_uri, model_name, {**hardened, "evidence": {"blessing": evidence}}, blessed=True)
+    assert MlflowClient(registry_uri, registry_uri).search_model_versions(f"name='{model_name}'") == []
