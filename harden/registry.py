@@ -804,8 +804,9 @@ def _mark_failed(client: Any, name: str, version: str | None, run_id: str | None
 
 
 def _sweep_pending(client: Any, name: str) -> list[str]:
-    """Tag ``failed`` every version of ``name`` still ``pending`` after :data:`PENDING_STALE_S` (an interrupted
-    promote's leftover; a concurrent promote's fresh pending version is younger). Returns their numbers."""
+    """Tag ``failed`` every version of ``name`` still ``pending`` (our tag, or MLflow's ``PENDING_REGISTRATION``
+    without a verdict) after :data:`PENDING_STALE_S`: an interrupted promote's leftover (a concurrent promote's
+    fresh pending version is younger). Returns their numbers."""
     try:
         found = client.search_model_versions(f"name='{name}'")
     except MlflowException as err:
@@ -813,7 +814,9 @@ def _sweep_pending(client: Any, name: str) -> list[str]:
             return []
         raise
     now_ms = time.time() * 1000
-    stale = [mv.version for mv in found if mv.tags.get(STATUS_TAG) == "pending"
+    stale = [mv.version for mv in found
+             if (mv.tags.get(STATUS_TAG) == "pending" or mv.status == "PENDING_REGISTRATION")
+             and mv.tags.get(STATUS_TAG) not in ("blessed", "rejected", "failed")
              and now_ms - (mv.creation_timestamp or 0) > PENDING_STALE_S * 1000]
     for number in stale:
         client.set_model_version_tag(name, number, STATUS_TAG, "failed")
