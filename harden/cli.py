@@ -151,7 +151,7 @@ def pipeline_compile(out: Annotated[Path, typer.Option(help="IR YAML to write")]
                      gpu: Annotated[str, typer.Option(help="accelerator resource for purify ('' = CPU)")] = "nvidia.com/gpu",
                      gpu_count: Annotated[int, typer.Option(min=1)] = 1,
                      node_selector: Annotated[list[str], typer.Option(help="KEY=VALUE node label for purify")] = [],
-                     no_default_toleration: Annotated[bool, typer.Option(help="drop the nvidia.com/gpu:NoSchedule toleration")] = False) -> None:
+                     no_default_toleration: Annotated[bool, typer.Option("--no-default-toleration", help="drop the nvidia.com/gpu:NoSchedule toleration")] = False) -> None:
     """Compile the Kubeflow pipeline to IR YAML (submit it with the KFP UI or kfp.Client)."""
     from pipeline import GpuPlacement, compile_pipeline
 
