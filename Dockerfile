@@ -33,7 +33,8 @@ COPY components ./components
 COPY pipeline ./pipeline
 RUN python -m pip install --no-deps . && nft-harden --help > /dev/null
 
-USER harden
+# numeric, so that pods with runAsNonRoot can verify it (hadolint DL3066)
+USER 1000:1000
 WORKDIR /home/harden
 ENTRYPOINT ["nft-harden"]
 CMD ["--help"]
