@@ -35,7 +35,8 @@ from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params, ProbesParams
 from harden.records import (Chain, FoldRecord, MetricsRecord, ParityRecord, Provenance, PurifyRecord,
                             Registration, ReportRecord, canonical_sha256, check_chain, tree_sha256)
-from harden.registry import PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened
+from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
+                             strip_credentials)
 from harden.report import ReportFiles, write_report
 from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.data.npz import load_npz
@@ -541,11 +542,12 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
     except RegistryError as err:
         if err.state is not None:  # what the registry holds, as far as is known, for CI and the operator
             write_json_atomic(failed_record, {**err.state, "name": params.promote.name, "alias": params.promote.alias,
-                                              "tracking_uri": params.base.tracking_uri, "error": str(err)})
+                                              "tracking_uri": strip_credentials(params.base.tracking_uri),
+                                              "error": str(err)})
         raise
     failed_record.unlink(missing_ok=True)
     record = Registration(**dataclasses.asdict(registered), alias=params.promote.alias, blessed=blessing.blessed,
-                          summary=blessing.summary, tracking_uri=params.base.tracking_uri,
+                          summary=blessing.summary, tracking_uri=strip_credentials(params.base.tracking_uri),
                           inputs={"blessing": chain.digest("blessing"), "onnx": chain.digest("onnx"),
                                   "hardened": chain.digest("hardened"), "report": chain.digest("report")})
     record.write(out_dir)
