@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 from typing import Any
@@ -122,9 +124,16 @@ class ModelSpec(BaseModel):
     def build(self, device: str | torch.device | None = None) -> nn.Module:
         """The bare architecture with random weights, from the allow-list (``device="meta"``: shapes only, no
         memory). A builder that refuses the kwargs raises :class:`PackageError` naming them."""
+        kwargs = {**self.kwargs, "num_classes": self.num_classes}
         try:
-            with torch.device(device) if device is not None else _nullcontext():
-                return build_model(self.builder, **{**self.kwargs, "num_classes": self.num_classes})
+            try:
+                with torch.device(device) if device is not None else _nullcontext():
+                    return build_model(self.builder, **kwargs)
+            except NotImplementedError:  # a builder that computes with tensors (RegNet's widths) cannot run on meta
+                if str(device) != "meta":
+                    raise
+                with _parameters_on_meta():
+                    return build_model(self.builder, **kwargs)
         except (TypeError, ValueError, RuntimeError, AssertionError) as err:
             raise PackageError(f"model.json: builder {self.builder!r} cannot be built with kwargs "
                                f"{sorted(self.kwargs)}: {err}") from err
@@ -132,6 +141,24 @@ class ModelSpec(BaseModel):
     def wrap(self, net: nn.Module) -> Normalized:
         """``net`` behind this spec's input normalisation (inputs in [0, 1])."""
         return Normalized(net, self.input.mean, self.input.std)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter moved to the meta device as it is registered (before its
+    initialisation touches memory): for builders that cannot run entirely on meta."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def _bare(net: nn.Module) -> nn.Module:

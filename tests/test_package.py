@@ -253,3 +253,21 @@ def test_a_memory_bomb_package_is_refused_without_allocating_it(make_package):
                          timeout=300, check=True)
     result = json.loads(out.stdout)
     assert result["refused"] and result["extra_mib"] < 200, result
+
+
+def test_every_allow_listed_builder_can_be_checked_without_allocating_it():
+    """The meta-device build is how packages are verified before anything is allocated; a builder that cannot
+    run on meta (RegNet computes its widths with tensors) must still be checkable, or its packages would not load."""
+    from nft_core.models import available_builders
+
+    spec = {"num_classes": 10, "input": InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3)}
+    for builder in available_builders():
+        state = ModelSpec(builder=builder, **spec).build(device="meta").state_dict()
+        assert all(t.device.type == "meta" for t in state.values() if t.is_floating_point() and t.dim() > 1), builder
+
+
+def test_a_regnet_package_round_trips(make_package):
+    net, _, pkg = make_package(builder="torchvision.regnet_x_400mf")
+    loaded, _ = load_package(pkg)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), net(x))
