@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -154,16 +153,26 @@ class ReportRecord(Record):
     outputs: dict[str, str]
 
 
-class Registration(Record):
-    """What ``promote`` registered (``registered.json``)."""
+class RegisteredVersion(BaseModel):
+    """Outcome of ``harden.registry.register_hardened``; ``status`` is ``"blessed"`` or ``"rejected"``.
 
-    FILE: ClassVar[str] = "registered.json"
+    ``superseded_by`` is the version holding the alias instead of this blessed one (a higher blessed version
+    registered concurrently), else None.
+    """
+
+    model_config = ConfigDict(extra="forbid")
     name: str
     version: int
     run_id: str
     alias_moved: bool
     status: str
     superseded_by: int | None = None
+
+
+class Registration(Record, RegisteredVersion):
+    """What ``promote`` registered (``registered.json``): the registry's outcome plus the verdict it carried."""
+
+    FILE: ClassVar[str] = "registered.json"
     alias: str
     blessed: bool
     summary: str
@@ -212,26 +221,23 @@ class Chain:
         from harden.gate import Blessing  # the gate module owns the blessing record
 
         a = artifacts
-        self._records: dict[str, tuple[Path | None, Callable[[Path], Any]]] = {
-            "provenance": (a.pull, Provenance.read), "purify": (a.purify, PurifyRecord.read),
-            "fold": (a.fold, FoldRecord.read), "parity": (a.export, ParityRecord.read),
-            "metrics": (a.evaluate, MetricsRecord.read), "blessing": (a.gate, Blessing.read),
-            "report": (a.report, ReportRecord.read)}
-        files = {"provenance": Provenance, "purify": PurifyRecord, "fold": FoldRecord, "parity": ParityRecord,
-                 "metrics": MetricsRecord, "blessing": Blessing, "report": ReportRecord}
+        self._records: dict[str, tuple[Path | None, type[Record]]] = {
+            "provenance": (a.pull, Provenance), "purify": (a.purify, PurifyRecord), "fold": (a.fold, FoldRecord),
+            "parity": (a.export, ParityRecord), "metrics": (a.evaluate, MetricsRecord), "blessing": (a.gate, Blessing),
+            "report": (a.report, ReportRecord)}
         self._paths: dict[str, Path | None] = {
             "candidate": a.pull / PACKAGE if a.pull else None, "clean": a.clean, "test": a.test,
             "hardened": a.fold / PACKAGE if a.fold else None, "onnx": a.export / "model.onnx" if a.export else None,
-            **{name: (d / files[name].FILE if d else None) for name, (d, _) in self._records.items()}}
+            **{name: (d / kind.FILE if d else None) for name, (d, kind) in self._records.items()}}
         self._cache: dict[str, Any] = {}
 
     def record(self, name: str) -> Any:
         """The typed record ``name`` (provenance, purify, fold, parity, metrics, blessing, report)."""
         if name not in self._cache:
-            directory, read = self._records[name]
+            directory, kind = self._records[name]
             if directory is None:
                 raise KeyError(f"{name} is not among this chain's artifacts")
-            self._cache[name] = read(directory)
+            self._cache[name] = kind.read(directory)
         return self._cache[name]
 
     def has(self, name: str) -> bool:
@@ -272,14 +278,11 @@ class Chain:
         for record, key, artifact in LINKS:
             if self.has(record) and self.has(artifact):
                 expect(str(self.path(record)), self.record(record).inputs.get(key), artifact)
-        if self.has("purify"):
-            directory = self.path("purify").parent
-            for name, recorded in self.record("purify").outputs.items():
-                problems += _output_problem(directory, name, recorded)
-        if self.has("report"):
-            directory = self.path("report").parent
-            for name, recorded in self.record("report").outputs.items():
-                problems += _output_problem(directory, name, recorded)
+        for record in ("purify", "report"):  # the records that hash the files written beside them
+            if self.has(record):
+                directory = self.path(record).parent
+                for name, recorded in self.record(record).outputs.items():
+                    problems += _output_problem(directory, name, recorded)
         if problems:
             raise ChainError("the stage outputs do not form one chain (mixed or stale outputs, or a file changed "
                              "after its stage wrote it): " + "; ".join(problems)

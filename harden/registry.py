@@ -46,7 +46,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ from harden.errors import RegistryError
 from harden.integrity import atomic_dir, sha256_file, sha256_tree
 from harden.package import SPEC_FILE, WEIGHTS_FILE, ModelSpec, find_pickles, load_package, save_package
 from harden.params import MODEL_REF
-from harden.records import Provenance, tree_sha256
+from harden.records import Provenance, RegisteredVersion, tree_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -91,22 +90,6 @@ HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 #: A version left ``pending`` longer than this by an interrupted promote is tagged failed by the next one.
 PENDING_STALE_S = 3600.0
-
-
-@dataclass
-class RegisteredVersion:
-    """Outcome of :func:`register_hardened`; ``status`` is ``"blessed"`` or ``"rejected"``.
-
-    ``superseded_by`` is the version holding the alias instead of this blessed one (a higher blessed version
-    registered concurrently), else None.
-    """
-
-    name: str
-    version: int
-    run_id: str
-    alias_moved: bool
-    status: str
-    superseded_by: int | None = None
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:

@@ -11,7 +11,6 @@ constants below; :class:`Layout` says where ``nft-harden run`` and ``dvc.yaml`` 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -546,7 +545,7 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
                                               "error": str(err)})
         raise
     failed_record.unlink(missing_ok=True)
-    record = Registration(**dataclasses.asdict(registered), alias=params.promote.alias, blessed=blessing.blessed,
+    record = Registration(**registered.model_dump(), alias=params.promote.alias, blessed=blessing.blessed,
                           summary=blessing.summary, tracking_uri=strip_credentials(params.base.tracking_uri),
                           inputs={"blessing": chain.digest("blessing"), "onnx": chain.digest("onnx"),
                                   "hardened": chain.digest("hardened"), "report": chain.digest("report")})
