@@ -36,12 +36,14 @@ import platform
 import shlex
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -50,6 +52,7 @@ from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.defenses import default_config, run_defense
 from nft_core.metrics import accuracy, attack_success_rate, predict, robust_accuracy
 from nft_core.models import Normalized, build_model
+from nft_core.purify import resolve_device
 from nft_core.train import channel_stats, make_backdoored_candidate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,8 +68,11 @@ ARCHS = {"preact_resnet18": "preact_resnet18", "resnet18": "torchvision.resnet18
 #: (attack, mode) rows of the main regime
 ATTACK_ROWS = [("badnets", "all2one"), ("blend", "all2one"), ("sig", "all2one"), ("wanet", "all2one"),
                ("trojan", "all2one"), ("clean_label", "all2one"), ("badnets", "all2all")]
-#: clean regimes of the main candidates: name -> (fraction, per_class); exactly one is set
-CLEAN: dict[str, tuple[float | None, int | None]] = {"3%": (0.03, None), "1%": (0.01, None), "1/class": (None, 1)}
+#: clean regimes of the main candidates: name -> (fraction, per_class); exactly one is set; "500" is the
+#: paper's CIFAR-10 size (500 images), drawn as a stratified share of the training images
+CLEAN: dict[str, tuple[float | None, int | None]] = {"3%": (0.03, None), "1%": (0.01, None), "1/class": (None, 1),
+                                                     "500": (None, None)}
+CIFAR_SIZED = 500
 LOW_DATA_FRACTION = 0.1
 LOW_DATA_CLEAN = 250
 #: the paper's NFT, pinned here so that the row keeps its meaning whatever the library defaults become
@@ -86,6 +92,54 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ft": ("ft", {}), "fp": ("fp", {}), "anp": ("anp", {}), "ft_sam": ("ft_sam", {}), "pbe": ("pbe", {}),
     "fip": ("fip", {}),
 }
+
+
+class GpuMonitor:
+    """Peak GPU memory (torch's allocator) and mean GPU utilisation while the block runs.
+
+    Utilisation is NVML's "percent of time a kernel was running" (nvidia-ml-py), sampled every 50 ms from a
+    thread and averaged over the samples taken inside the block; ``None`` on the CPU or without NVML."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.samples: list[int] = []
+        self.peak_mib: float | None = None
+        self._stop = threading.Event()
+        self._handle: Any = None
+        if self.cuda:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                self._nvml = pynvml
+            except Exception as err:  # no NVML: utilisation is not measured, everything else is
+                print(f"  (GPU utilisation not measured: {err})", flush=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+
+    def __enter__(self) -> GpuMonitor:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            if self._handle is not None:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+            if self._handle is not None:
+                self._stop.set()
+                self._thread.join()
+
+    @property
+    def utilisation(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
 
 
 def digest(obj: Any) -> str:
@@ -166,6 +220,8 @@ def clean_set(train: ImageData, regime: str, clean_name: str, rest: ImageData | 
         assert rest is not None
         return stratified_split(rest, fraction=LOW_DATA_CLEAN / len(rest), seed=1)[0]
     fraction, per_class = CLEAN[clean_name]
+    if fraction is None and per_class is None:
+        fraction = CIFAR_SIZED / len(train)
     return stratified_split(train, fraction=fraction, per_class=per_class, seed=1)[0]
 
 
@@ -189,14 +245,16 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
     if key in done and not args.fresh:
         return done[key]
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    result = run_defense(name, cand.model, clean.dataset(), config)
-    wall = time.perf_counter() - t0
+    with GpuMonitor(resolve_device(args.device)) as gpu:
+        t0 = time.perf_counter()
+        result = run_defense(name, cand.model, clean.dataset(), config)
+        wall = time.perf_counter() - t0
     after = evaluate(result.model, test, probe)
     row = {"key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
            "mode": cand.attack.mode, "regime": cand.regime, "clean": clean_name, "n_clean": len(clean),
            "method": label, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
            "time_s": wall, "threads": torch.get_num_threads(), "device": args.device, "candidate": cand.key,
+           "gpu": gpu_name(args.device), "peak_gpu_mib": gpu.peak_mib, "gpu_util": gpu.utilisation,
            "config": config.to_dict()}
     with results.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -207,6 +265,11 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def gpu_name(device: str) -> str | None:
+    dev = resolve_device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
 
 
 def pct(v: float) -> str:
@@ -241,6 +304,21 @@ def render(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], header:
         out.append(f"| {arch} | {regime} / {clean} | {method} | {len(rs)} | {pct(statistics.mean(drops))} | "
                    f"{pct(max(drops))} | {pct(statistics.mean(asrs))} | {pct(max(asrs))} | "
                    f"{pct(statistics.mean(r['after']['ra'] for r in rs))} | {statistics.mean(r['time_s'] for r in rs):.0f} |")
+    gpu_rows = [r for r in rows if r.get("gpu")]
+    if gpu_rows:
+        out += ["", "### GPU: time, peak memory and utilisation per purification", "",
+                "Time: synchronised wall time of the whole purification (copy to the device, training, folding). "
+                "Peak memory: torch's allocator. Utilisation: NVML's kernel-busy percentage sampled every 50 ms "
+                "during the purification.", "",
+                "| arch | clean | method | GPU | time (s) | x NFT (paper) | peak memory (MiB) | GPU util (%) |",
+                "|---|---|---|---|---:|---:|---:|---:|"]
+        nft_time = {(r["arch"], r["clean"], r["candidate"]): r["time_s"] for r in gpu_rows if r["method"] == "nft_paper"}
+        for r in gpu_rows:
+            base = nft_time.get((r["arch"], r["clean"], r["candidate"]))
+            util = "n/a" if r.get("gpu_util") is None else f"{r['gpu_util']:.0f}"
+            ratio = f"{r['time_s'] / base:.1f}" if base else "n/a"
+            out.append(f"| {r['arch']} | {r['clean']} ({r['n_clean']}) | {r['method']} | {r['gpu']} | {r['time_s']:.2f} | "
+                       f"{ratio} | {r['peak_gpu_mib']:.0f} | {util} |")
     return "\n".join(out) + "\n"
 
 
@@ -251,10 +329,40 @@ def write(out: Path | None, text: str) -> None:
         out.write_text(text)
 
 
+def make_header(args: argparse.Namespace, n_train: int | None, n_test: int | None) -> list[str]:
+    gpu = gpu_name(args.device) or "none"
+    images = (f"Images: {n_train:,} training, {n_test:,} test" + (" (stratified subsets packed with --pack)."
+              if args.npz else ".") if n_train is not None else "Images: as each candidate's row says.")
+    return [f"## GTSRB, real photographs ({date.today()})", "",
+            f"Command: `.venv/bin/python benchmarks/gtsrb.py {shlex.join(sys.argv[1:])}`  ",
+            f"Hardware: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, GPU: {gpu}; "
+            f"torch {torch.__version__}. PreActResNet-18 width {args.width} (paper: 64); torchvision ResNet-18 at "
+            "full width.  ",
+            f"Candidates: 10 % poisoning (clean-label: {int(100 * CLEAN_LABEL_SHARE)} % of the target class), target "
+            f"{TARGET}; low-data regime: {int(100 * LOW_DATA_FRACTION)} % of the training images and "
+            f"{LOW_DATA_CLEAN} clean images it was not trained on. {images}", ""]
+
+
+def pack(train: ImageData, test: ImageData, out: Path, n_train: int, n_test: int) -> None:
+    """Stratified subsets as compressed npz files (keys x: N x H x W x C uint8, y: int64), for ``--npz``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data, n in (("train", train, n_train), ("test", test, n_test)):
+        part = stratified_split(data, fraction=min(1.0, n / len(data)), seed=3)[0] if n < len(data) else data
+        np.savez_compressed(out / f"{name}.npz", x=part.x.permute(0, 2, 3, 1).numpy(), y=part.y.numpy())
+        print(f"{out / f'{name}.npz'}: {len(part)} images, {(out / f'{name}.npz').stat().st_size / 2**20:.1f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="GTSRB root (the spec is torchvision:GTSRB:ROOT); not needed "
                         "with --table-only")
+    parser.add_argument("--npz", nargs=2, type=Path, metavar=("TRAIN", "TEST"),
+                        help="read the images from two npz files (made by --pack) instead of --data")
+    parser.add_argument("--pack", type=Path, metavar="DIR",
+                        help="write stratified subsets of --data as DIR/train.npz and DIR/test.npz (compressed, "
+                        "to carry GTSRB to a machine that cannot read the original) and stop")
+    parser.add_argument("--pack-sizes", nargs=2, type=int, default=(19000, 4000), metavar=("TRAIN", "TEST"),
+                        help="images in the packed training and test subsets")
     parser.add_argument("--arch", default="preact_resnet18,resnet18", help=f"comma-separated, of {list(ARCHS)}")
     parser.add_argument("--attacks", default=",".join(f"{a}/{m}" for a, m in ATTACK_ROWS),
                         help="comma-separated ATTACK/MODE rows of the main regime")
@@ -279,26 +387,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = args.cache / "results.jsonl"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "none"
-    header = [f"## GTSRB, real photographs ({date.today()})", "",
-              f"Command: `.venv/bin/python benchmarks/gtsrb.py {shlex.join(sys.argv[1:])}`  ",
-              f"Hardware: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, GPU: {gpu}; "
-              f"torch {torch.__version__}. PreActResNet-18 width {args.width} (paper: 64); torchvision ResNet-18 at "
-              "full width.  ",
-              f"Candidates: 10 % poisoning (clean-label: {int(100 * CLEAN_LABEL_SHARE)} % of the target class), target "
-              f"{TARGET}; low-data regime: {int(100 * LOW_DATA_FRACTION)} % of the training images and "
-              f"{LOW_DATA_CLEAN} clean images it was not trained on. Test: all 12,630 test images.", ""]
     if args.table_only:
         candidates = [json.loads(p.read_text()) for p in args.cache.glob("*.json")]
-        write(args.out, render(read_results(results), candidates, header))
+        write(args.out, render(read_results(results), candidates, make_header(args, None, None)))
         return
-    if args.data is None:
-        parser.error("--data GTSRB_ROOT is needed (only --table-only works without it)")
+    if args.data is None and (args.npz is None or args.pack):
+        parser.error("--data GTSRB_ROOT is needed (only --table-only and --npz work without it)")
 
-    spec = f"torchvision:GTSRB:{args.data}"
     t0 = time.perf_counter()
-    train, test = load_dataset(spec, train=True), load_dataset(spec, train=False)
+    if args.npz:
+        train, test = load_dataset(f"npz:{args.npz[0]}"), load_dataset(f"npz:{args.npz[1]}")
+    else:
+        spec = f"torchvision:GTSRB:{args.data}"
+        train, test = load_dataset(spec, train=True), load_dataset(spec, train=False)
     print(f"loaded {len(train)} training and {len(test)} test images in {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.pack:
+        pack(train, test, args.pack, *args.pack_sizes)
+        return
+    header = make_header(args, len(train), len(test))
     low_train, low_rest = stratified_split(train, fraction=LOW_DATA_FRACTION, seed=2)
     plan: list[tuple[str, str, str]] = []  # (arch, ATTACK/MODE, regime)
     for arch in args.arch.split(","):
@@ -330,7 +436,8 @@ def main() -> None:
                 rows.append(r)
                 print(f"  {arch} {name}/{mode} {regime}/{clean_name} {label}: ACC {pct(r['before']['acc'])} -> "
                       f"{pct(r['after']['acc'])}, ASR {pct(r['before']['asr'])} -> {pct(r['after']['asr'])} "
-                      f"({r['time_s']:.0f}s)", flush=True)
+                      f"({r['time_s']:.1f}s" + (f", peak {r['peak_gpu_mib']:.0f} MiB, util {r['gpu_util']}" if r.get("gpu")
+                                                 else "") + ")", flush=True)
     write(args.out, render(rows, candidates, header))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,11 +26,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("nft-harden")
 
-#: per architecture: changes to params.yaml's ``candidate.demo`` and ``nft`` sections
+#: per architecture: changes to params.yaml's ``candidate.demo`` and ``nft`` sections (shortened for a CPU)
 PROFILES = {
     "small_cnn": {"demo": {"builder": "small_cnn"}, "nft": {}},
     "preact_resnet18": {"demo": {"builder": "preact_resnet18", "epochs": 1}, "nft": {"epochs": 10}},
 }
+#: ``--full``: params.yaml's own epochs (for a GPU)
+FULL_PROFILES = {name: {"demo": {"builder": name}, "nft": {}} for name in PROFILES}
 
 
 def time_stages(builder: str, changes: dict, device: str) -> dict[str, float]:
@@ -53,19 +56,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--builders", nargs="+", default=list(PROFILES), choices=list(PROFILES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--full", action="store_true", help="params.yaml's own training and NFT epochs (GPU)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    results = {b: time_stages(b, PROFILES[b], args.device) for b in args.builders}
+    profiles = FULL_PROFILES if args.full else PROFILES
+    results = {b: time_stages(b, profiles[b], args.device) for b in args.builders}
     stages = list(next(iter(results.values())))
-    lines = [f"Command: `.venv/bin/python benchmarks/stage_times.py --device {args.device}` ({date.today()}, "
-             f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}).  ",
+    gpu = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else "none"
+    lines = [f"Command: `.venv/bin/python benchmarks/stage_times.py {shlex.join(sys.argv[1:])}` ({date.today()}, "
+             f"{platform.machine()}, {torch.get_num_threads()} torch threads, GPU: {gpu}, torch {torch.__version__}).  ",
              "Changes to params.yaml per architecture: "
-             + "; ".join(f"{b}: {PROFILES[b]}" for b in args.builders) + ".", "",
+             + "; ".join(f"{b}: {profiles[b]}" for b in args.builders) + ".", "",
              "| stage | " + " | ".join(f"{b} (s)" for b in args.builders) + " |",
              "|---|" + "---:|" * len(args.builders)]
     lines += [f"| {s} | " + " | ".join(f"{results[b][s]:.1f}" for b in args.builders) + " |" for s in stages]
     lines.append("| **total** | " + " | ".join(f"{sum(results[b].values()):.1f}" for b in args.builders) + " |")
+    lines.append("| **pipeline (pull -> promote)** | " + " | ".join(
+        f"{sum(v for k, v in results[b].items() if 'candidate' not in k):.1f}" for b in args.builders) + " |")
     print("\n".join(lines))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -97,8 +97,18 @@ def read_json(path: Path) -> Any:
 
 def library_versions() -> dict[str, str]:
     """Python and the versions of :data:`RECORDED_LIBRARIES` that this process runs with."""
-    return {"python": platform.python_version(),
-            **{lib: importlib.metadata.version(lib) for lib in RECORDED_LIBRARIES}}
+    return {"python": platform.python_version(), **{lib: _version(lib) for lib in RECORDED_LIBRARIES}}
+
+
+def _version(distribution: str) -> str:
+    """The installed version, or ``"not installed"`` (``onnxruntime`` stands in for ``onnxruntime-gpu``, and the
+    record says which one ran)."""
+    for name in (distribution, distribution.removesuffix("-gpu")):
+        try:
+            return importlib.metadata.version(name) + ("" if name == distribution else f" ({name})")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
 
 
 # ---------------------------------------------------------------------------------------------- data ------
@@ -411,7 +421,7 @@ def gate_digest(gate: GateConfig) -> str:
 
 def code_version() -> str:
     """This package's version, plus the git commit when running from a checkout (``0.1.0+g1a2b3c4[-dirty]``)."""
-    version = importlib.metadata.version("nft-harden")
+    version = _version("nft-harden")  # "not installed" when run from a checkout that was never installed
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],

@@ -1,7 +1,7 @@
 """Augmentations of the clean set used by the purifiers.
 
-Per-sample crop/flip comes from ``torchvision.transforms.v2`` (applied in the dataset, before batching);
-batch mixing uses torchvision's v2 ``MixUp``/``CutMix`` (lambda ~ Beta(alpha, alpha), pairs made by rolling
+Per-sample crop/flip runs on the whole batch on the device (:func:`random_crop_flip`, fed by
+:class:`nft_core.batches.DeviceBatches`); batch mixing uses torchvision's v2 ``MixUp``/``CutMix`` (lambda ~ Beta(alpha, alpha), pairs made by rolling
 the batch), which return soft labels. The NFT loss is cross-entropy against those soft labels.
 """
 
@@ -11,35 +11,38 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def crop_flip(size: tuple[int, int], padding: int = 4, flip: bool = True) -> v2.Transform:
-    """RandomCrop(size, padding) + RandomHorizontalFlip, the CIFAR recipe the authors use before MixUp.
+def random_crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor | None = None,
+                     flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample RandomCrop(size, padding) with zero fill, then horizontal flip, on a whole batch at once.
 
-    ``flip=False`` leaves the flip out, for classes that are not mirror-symmetric (GTSRB's turn-left and
-    turn-right signs are different classes)."""
-    if not flip:
-        return v2.RandomCrop(size, padding=padding)
-    return v2.Compose([v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip()])
+    The CIFAR recipe the NFT authors use before MixUp, as ``torchvision.transforms.v2.RandomCrop`` and
+    ``RandomHorizontalFlip`` would apply it sample by sample, but on the device: torchvision's v2 transforms
+    draw one set of parameters per call, so a batched call would crop every image alike.
 
+    Args:
+        x: images, N x C x H x W.
+        padding: zero padding on each side before the crop (0: no crop).
+        offsets: N x 2 (top, left) crop offsets in [0, 2 * padding]; ``None``: no crop.
+        flips: N booleans, True where the image is mirrored; ``None``: no flip.
 
-class TransformedDataset(Dataset):
-    """Applies ``transform`` to the image of each ``(image, label)`` item of ``base``."""
-
-    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int):
-        x, y = self.base[i]
-        return (self.transform(x) if self.transform is not None else x), y
+    Returns:
+        The augmented batch, same shape (channels-last memory when cropped).
+    """
+    if offsets is not None and padding:
+        n, _, h, w = x.shape
+        padded = F.pad(x, (padding, padding, padding, padding))
+        rows = offsets[:, :1] + torch.arange(h, device=x.device)  # N x H
+        cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # N x W
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        x = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # N x H x W x C -> NCHW view
+    if flips is not None:
+        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    return x
 
 
 def make_mixer(kind: str, alpha: float, num_classes: int) -> Mixer:

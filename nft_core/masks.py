@@ -32,9 +32,9 @@ class NeuronMask(nn.Module):
         layer_index: 1-based position of the layer among masked layers, in forward order.
     """
 
-    def __init__(self, n: int, ndim: int, layer_index: int) -> None:
+    def __init__(self, n: int, ndim: int, layer_index: int, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.mask = nn.Parameter(torch.ones(n))
+        self.mask = nn.Parameter(torch.ones(n, device=device))
         self.layer_index = layer_index
         self._view = (n,) + (1,) * (ndim - 1)
 
@@ -107,7 +107,8 @@ def attach_masks(model: nn.Module, placement: str, example_input: torch.Tensor, 
         for index, name in enumerate(order, start=1):
             module = modules[name]
             weight = module.weight
-            parametrize.register_parametrization(module, "weight", NeuronMask(weight.shape[0], weight.dim(), index))
+            parametrize.register_parametrization(module, "weight", NeuronMask(weight.shape[0], weight.dim(), index,
+                                                                                weight.device))
             layers.append(MaskedLayer(index, name, type(module).__name__, weight.shape[0]))
     except Exception:
         for layer in layers:  # roll back the half-attached state

@@ -37,11 +37,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from nft_core.adversarial import pgd_untargeted
-from nft_core.augment import TransformedDataset, crop_flip, make_mixer, soft_cross_entropy
+from nft_core.augment import make_mixer, soft_cross_entropy
+from nft_core.batches import DeviceBatches
 from nft_core.config import NFTConfig
 from nft_core.masks import MaskedLayer, attach_masks, clamp_masks, mask_l1_distance, mask_modules, mask_parameters
 from nft_core.schedule import mask_lower_bounds
@@ -185,18 +186,17 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
              trainable, len(layers), 100 * trainable / total, total, eta, samples_per_class, device)
 
     optimizer = torch.optim.SGD([{"params": params, "weight_decay": 0.0}], lr=config.lr, momentum=config.momentum)
-    data = TransformedDataset(clean_data, crop_flip(tuple(example.shape[-2:]), flip=config.flip)
-                              if config.crop_flip else None)
-    generator = torch.Generator().manual_seed(config.seed)
-    sampler = (RandomSampler(data, generator=generator) if config.steps_per_epoch is None else
-               RandomSampler(data, replacement=True, num_samples=config.steps_per_epoch * config.batch_size,
-                             generator=generator))
-    loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler)
+    loader = DeviceBatches(clean_data, config.batch_size, device=device, seed=config.seed,
+                           padding=4 if config.crop_flip else 0, flip=config.crop_flip and config.flip,
+                           steps_per_epoch=config.steps_per_epoch)
     total_steps = config.epochs * len(loader)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.lr_min)
                  if config.lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
     mixer = make_mixer(config.mix, config.mix_alpha, num_classes)
     amp = config.amp and device.type == "cuda"
+    # channels-last convolutions on the GPU (tensor cores); the model goes back to the standard layout at the end
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model.to(memory_format=memory_format)
 
     history: list[dict[str, float]] = []
     start_epoch, previous_time = 0, 0.0
@@ -215,7 +215,7 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
-        generator.set_state(state["rng_sampler"])
+        loader.load_state_dict(state["batches"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         history, start_epoch, previous_time = state["history"], state["epoch"], state["wall_time_s"]
@@ -226,16 +226,15 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
                initial=start_epoch, total=config.epochs)
     for epoch in bar:
         set_norm_mode(model, config.bn_mode)
-        sums = {"loss": 0.0, "ce": 0.0, "reg": 0.0}
+        sums = torch.zeros(3, device=device)  # loss, ce, reg: summed on the device, read once per epoch
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             n_adv = round(config.adv_share * len(x))
             if n_adv:
                 x = torch.cat([pgd_untargeted(model, x[:n_adv], y[:n_adv], config.adv_eps, config.adv_steps), x[n_adv:]])
                 set_norm_mode(model, config.bn_mode)
             x, y_soft = mixer(x, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
+                logits = model(x.contiguous(memory_format=memory_format))
             ce = soft_cross_entropy(logits, y_soft)
             reg = mask_l1_distance(model)
             loss = ce + eta * reg
@@ -244,10 +243,9 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
             optimizer.step()
             scheduler.step()
             clamp_masks(model, bounds)
-            sums["loss"] += loss.item()
-            sums["ce"] += ce.item()
-            sums["reg"] += reg.item()
-        row = {"epoch": epoch + 1, **{k: v / len(loader) for k, v in sums.items()},
+            sums += torch.stack([loss, ce, reg]).detach()
+        means = (sums / len(loader)).tolist()
+        row = {"epoch": epoch + 1, "loss": means[0], "ce": means[1], "reg": means[2],
                "lr": optimizer.param_groups[0]["lr"], **_mask_stats(model, bounds)}
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"NFT loss became {row['loss']} at epoch {epoch + 1}; lower the learning rate")
@@ -257,12 +255,13 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
             _atomic_save({"epoch": epoch + 1, "fingerprint": key, "config": config.to_dict(), "n_clean": len(labels),
                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                          "rng_sampler": generator.get_state(),
+                          "batches": loader.state_dict(),
                           "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                           "history": history, "wall_time_s": previous_time + time.perf_counter() - t0}, ckpt_path)
     wall = previous_time + time.perf_counter() - t0
 
     model.eval()
+    model.to(memory_format=torch.contiguous_format)
     return PurifyResult(model=model.cpu(), history=history, layers=layers, lower_bounds=bounds, eta=eta,
                         samples_per_class=samples_per_class, trainable_params=trainable, total_params=total,
                         wall_time_s=wall, device=str(device))

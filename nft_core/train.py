@@ -15,32 +15,35 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from nft_core.attacks import Attack, CleanLabel
-from nft_core.augment import TransformedDataset, crop_flip
+from nft_core.batches import DeviceBatches
 from nft_core.data import ImageData
 from nft_core.models import Normalized, SmallCNN, build_model
 from nft_core.purify import resolve_device
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss and training accuracy."""
+def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, float]:
+    """One pass over ``batches``; returns mean loss and training accuracy (read from the device once)."""
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+    device = batches.device
+    amp = device.type == "cuda"
+    memory_format = torch.channels_last if amp else torch.contiguous_format
+    sums = torch.zeros(2, device=device)  # summed loss, correct predictions
+    seen = 0
+    for x, y in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.contiguous(memory_format=memory_format))
+        loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
         seen += len(y)
+    loss_sum, correct = sums.tolist()
     return {"loss": loss_sum / seen, "train_acc": correct / seen}
 
 
@@ -74,24 +77,21 @@ def train_classifier(model: nn.Module, data: ImageData, *, epochs: int, lr: floa
         raise ValueError("cannot train on an empty dataset")
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    dataset = data.dataset()
-    if augment:
-        dataset = TransformedDataset(dataset, crop_flip(tuple(data.x.shape[-2:]), flip=flip))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=dev.type == "cuda")
-    model.to(dev)
+    batches = DeviceBatches(data.dataset(), batch_size, device=dev, seed=seed, padding=4 if augment else 0,
+                            flip=augment and flip)
+    model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader),
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(batches),
                                                     pct_start=0.25)
     history: list[dict[str, float]] = []
     bar = tqdm(range(epochs), desc="train", disable=not progress)
     for epoch in bar:
         start = time.perf_counter()
-        stats = train_one_epoch(model, loader, optimizer, scheduler, dev)
+        stats = train_one_epoch(model, batches, optimizer, scheduler)
         history.append({"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0],
                         "time_s": time.perf_counter() - start})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
-    model.cpu().eval()
+    model.to("cpu", memory_format=torch.contiguous_format).eval()
     return history
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nft_core.attacks import make_attack
+from nft_core.batches import DeviceBatches
 from nft_core.data import make_synthetic
 from nft_core.metrics import accuracy, attack_success_rate, predict
 from nft_core.models import Normalized, SmallCNN
@@ -70,11 +71,13 @@ def test_backdoored_small_cnn_learns_task_and_badnets_backdoor():
 
 
 def test_crop_without_flip_never_mirrors():
-    from nft_core.augment import crop_flip
+    x = torch.zeros(64, 3, 8, 8)
+    x[:, :, :, :2] = 1.0  # a bright left edge: a flip would move it to the right
+    from torch.utils.data import TensorDataset
 
-    torch.manual_seed(0)
-    x = torch.zeros(3, 8, 8)
-    x[:, :, :2] = 1.0  # a bright left edge: a flip would move it to the right
-    no_flip, with_flip = crop_flip((8, 8), padding=0, flip=False), crop_flip((8, 8), padding=0)
-    assert all(torch.equal(no_flip(x), x) for _ in range(20))
-    assert any(not torch.equal(with_flip(x), x) for _ in range(20))
+    no_flip = DeviceBatches(TensorDataset(x, torch.zeros(64, dtype=torch.long)), 64, padding=0, flip=False)
+    with_flip = DeviceBatches(TensorDataset(x, torch.zeros(64, dtype=torch.long)), 64, padding=0, flip=True)
+    assert torch.equal(next(iter(no_flip))[0], x)
+    flipped = next(iter(with_flip))[0]
+    mirrored = (flipped[:, 0, 0, -1] == 1).sum().item()
+    assert 10 < mirrored < 54 and torch.equal(flipped[:, :, :, 2:6], x[:, :, :, 2:6])

@@ -14,16 +14,17 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from nft_core.augment import TransformedDataset, crop_flip
+from nft_core.batches import DeviceBatches
 from nft_core.purify import dataset_labels, resolve_device, set_norm_mode
 
 LRSchedule = Literal["cosine", "constant"]
 BNMode = Literal["train", "eval"]
-#: one optimisation step on a batch (model, images, labels) -> scalar logs
-StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Mapping[str, float]]
+#: one optimisation step on a batch (model, images, labels) -> scalar logs, as 0-d tensors left on the device
+#: (:func:`run_epochs` reads them once per epoch, so the step loop never waits for the device)
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
 Rule = tuple[Callable[[Any], bool], str]
 C = TypeVar("C", bound="DefenseConfig")
 
@@ -128,10 +129,10 @@ def prepare(model: nn.Module, data: Dataset, device: str, seed: int) -> Prepared
     return Prepared(work, dev, example, num_classes, labels)
 
 
-def make_loader(data: Dataset, batch_size: int, seed: int, augment: bool, example: torch.Tensor) -> DataLoader:
-    """Shuffled loader (seeded), with per-sample crop/flip when ``augment``."""
-    ds = TransformedDataset(data, crop_flip(tuple(example.shape[-2:])) if augment else None)
-    return DataLoader(ds, batch_size=batch_size, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(seed)))
+def make_loader(data: Dataset, batch_size: int, seed: int, augment: bool, device: torch.device) -> DeviceBatches:
+    """Batches of ``data`` on ``device``, reshuffled every epoch (seeded), with per-sample random crop (padding 4)
+    and horizontal flip when ``augment``."""
+    return DeviceBatches(data, batch_size, device=device, seed=seed, padding=4 if augment else 0, flip=augment)
 
 
 def make_sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
@@ -154,7 +155,7 @@ def sgd_step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[nn.Module, tor
         optimizer.step()
         if after_step is not None:
             after_step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     return step
 
@@ -163,8 +164,7 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return F.cross_entropy(model(x).float(), y)
 
 
-def run_epochs(model: nn.Module, loader: DataLoader, step: StepFn, epochs: int, *, device: torch.device,
-               bn_mode: str = "train", scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+def run_epochs(model: nn.Module, loader: DeviceBatches, step: StepFn, epochs: int, *, bn_mode: str = "train", scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                desc: str = "train", progress: bool = True,
                batch_hook: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                ) -> list[dict[str, float]]:
@@ -179,17 +179,17 @@ def run_epochs(model: nn.Module, loader: DataLoader, step: StepFn, epochs: int, 
     history: list[dict[str, float]] = []
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress):
         set_norm_mode(model, bn_mode)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if batch_hook is not None:
                 x, y = batch_hook(x, y)
                 set_norm_mode(model, bn_mode)
             for k, v in step(model, x, y).items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = sums[k] + v if k in sums else v.detach().float().clone()
             if scheduler is not None:
                 scheduler.step()
-        row = {"epoch": float(epoch + 1), **{k: v / len(loader) for k, v in sums.items()}}
+        means = (torch.stack(list(sums.values())) / len(loader)).tolist() if sums else []
+        row = {"epoch": float(epoch + 1), **dict(zip(sums, means, strict=True))}
         if scheduler is not None:
             row["lr"] = scheduler.get_last_lr()[0]
         if not all(math.isfinite(v) for v in row.values()):
@@ -199,17 +199,17 @@ def run_epochs(model: nn.Module, loader: DataLoader, step: StepFn, epochs: int, 
     return history
 
 
-def fine_tune(model: nn.Module, data: Dataset, cfg: TrainSettings, example: torch.Tensor, device: torch.device, *,
+def fine_tune(model: nn.Module, data: Dataset, cfg: TrainSettings, device: torch.device, *,
               loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss,
               after_step: Callable[[], None] | None = None, desc: str = "FT",
               batch_hook: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
               epochs: int | None = None) -> list[dict[str, float]]:
     """Plain SGD fine-tuning of all trainable parameters of ``model`` in place with ``cfg``'s settings."""
     epochs = cfg.epochs if epochs is None else epochs
-    loader = make_loader(data, cfg.batch_size, cfg.seed, cfg.crop_flip, example)
+    loader = make_loader(data, cfg.batch_size, cfg.seed, cfg.crop_flip, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_sgd(params, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_schedule, epochs * len(loader))
-    return run_epochs(model, loader, sgd_step(opt, loss_fn, after_step), epochs, device=device, bn_mode=cfg.bn_mode,
+    return run_epochs(model, loader, sgd_step(opt, loss_fn, after_step), epochs, bn_mode=cfg.bn_mode,
                       scheduler=sched, desc=desc, progress=cfg.progress, batch_hook=batch_hook)
 
 

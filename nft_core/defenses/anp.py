@@ -69,9 +69,9 @@ class ANPConfig(DefenseConfig):
 class PerturbedMask(NeuronMask):
     """gamma -> gamma * (m + delta) when ``perturbed``, else gamma * m (ANP's NoisyBatchNorm scale)."""
 
-    def __init__(self, n: int, ndim: int, layer_index: int) -> None:
-        super().__init__(n, ndim, layer_index)
-        self.noise = nn.Parameter(torch.zeros(n))
+    def __init__(self, n: int, ndim: int, layer_index: int, device: torch.device | str | None = None) -> None:
+        super().__init__(n, ndim, layer_index, device)
+        self.noise = nn.Parameter(torch.zeros(n, device=device))
         self.perturbed = False
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -82,9 +82,9 @@ class PerturbedMask(NeuronMask):
 class ShiftNoise(nn.Module):
     """beta -> beta * (1 + xi) when ``perturbed``, else beta."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.noise = nn.Parameter(torch.zeros(n))
+        self.noise = nn.Parameter(torch.zeros(n, device=device))
         self.perturbed = False
 
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
@@ -106,9 +106,10 @@ def attach_perturbations(model: nn.Module, example: torch.Tensor) -> list[str]:
     modules = dict(model.named_modules())
     for index, name in enumerate(names, start=1):
         module = modules[name]
-        parametrize.register_parametrization(module, "weight", PerturbedMask(module.weight.shape[0], 1, index))
+        parametrize.register_parametrization(module, "weight", PerturbedMask(module.weight.shape[0], 1, index,
+                                                                                   module.weight.device))
         if getattr(module, "bias", None) is not None:
-            parametrize.register_parametrization(module, "bias", ShiftNoise(module.bias.shape[0]))
+            parametrize.register_parametrization(module, "bias", ShiftNoise(module.bias.shape[0], module.bias.device))
     trainable = {id(p) for m in model.modules() if isinstance(m, (PerturbedMask, ShiftNoise)) for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -149,7 +150,7 @@ def anp_step(config: ANPConfig, mask_opt: torch.optim.Optimizer, noise_opt: torc
         loss.backward()
         mask_opt.step()
         clamp_masks(model, [0.0] * len(mask_modules(model)))
-        return {"loss": loss.item(), "nat": nat.item(), "rob": rob.item()}
+        return {"loss": loss.detach(), "nat": nat.detach(), "rob": rob.detach()}
 
     return step
 
@@ -164,9 +165,9 @@ def run(model: nn.Module, clean_data: Dataset, config: ANPConfig) -> DefenseResu
     noises = [m.noise for m in _perturbations(work)]
     mask_opt = torch.optim.SGD(masks, lr=config.mask_lr, momentum=config.mask_momentum)
     noise_opt = torch.optim.SGD(noises, lr=config.eps / config.pgd_steps if config.eps > 0 else 1.0)
-    loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.example)
+    loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.device)
     epochs = math.ceil(config.iterations / len(loader))
-    history = run_epochs(work, loader, anp_step(config, mask_opt, noise_opt), epochs, device=prep.device,
+    history = run_epochs(work, loader, anp_step(config, mask_opt, noise_opt), epochs,
                          bn_mode=config.bn_mode, desc="ANP", progress=config.progress)
 
     values = {name: m.mask.detach().cpu() for name, (_, m) in zip(names, mask_modules(work))}

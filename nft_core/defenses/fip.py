@@ -150,7 +150,7 @@ def run(model: nn.Module, clean_data: Dataset, config: FIPConfig) -> DefenseResu
         train_cfg = config
     anchors = [p.detach().clone() for p in params]
     fisher = diagonal_fisher(prep.model, params, clean_data, config.fisher_samples, prep.device, config.seed)
-    history = fine_tune(prep.model, clean_data, train_cfg, prep.example, prep.device,
+    history = fine_tune(prep.model, clean_data, train_cfg, prep.device,
                         loss_fn=fip_loss(params, anchors, fisher, config.eta_f, config.eta_r),
                         desc=f"FIP-{config.variant}")
     trainable = sum(p.numel() for p in params)

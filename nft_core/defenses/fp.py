@@ -119,7 +119,7 @@ def run(model: nn.Module, clean_data: Dataset, config: FPConfig) -> DefenseResul
     zero_pruned()
     for p in prep.model.parameters():
         p.requires_grad_(True)
-    history = fine_tune(prep.model, clean_data, config, prep.example, prep.device, after_step=zero_pruned, desc="FP")
+    history = fine_tune(prep.model, clean_data, config, prep.device, after_step=zero_pruned, desc="FP")
     extra = {"head": name, "channels": int(features.shape[1]), "pruned": int(k),
              "pruned_channels": pruned.cpu().tolist(), "clean_acc_before_prune": curve[0],
              "clean_acc_after_prune": curve[-1]}

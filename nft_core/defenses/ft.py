@@ -28,5 +28,5 @@ def run(model: nn.Module, clean_data: Dataset, config: FTConfig) -> DefenseResul
     prep = prepare(model, clean_data, config.device, config.seed)
     for p in prep.model.parameters():
         p.requires_grad_(True)
-    history = fine_tune(prep.model, clean_data, config, prep.example, prep.device, desc="FT")
+    history = fine_tune(prep.model, clean_data, config, prep.device, desc="FT")
     return DefenseResult(prep.model.cpu().eval(), time.perf_counter() - t0, history, {})

@@ -77,7 +77,7 @@ def sam_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], rho: 
                 for p, e in zip(live, perturbations):
                     p.sub_(e)
         optimizer.step()
-        return {"loss": loss.item(), "sharp_loss": sharp_loss.item()}
+        return {"loss": loss.detach(), "sharp_loss": sharp_loss.detach()}
 
     return step
 
@@ -89,10 +89,10 @@ def run(model: nn.Module, clean_data: Dataset, config: FTSAMConfig) -> DefenseRe
     params = list(prep.model.parameters())
     for p in params:
         p.requires_grad_(True)
-    loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.example)
+    loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.device)
     opt, sched = make_sgd(params, config.lr, config.momentum, config.weight_decay, config.lr_schedule,
                           config.epochs * len(loader))
     step = sam_step(opt, params, config.rho, config.adaptive, config.label_smoothing)
-    history = run_epochs(prep.model, loader, step, config.epochs, device=prep.device, bn_mode=config.bn_mode,
+    history = run_epochs(prep.model, loader, step, config.epochs, bn_mode=config.bn_mode,
                          scheduler=sched, desc="FT-SAM", progress=config.progress)
     return DefenseResult(prep.model.cpu().eval(), time.perf_counter() - t0, history, {})

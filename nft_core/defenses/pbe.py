@@ -87,16 +87,16 @@ def _dataset_scores(original: nn.Module, purified: nn.Module, data: Dataset, bat
                       for x, _ in DataLoader(data, batch_size=batch_size)])
 
 
-def _purify_once(model: nn.Module, data: Dataset, config: PBEConfig, example: torch.Tensor,
-                 device: torch.device, tag: str) -> list[dict[str, float]]:
+def _purify_once(model: nn.Module, data: Dataset, config: PBEConfig, device: torch.device,
+                 tag: str) -> list[dict[str, float]]:
     """Steps 1 and 2 on ``data``, in place."""
 
     def adversarial(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pgd_untargeted(model, x, y, config.adv_eps, config.adv_steps, config.adv_step_size), y
 
-    hist = fine_tune(model, data, config, example, device, batch_hook=adversarial, epochs=config.adv_epochs,
+    hist = fine_tune(model, data, config, device, batch_hook=adversarial, epochs=config.adv_epochs,
                      desc=f"PBE adv{tag}")
-    hist += fine_tune(model, data, config, example, device, desc=f"PBE clean{tag}")
+    hist += fine_tune(model, data, config, device, desc=f"PBE clean{tag}")
     return hist
 
 
@@ -107,7 +107,7 @@ def run(model: nn.Module, clean_data: Dataset, config: PBEConfig) -> DefenseResu
     for p in prep.model.parameters():
         p.requires_grad_(True)
     if config.mode == "clean":
-        history = _purify_once(prep.model, clean_data, config, prep.example, prep.device, "")
+        history = _purify_once(prep.model, clean_data, config, prep.device, "")
         return DefenseResult(prep.model.cpu().eval(), time.perf_counter() - t0, history, {"mode": "clean"})
 
     original = prep.model
@@ -119,7 +119,7 @@ def run(model: nn.Module, clean_data: Dataset, config: PBEConfig) -> DefenseResu
     rounds: list[dict[str, float]] = []
     for t in range(config.iterations):
         subset = Subset(clean_data, selected.tolist())
-        for row in _purify_once(current, subset, config, prep.example, prep.device, f" {t + 1}/{config.iterations}"):
+        for row in _purify_once(current, subset, config, prep.device, f" {t + 1}/{config.iterations}"):
             history.append({**row, "iteration": float(t + 1)})
         scores = _dataset_scores(original, current, clean_data)
         progress = min(t + 1, config.iterations - 1) / max(config.iterations - 1, 1)
