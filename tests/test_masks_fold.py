@@ -162,3 +162,18 @@ def test_mask_state_round_trip_and_mismatch():
     attach_masks(other, "norm", x)
     with pytest.raises(ValueError, match="do not match"):
         load_mask_state(other, state)
+
+
+def test_masks_are_made_on_the_device_of_the_weights_they_scale():
+    # the first GPU run failed here: masks were created on the CPU beside CUDA weights. The meta device stands
+    # in for CUDA on a machine without one (a forward pass on meta tensors runs shapes only).
+    torch.manual_seed(0)
+    for placement in ("norm", "weight"):
+        model = build_model("preact_resnet18", num_classes=10, width=4).to("meta")
+        attach_masks(model, placement, torch.zeros(1, 3, 32, 32, device="meta"))
+        assert {p.device.type for p in mask_parameters(model)} == {"meta"}
+    from nft_core.defenses.anp import attach_perturbations
+
+    model = build_model("preact_resnet18", num_classes=10, width=4).to("meta")
+    attach_perturbations(model, torch.zeros(1, 3, 32, 32, device="meta"))
+    assert {p.device.type for p in model.parameters() if p.requires_grad} == {"meta"}

@@ -20,3 +20,24 @@ def test_library_versions_name_the_installed_packages():
     versions = library_versions()
     assert {"python", "torch", "torchvision", "onnxruntime-gpu", "mlflow"} <= set(versions)
     assert all(isinstance(v, str) and v[0].isdigit() for v in versions.values())
+
+
+def test_library_versions_say_which_onnxruntime_ran_and_never_crash_on_a_missing_package(monkeypatch):
+    import importlib.metadata
+
+    import harden.stages as stages
+
+    real = importlib.metadata.version
+
+    def without_gpu_build(name: str) -> str:  # the CPU build installed instead of the GPU one
+        if name == "onnxruntime":
+            return "1.30.0"
+        if name == "onnxruntime-gpu":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_gpu_build)
+    monkeypatch.setattr(stages, "RECORDED_LIBRARIES", ("onnxruntime-gpu", "no-such-distribution-xyz"))
+    versions = stages.library_versions()
+    assert versions["onnxruntime-gpu"] == "1.30.0 (onnxruntime)"
+    assert versions["no-such-distribution-xyz"] == "not installed"
