@@ -111,14 +111,21 @@ def _mask_stats(model: nn.Module, lower_bounds: list[float]) -> dict[str, float]
             "frac_at_lower_bound": at_lb.float().mean().item()}
 
 
+#: the layout of a checkpoint's training state; part of the fingerprint, so a checkpoint written by a version
+#: that saved another state (2: the batch stream of :class:`~nft_core.batches.DeviceBatches`) is never resumed
+CHECKPOINT_FORMAT = 2
+
+
 class StaleCheckpoint(ValueError):
     """A checkpoint written for another candidate, clean set or config."""
 
 
 def fingerprint(model: nn.Module, clean_data: Dataset, config: NFTConfig) -> str:
     """sha256 binding a checkpoint to its inputs: the model's state (weights and buffers, by name), every clean
-    image and label in order, and the config (without ``progress``, which changes nothing)."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in config.to_dict().items() if k != "progress"},
+    image and label in order, the config (without ``progress``, which changes nothing) and
+    :data:`CHECKPOINT_FORMAT`."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
+    digest = hashlib.sha256(json.dumps({**settings, "checkpoint_format": CHECKPOINT_FORMAT},
                                        sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
