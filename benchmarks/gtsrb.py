@@ -24,7 +24,9 @@ What one command does:
     .venv/bin/python benchmarks/gtsrb.py --data /data/gtsrb --arch resnet18 --out runs/bench/gtsrb.md
 
 CPU runs use a narrower PreActResNet-18 (``--width``) and fewer training epochs; on a GPU use
-``--width 64 --train-epochs 30``. ``--threads`` sets torch's intra-op threads.
+``--width 64 --train-epochs 30``. ``--threads`` sets torch's intra-op threads. On CUDA every cell also records
+peak GPU memory and NVML utilisation. ``--pack DIR`` writes stratified subsets as compressed npz files and
+``--npz TRAIN TEST`` reads them, for a machine that cannot read the original set.
 """
 
 from __future__ import annotations
