@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from nft_core.adversarial import pgd_untargeted
 from nft_core.augment import make_mixer, soft_cross_entropy
-from nft_core.batches import DeviceBatches
+from nft_core.batches import CROP_PADDING, DeviceBatches, conv_layout
 from nft_core.config import NFTConfig
 from nft_core.masks import MaskedLayer, attach_masks, clamp_masks, mask_l1_distance, mask_modules, mask_parameters
 from nft_core.schedule import mask_lower_bounds
@@ -194,15 +194,14 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
 
     optimizer = torch.optim.SGD([{"params": params, "weight_decay": 0.0}], lr=config.lr, momentum=config.momentum)
     loader = DeviceBatches(clean_data, config.batch_size, device=device, seed=config.seed,
-                           padding=4 if config.crop_flip else 0, flip=config.crop_flip and config.flip,
+                           padding=CROP_PADDING if config.crop_flip else 0, flip=config.crop_flip and config.flip,
                            steps_per_epoch=config.steps_per_epoch)
     total_steps = config.epochs * len(loader)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=config.lr_min)
                  if config.lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
     mixer = make_mixer(config.mix, config.mix_alpha, num_classes)
     amp = config.amp and device.type == "cuda"
-    # channels-last convolutions on the GPU (tensor cores); the model goes back to the standard layout at the end
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = conv_layout(device)  # the model goes back to the standard layout at the end
     model.to(memory_format=memory_format)
 
     history: list[dict[str, float]] = []

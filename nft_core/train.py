@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nft_core.attacks import Attack, CleanLabel
-from nft_core.batches import DeviceBatches
+from nft_core.batches import CROP_PADDING, DeviceBatches, conv_layout
 from nft_core.data import ImageData
 from nft_core.models import Normalized, SmallCNN, build_model
 from nft_core.purify import resolve_device
@@ -29,8 +29,8 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
     """One pass over ``batches``; returns mean loss and training accuracy (read from the device once)."""
     model.train()
     device = batches.device
-    amp = device.type == "cuda"
-    memory_format = torch.channels_last if amp else torch.contiguous_format
+    amp = device.type == "cuda"  # bf16 autocast
+    memory_format = conv_layout(device)
     sums = torch.zeros(2, device=device)  # summed loss, correct predictions
     seen = 0
     for x, y in batches:
@@ -77,9 +77,9 @@ def train_classifier(model: nn.Module, data: ImageData, *, epochs: int, lr: floa
         raise ValueError("cannot train on an empty dataset")
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    batches = DeviceBatches(data.dataset(), batch_size, device=dev, seed=seed, padding=4 if augment else 0,
+    batches = DeviceBatches(data.dataset(), batch_size, device=dev, seed=seed, padding=CROP_PADDING if augment else 0,
                             flip=augment and flip)
-    model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
+    model.to(dev, memory_format=conv_layout(dev))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(batches),
                                                     pct_start=0.25)

@@ -80,4 +80,4 @@ def test_crop_without_flip_never_mirrors():
     assert torch.equal(next(iter(no_flip))[0], x)
     flipped = next(iter(with_flip))[0]
     mirrored = (flipped[:, 0, 0, -1] == 1).sum().item()
-    assert 10 < mirrored < 54 and torch.equal(flipped[:, :, :, 2:6], x[:, :, :, 2:6])
+    assert 10 < mirrored < 54  # about half mirrored; without flips none

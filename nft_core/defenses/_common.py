@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from nft_core.batches import DeviceBatches
+from nft_core.batches import CROP_PADDING, DeviceBatches
 from nft_core.purify import dataset_labels, resolve_device, set_norm_mode
 
 LRSchedule = Literal["cosine", "constant"]
@@ -132,7 +132,8 @@ def prepare(model: nn.Module, data: Dataset, device: str, seed: int) -> Prepared
 def make_loader(data: Dataset, batch_size: int, seed: int, augment: bool, device: torch.device) -> DeviceBatches:
     """Batches of ``data`` on ``device``, reshuffled every epoch (seeded), with per-sample random crop (padding 4)
     and horizontal flip when ``augment``."""
-    return DeviceBatches(data, batch_size, device=device, seed=seed, padding=4 if augment else 0, flip=augment)
+    return DeviceBatches(data, batch_size, device=device, seed=seed, padding=CROP_PADDING if augment else 0,
+                         flip=augment)
 
 
 def make_sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
@@ -164,7 +165,8 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return F.cross_entropy(model(x).float(), y)
 
 
-def run_epochs(model: nn.Module, loader: DeviceBatches, step: StepFn, epochs: int, *, bn_mode: str = "train", scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+def run_epochs(model: nn.Module, loader: DeviceBatches, step: StepFn, epochs: int, *, bn_mode: str = "train",
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                desc: str = "train", progress: bool = True,
                batch_hook: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                ) -> list[dict[str, float]]:
