@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -255,7 +254,7 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
     row = {"key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
            "mode": cand.attack.mode, "regime": cand.regime, "clean": clean_name, "n_clean": len(clean),
            "method": label, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
-           "time_s": wall, "threads": torch.get_num_threads(), "device": args.device, "candidate": cand.key,
+           "time_s": wall, "threads": torch.get_num_threads(), "torch": f"torch {torch.__version__}", "device": args.device, "candidate": cand.key,
            "gpu": gpu_name(args.device), "peak_gpu_mib": gpu.peak_mib, "gpu_util": gpu.utilisation,
            "config": config.to_dict()}
     with results.open("a") as f:
@@ -279,7 +278,7 @@ def pct(v: float) -> str:
 
 
 def render(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], header: list[str]) -> str:
-    out = list(header)
+    out = [*header, setup_line(rows, candidates), ""]
     out += ["### Candidates", "", "| arch | attack | mode | regime | train images | poisoned | ACC | ASR | train time (s) |",
             "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for c in sorted(candidates, key=lambda c: (c["arch"], c["regime"], c["attack"], c["mode"])):
@@ -332,17 +331,25 @@ def write(out: Path | None, text: str) -> None:
 
 
 def make_header(args: argparse.Namespace, n_train: int | None, n_test: int | None) -> list[str]:
-    gpu = gpu_name(args.device) or "none"
     images = (f"Images: {n_train:,} training, {n_test:,} test" + (" (stratified subsets packed with --pack)."
               if args.npz else ".") if n_train is not None else "Images: as each candidate's row says.")
-    return [f"## GTSRB, real photographs ({date.today()})", "",
+    return ["## GTSRB, real photographs", "",
             f"Command: `.venv/bin/python benchmarks/gtsrb.py {shlex.join(sys.argv[1:])}`  ",
-            f"Hardware: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, GPU: {gpu}; "
-            f"torch {torch.__version__}. PreActResNet-18 width {args.width} (paper: 64); torchvision ResNet-18 at "
-            "full width.  ",
             f"Candidates: 10 % poisoning (clean-label: {int(100 * CLEAN_LABEL_SHARE)} % of the target class), target "
             f"{TARGET}; low-data regime: {int(100 * LOW_DATA_FRACTION)} % of the training images and "
-            f"{LOW_DATA_CLEAN} clean images it was not trained on. {images}", ""]
+            f"{LOW_DATA_CLEAN} clean images it was not trained on. {images}  "]
+
+
+def setup_line(rows: list[dict[str, Any]], candidates: list[dict[str, Any]]) -> str:
+    """Where the rendered rows were measured, as the rows themselves record it (cached rows may come from other
+    machines than the one rendering them): device, GPU, threads, torch; the PreActResNet-18 widths."""
+    where = sorted({(r.get("gpu") or f"{r.get('device', '?')} (no GPU)", r.get("threads"), r.get("torch", "torch not recorded"))
+                    for r in rows}, key=str)
+    widths = sorted({c["recipe"]["kwargs"]["width"] for c in candidates if "width" in c["recipe"]["kwargs"]})
+    dates = sorted({r["date"] for r in rows})
+    return (f"Measured {' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else '-'} on: " + ("; ".join(f"{g}, {t} torch threads, {v}" for g, t, v in where) or "nothing yet")
+            + ". PreActResNet-18 width " + (", ".join(map(str, widths)) or "-") + " (paper: 64); torchvision "
+            "ResNet-18 at full width.")
 
 
 def pack(train: ImageData, test: ImageData, out: Path, n_train: int, n_test: int) -> None:

@@ -4,7 +4,9 @@ Both paths feed the same metric functions (:mod:`nft_core.metrics`) and return o
 
 - ``acc``, ``min_class_acc``, ``per_class_acc`` ({class name: accuracy}), ``n/test``;
 - per probe: ``asr/<probe>``, ``robust_acc/<probe>``, ``n/<probe>`` (triggered samples whose true label
-  differs from the target, the ones ASR counts);
+  differs from the target, the ones ASR counts), ``clean_rate/<probe>`` (how often the model sends the same
+  classes' *unstamped* images to the probe's targets) and ``asr_lift/<probe>`` (ASR minus that rate: what the
+  trigger adds to the model's ordinary confusion, the default gate's ASR check);
 - ``eval_time_s``. The trigger-free scan (:func:`scan_metrics`, PyTorch only: it needs gradients) adds
   ``scan/top_share``, ``scan/top_label`` and ``scan/flip_rate``.
 
@@ -31,7 +33,8 @@ from harden.onnx_export import onnx_predict_logits, onnx_session
 from nft_core.attacks import make_attack
 from nft_core.data import ImageData
 from nft_core.masks import MaskedLayer, mask_state
-from nft_core.metrics import accuracy, attack_success_rate, per_class_accuracy, predict_logits, robust_accuracy
+from nft_core.metrics import (accuracy, attack_success_rate, clean_target_rate, per_class_accuracy, predict_logits,
+                              robust_accuracy)
 from nft_core.purify import PurifyResult
 from nft_core.scan import adversarial_label_concentration
 
@@ -126,6 +129,10 @@ def _evaluate(logits: LogitsFn, test: ImageData, probes: Probes) -> dict[str, An
         metrics[f"asr/{probe.name}"] = attack_success_rate(p, y_true, y_target)
         metrics[f"robust_acc/{probe.name}"] = robust_accuracy(p, y_true, y_target)
         metrics[f"n/{probe.name}"] = int((y_true != y_target).sum())
+        clean_rate = clean_target_rate(pred, y, y_true, y_target, test.num_classes)
+        if clean_rate is not None:  # absent (so a gate check on it cannot pass) when no probe class is in the test set
+            metrics[f"clean_rate/{probe.name}"] = clean_rate
+            metrics[f"asr_lift/{probe.name}"] = metrics[f"asr/{probe.name}"] - clean_rate
     metrics["eval_time_s"] = time.perf_counter() - t0
     return metrics
 

@@ -42,13 +42,14 @@ TOLERANCE = 1e-9
 #: Metric-name patterns and the direction in which the metric gets better (first match wins).
 DIRECTIONS: tuple[tuple[str, Direction], ...] = (
     ("acc", "higher"), ("min_class_acc", "higher"), ("robust_acc/*", "higher"),
-    ("asr/*", "lower"), ("scan/top_share", "lower"),
+    ("asr/*", "lower"), ("asr_lift/*", "lower"), ("scan/top_share", "lower"),
 )
 
 #: Every metric the evaluation produces, as fnmatch patterns (``tests/test_evaluate.py`` checks a real evaluation
 #: against it). A gate check whose metric or pattern can match none of these is refused when params.yaml loads.
 METRIC_FAMILIES: tuple[str, ...] = (
-    "acc", "min_class_acc", "per_class_acc/*", "asr/*", "robust_acc/*", "n/*", "eval_time_s",
+    "acc", "min_class_acc", "per_class_acc/*", "asr/*", "asr_lift/*", "clean_rate/*", "robust_acc/*", "n/*",
+    "eval_time_s",
     "scan/flip_rate", "scan/top_label", "scan/top_share",
 )
 
@@ -149,14 +150,15 @@ class MetricCheck(BaseModel):
 
 
 def _default_checks() -> list[MetricCheck]:
-    return [MetricCheck(metric="acc", max_drop=0.02), MetricCheck(metric="asr/*", max=0.05)]
+    return [MetricCheck(metric="acc", max_drop=0.02), MetricCheck(metric="asr_lift/*", max=0.05)]
 
 
 class GateConfig(BaseModel):
     """The ``gate`` section of ``params.yaml``.
 
     Attributes:
-        metrics: metric checks (default: ACC may drop at most 0.02, ASR <= 0.05 on every probe).
+        metrics: metric checks (default: ACC may drop at most 0.02; on every probe, ASR at most 0.05 above the
+            rate at which the model sends the same classes' clean images to the target, ``asr_lift/*``).
         required_facts: facts that must be True (default: ONNX parity and fold check passed).
         allow_no_probes: bless without any ASR evidence (default False: no probes means not blessed).
         on_missing: ``error`` raises :class:`MissingMetricError` for a missing metric or fact, ``fail``
@@ -301,7 +303,7 @@ def _metric_results(check: MetricCheck, before: Mapping[str, Any], after: Mappin
                     on_missing: OnMissing) -> list[CheckResult]:
     results: list[CheckResult] = []
     matched = expand(check.metric, after)
-    probe_family = check.metric.startswith(("asr/", "robust_acc/"))
+    probe_family = check.metric.startswith(("asr/", "asr_lift/", "clean_rate/", "robust_acc/"))
     if not matched and probe_family and not expand(PROBE_PATTERN, after):
         return []  # no probe at all: the probes check (allow_no_probes) decides
     if not matched:  # a pattern that matches nothing cannot be evaluated: it never passes by omission

@@ -79,9 +79,10 @@ def _environment() -> jinja2.Environment:
 
 
 def _table_rows(comparison: Mapping[str, Mapping[str, float | None]]) -> list[dict[str, Any]]:
-    """Headline rows: ACC, worst-class ACC, then ASR and robust accuracy per probe, then the scan."""
+    """Headline rows: ACC, worst-class ACC, then per probe ASR, its lift over the clean rate, the clean rate and
+    robust accuracy, then the scan."""
     probes = sorted(k.split("/", 1)[1] for k in comparison if k.startswith("asr/"))
-    keys = ["acc", "min_class_acc"] + [f"{m}/{p}" for p in probes for m in ("asr", "robust_acc")]
+    keys = ["acc", "min_class_acc"] + [f"{m}/{p}" for p in probes for m in ("asr", "asr_lift", "clean_rate", "robust_acc")]
     keys += ["scan/top_share", "scan/top_label", "scan/flip_rate"]
     return [{"metric": k, **comparison[k]} for k in keys if k in comparison]
 

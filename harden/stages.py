@@ -536,7 +536,7 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
                 "report_md": report / "report.md",
                 **{f"{PLOT_ROLE_PREFIX}{p.stem}": p for p in sorted((report / "plots").glob("*.png"))}}
     rows = [f"- {k}: {v['before']:.4f} -> {v['after']:.4f}" for k, v in metrics.compare.items()
-            if (k == "acc" or k.startswith(("asr/", "robust_acc/"))) and v["before"] is not None and v["after"] is not None]
+            if (k == "acc" or k.startswith(("asr/", "asr_lift/", "robust_acc/"))) and v["before"] is not None and v["after"] is not None]
     description = "\n".join([f"Hardened from {prov.model_name} version {prov.version} with "
                              f"{purified.defense} on {purified.clean_samples} clean images.", blessing.summary,
                              "", *rows])

@@ -34,8 +34,8 @@ def latest_version_summary(name: str, alias: str, tracking_uri: str) -> VersionS
     mv = max(versions, key=lambda v: int(v.version))
     run = client.get_run(mv.run_id)
     metrics = run.data.metrics
-    keys = ["acc"] + sorted({k.split("/", 1)[1] for k in metrics if k.startswith("candidate/asr/")
-                             or k.startswith("candidate/robust_acc/")})
+    keys = ["acc"] + sorted({k.split("/", 1)[1] for k in metrics
+                             if k.startswith(("candidate/asr/", "candidate/asr_lift/", "candidate/robust_acc/"))})
     rows = [(k, metrics.get(f"candidate/{k}"), metrics.get(f"hardened/{k}")) for k in keys]
     rows.append(("purify wall time (s)", None, metrics.get("purify_wall_time_s")))
     aliases = client.get_registered_model(name).aliases

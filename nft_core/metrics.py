@@ -59,6 +59,29 @@ def attack_success_rate(pred: ArrayLike, y_true: ArrayLike, y_target: ArrayLike)
     return (pred[keep] == y_target[keep]).float().mean().item()
 
 
+def clean_target_rate(clean_pred: ArrayLike, clean_y: ArrayLike, y_true: ArrayLike, y_target: ArrayLike,
+                      num_classes: int) -> float | None:
+    """How often the model sends *unstamped* images to the targets of a probe: its ASR if the trigger did nothing.
+
+    For every attacked probe sample (true label different from the target), the share of clean images of its
+    true class that the model predicts as its target, averaged over the samples: the expected value of
+    :func:`attack_success_rate` for a trigger with no effect beyond the model's ordinary confusion. It needs
+    no pairing of triggered and clean images, so user-supplied probe files get it too. Samples whose true
+    class has no clean image are left out; ``None`` when that leaves none.
+    """
+    clean_pred, clean_y, y_true, y_target = _t(clean_pred), _t(clean_y), _t(y_true), _t(y_target)
+    keep = _attacked(y_true, y_target)
+    confusion = torch.zeros(num_classes, num_classes).index_put_((clean_y, clean_pred), torch.ones(len(clean_y)),
+                                                                 accumulate=True)
+    per_class = confusion.sum(1)
+    y_true, y_target = y_true[keep], y_target[keep]
+    known = per_class[y_true] > 0
+    if not known.any():
+        return None
+    rates = confusion[y_true, y_target] / per_class[y_true].clamp(min=1)
+    return rates[known].mean().item()
+
+
 def robust_accuracy(pred: ArrayLike, y_true: ArrayLike, y_target: ArrayLike) -> float:
     """Share of triggered samples classified as their true label (label-correction rate), over the same
     samples as :func:`attack_success_rate`."""

@@ -68,6 +68,29 @@ def test_asr_counts_only_samples_whose_label_differs_from_the_target(test_set):
     assert never_target["asr/badnets"] == 0.0
 
 
+def test_asr_lift_subtracts_what_the_model_does_to_unstamped_images(test_set):
+    """Issue 14: a model that sends everything to the target has ASR 1 on any probe, trigger or not; its lift
+    over its own clean rate is 0. A model that never predicts the target has clean rate 0 and lift = ASR."""
+    target = 2
+    probe = Probe(attack="badnets", target=target)
+    always = evaluate_torch(constant_model(target), test_set, [probe])
+    assert always["clean_rate/badnets"] == 1.0 and always["asr_lift/badnets"] == 0.0
+    never = evaluate_torch(constant_model(0), test_set, [probe])
+    assert never["clean_rate/badnets"] == 0.0 and never["asr_lift/badnets"] == never["asr/badnets"] == 0.0
+
+
+def test_clean_target_rate_reads_the_confusion_of_each_sample_s_true_class():
+    from nft_core.metrics import clean_target_rate
+
+    # clean images: class 1 goes to 0 half the time, class 2 never; class 3 has no clean image
+    clean_y = torch.tensor([1, 1, 1, 1, 2, 2, 0])
+    clean_pred = torch.tensor([0, 0, 1, 1, 2, 2, 0])
+    # probe samples (all2one to 0): two of class 1, one of class 2, one of class 0 (not attacked), one of class 3
+    y_true, y_target = torch.tensor([1, 1, 2, 0, 3]), torch.zeros(5, dtype=torch.long)
+    assert clean_target_rate(clean_pred, clean_y, y_true, y_target, 4) == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    assert clean_target_rate(clean_pred, clean_y, torch.tensor([3]), torch.tensor([0]), 4) is None
+
+
 def test_npz_probe_equals_attack_probe_in_both_layouts(tmp_path, test_set):
     model = Normalized(build_model("small_cnn", num_classes=K, width=4), [0.5] * 3, [0.25] * 3)
     attack = Probe(name="blend", attack="blend", target=1)

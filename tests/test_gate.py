@@ -8,9 +8,10 @@ from pydantic import ValidationError
 from harden.gate import Blessing, GateConfig, MetricCheck, MissingMetricError, evaluate_gate
 
 FACTS = {"onnx_parity": True, "fold_check": True}
-BEFORE = {"acc": 0.90, "asr/badnets": 0.98, "asr/blend": 0.95, "robust_acc/badnets": 0.01, "scan/top_share": 0.9}
-AFTER = {"acc": 0.88, "asr/badnets": 0.03, "asr/blend": 0.05, "robust_acc/badnets": 0.80, "scan/top_share": 0.2,
-         "per_class_acc": {"a": 0.9}}
+BEFORE = {"acc": 0.90, "asr/badnets": 0.98, "asr/blend": 0.95, "asr_lift/badnets": 0.97, "asr_lift/blend": 0.93,
+          "robust_acc/badnets": 0.01, "scan/top_share": 0.9}
+AFTER = {"acc": 0.88, "asr/badnets": 0.03, "asr/blend": 0.05, "asr_lift/badnets": 0.02, "asr_lift/blend": 0.03,
+         "robust_acc/badnets": 0.80, "scan/top_share": 0.2, "per_class_acc": {"a": 0.9}}
 
 
 def gate(*checks, **kw):
@@ -200,3 +201,15 @@ def test_a_blessing_whose_flags_were_edited_is_inconsistent():
     assert any("acc drop" in p and "its value says False" in p for p in problems), problems
     only_verdict = b.model_copy(update={"blessed": True})
     assert any("checks failed" in p for p in only_verdict.inconsistencies())
+
+
+def test_the_default_gate_bounds_the_lift_over_the_clean_rate_not_raw_asr():
+    """Issue 14: a weak model sends some clean images to the target by ordinary misclassification; raw ASR
+    counts them as the trigger's doing. The default check bounds ASR minus that clean rate."""
+    before = {"acc": 0.66, "asr/blend": 0.99, "asr_lift/blend": 0.92}
+    noisy = {"acc": 0.66, "asr/blend": 0.09, "asr_lift/blend": 0.02}  # 7 % of clean images go to the target too
+    assert evaluate_gate({}, before, noisy, FACTS).blessed
+    assert not evaluate_gate({"metrics": [{"metric": "asr/*", "max": 0.05}]}, before, noisy, FACTS).blessed
+    lifted = {**noisy, "asr_lift/blend": 0.07}
+    rejected = evaluate_gate({}, before, lifted, FACTS)
+    assert not rejected.blessed and "asr_lift/blend" in rejected.summary

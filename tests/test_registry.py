@@ -137,7 +137,8 @@ def hardened(tmp_path_factory):
     net = spec.build().eval()
     pkg = save_package(net, spec, tmp_path / "package")
     onnx_path = export_onnx(spec.wrap(net), (3, 32, 32), tmp_path / "model.onnx")
-    evaluate_gate({}, {"acc": 0.9, "asr/badnets": 0.98}, {"acc": 0.89, "asr/badnets": 0.01},
+    evaluate_gate({}, {"acc": 0.9, "asr/badnets": 0.98, "asr_lift/badnets": 0.98},
+                  {"acc": 0.89, "asr/badnets": 0.01, "asr_lift/badnets": 0.01},
                   {"onnx_parity": True, "fold_check": True}).write(tmp_path)  # blessing.json: blessed
     return {"package_dir": pkg, "onnx_path": onnx_path, "onnx_sha256": sha256_file(onnx_path),
             "evidence": {"blessing": tmp_path / "blessing.json"}}
@@ -230,7 +231,8 @@ def test_a_version_in_an_artifact_store_this_environment_cannot_read_is_a_regist
 
 
 def _rejected_blessing(tmp_path):
-    evaluate_gate({}, {"acc": 0.9, "asr/badnets": 0.98}, {"acc": 0.5, "asr/badnets": 0.5},
+    evaluate_gate({}, {"acc": 0.9, "asr/badnets": 0.98, "asr_lift/badnets": 0.98},
+                  {"acc": 0.5, "asr/badnets": 0.5, "asr_lift/badnets": 0.5},
                   {"onnx_parity": True, "fold_check": True}).write(tmp_path)
     return tmp_path / "blessing.json"
 
