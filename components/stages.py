@@ -61,7 +61,8 @@ def purify_op(params: Input[Artifact], candidate: Input[Model], clean: Input[Dat
     from harden.stages import purify_stage
 
     p = load_params(params.path)
-    s = purify_stage(p.nft, p.base, Path(candidate.path), Path(clean.path), Path(purified.path), progress=False)
+    s = purify_stage(p.nft, p.base, Path(candidate.path), Path(clean.path), Path(purified.path), policy=p.policy,
+                     probes=p.probes, gate=p.gate, progress=False)
     purified.metadata.update({"defense": s.defense, "device": s.device or ""})
     metrics.log_metric("purify_wall_time_s", s.wall_time_s)
     metrics.log_metric("clean_samples", s.clean_samples)

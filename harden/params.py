@@ -143,6 +143,25 @@ NFTParams = create_model("NFTParams", __base__=_NFTBase, **_nft_fields(),
                          options=(dict[str, Any], Field(default_factory=dict)))
 
 
+class Attempt(_Section):
+    """One fallback of the hardening policy: a defense and its config changes (for ``nft``: changes to the
+    ``nft`` section's settings; for the others: to that defense's paper defaults)."""
+
+    defense: Literal[_DEFENSES]  # type: ignore[valid-type]
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PolicyParams(_Section):
+    """The hardening policy: when the ``nft`` section's purification does not pass the gate's checks on clean
+    data held out of purification, try the fallbacks in order; the first attempt that passes wins (the best one
+    when none does, and the gate then rejects it on the test set as before). With no fallbacks the whole clean
+    set purifies once and nothing is held out."""
+
+    fallbacks: list[Attempt] = Field(default_factory=list, description="defenses tried in order after the nft section's")
+    holdout: float = Field(0.2, gt=0, lt=1, description="share of the clean set held out to judge attempts (with fallbacks)")
+    budget_s: float = Field(3600.0, gt=0, description="no attempt starts after this much purification wall time")
+
+
 class ExportParams(_Section):
     opset: int | None = Field(None, ge=18, description="ONNX opset (default: the exporter's)")
     atol: float = Field(1e-4, gt=0, description="max |torch - onnxruntime| on logits for the parity check")
@@ -179,6 +198,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     candidate: CandidateParams = CandidateParams()
     nft: NFTParams = NFTParams()  # type: ignore[valid-type]
+    policy: PolicyParams = PolicyParams()
     export: ExportParams = ExportParams()
     probes: ProbesParams = ProbesParams()
     gate: GateConfig = GateConfig()

@@ -86,16 +86,22 @@ def before_after_bars(comparison: Mapping[str, Mapping[str, float | None]]) -> F
 
 
 def training_curve(history: Sequence[Mapping[str, float]]) -> Figure:
-    """Purification loss terms (left) and mask statistics (right) per epoch."""
-    fig, (loss_ax, mask_ax) = _figure(9.0, 3.4, ncols=2)
+    """Purification loss terms per epoch (left) and, for NFT, the mask statistics (right). Each defense logs its
+    own keys (fine-tuning baselines: ``loss`` only); a panel shows the keys every epoch has."""
+    def present(keys: tuple[str, ...]) -> list[str]:
+        return [k for k in keys if all(k in row for row in history)]
+
+    loss_keys, mask_keys = present(("loss", "ce")), present(("mask_mean", "mask_min", "frac_at_lower_bound"))
+    fig, axes = _figure(9.0 if mask_keys else 5.0, 3.4, ncols=2 if mask_keys else 1)
     epochs = [row["epoch"] for row in history]
-    for key in ("loss", "ce"):
-        loss_ax.plot(epochs, [row[key] for row in history], marker=".", label=key)
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="NFT objective")
-    for key in ("mask_mean", "mask_min", "frac_at_lower_bound"):
-        mask_ax.plot(epochs, [row[key] for row in history], marker=".", label=key)
-    mask_ax.set(xlabel="epoch", ylim=(-0.02, 1.02), title="Masks")
-    for ax in (loss_ax, mask_ax):
+    for key in loss_keys:
+        axes[0].plot(epochs, [row[key] for row in history], marker=".", label=key)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="Purification objective")
+    if mask_keys:
+        for key in mask_keys:
+            axes[1].plot(epochs, [row[key] for row in history], marker=".", label=key)
+        axes[1].set(xlabel="epoch", ylim=(-0.02, 1.02), title="Masks")
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(frameon=False, fontsize=8)
         ax.grid(alpha=0.3)

@@ -106,6 +106,10 @@ class PurifyRecord(Record):
     samples_per_class: float | None = None
     trainable_params: int | None = None
     total_params: int | None = None
+    #: every attempt of the hardening policy (defense, config, wall time; with fallbacks also the held-out
+    #: verdict: passed, failed check reasons, held-out metrics; ``chosen`` marks the one written here)
+    attempts: list[dict[str, Any]] = []
+    holdout_samples: int | None = None
 
 
 class FoldRecord(Record):

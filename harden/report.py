@@ -34,7 +34,7 @@ from harden.integrity import write_bytes_atomic, write_json_atomic
 #: Plot key -> (file name, caption).
 PLOTS: dict[str, tuple[str, str]] = {
     "before_after": ("before_after.png", "ACC, ASR and robust accuracy per probe, candidate vs hardened"),
-    "training": ("training.png", "Purification: loss and mask statistics per epoch"),
+    "training": ("training.png", "Purification: loss (and, for NFT, mask statistics) per epoch"),
     "mask_heatmap": ("mask_heatmap.png", "Mask values per layer and neuron (cf. NFT supplementary Fig. 1-2)"),
     "mask_histogram": ("mask_histogram.png", "Distribution of the learned mask values"),
 }
@@ -144,10 +144,24 @@ def _identity_rows(identity: Mapping[str, Any], prefix: str = "") -> list[tuple[
     return rows
 
 
+def _attempt_rows(attempts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for n, a in enumerate(attempts, 1):
+        held = a.get("holdout", {})
+        lifts = [v for k, v in held.items() if k.startswith("asr_lift/")]
+        verdict = ("skipped" if a.get("skipped") else "passed" if a.get("passed") else "failed")
+        rows.append({"n": n, "defense": a["defense"], "chosen": bool(a.get("chosen")), "time": a.get("wall_time_s"),
+                     "acc": held.get("acc"), "lift": max(lifts) if lifts else None, "verdict": verdict,
+                     "passed": bool(a.get("passed")),
+                     "why": a.get("skipped") or " ".join(a.get("failed", [])) or "every judged check passed"})
+    return rows
+
+
 def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Mapping[str, Any],
                  after: Mapping[str, Any], blessing: Blessing, masks: Sequence[LayerMasks] | None = None,
                  history: Sequence[Mapping[str, float]] | None = None,
-                 purification: Mapping[str, Any] | None = None, title: str = "Backdoor hardening report") -> ReportFiles:
+                 purification: Mapping[str, Any] | None = None, attempts: Sequence[Mapping[str, Any]] = (),
+                 holdout: int | None = None, title: str = "Backdoor hardening report") -> ReportFiles:
     """Write the HTML and Markdown reports, ``metrics.json``, the plots and their DVC data into ``out_dir``.
 
     Args:
@@ -161,6 +175,8 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
         history: ``PurifyResult.history`` for the training curve.
         purification: summary of the purification (:func:`harden.evaluate.purification_summary`); mask
             statistics are computed from ``masks`` when it has none.
+        attempts: the hardening policy's attempts (``PurifyRecord.attempts``), listed when more than one was
+            planned; ``holdout``: how many clean images judged them.
         title: report heading.
     """
     out = Path(out_dir)
@@ -185,7 +201,8 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
         "blessing": blessing, "identity": _identity_rows(identity), "rows": _table_rows(comparison),
         "per_class": per_class, "mask_layers": mask_layers or [],
         "purification": [(k, _num(v)) for k, v in purification.items() if k != "masks"],
-        "images": images,
+        "images": images, "attempts": _attempt_rows(attempts) if len(attempts) > 1 or holdout else [],
+        "holdout": holdout,
     }
     env = _environment()
     html = write_bytes_atomic(out / "report.html", env.get_template("report.html.j2").render(context).encode())

@@ -65,6 +65,11 @@ class Stage:
         return (*self.reads, *self.code, *STAGE_CODE)
 
 
+def _attempt_words(attempts: list[dict[str, Any]]) -> list[str]:
+    from harden.stages import attempt_word
+    return [attempt_word(a) for a in attempts]
+
+
 # --------------------------------------------------------------------------------------------- calls ------
 # Thin adapters from (params, layout) to the stage functions' explicit arguments; imports happen on call.
 
@@ -86,7 +91,7 @@ def _pull(p: Params, layout: Layout, progress: bool) -> Any:
 def _purify(p: Params, layout: Layout, progress: bool) -> Any:
     from harden import stages
     return stages.purify_stage(p.nft, p.base, layout.stage("pull"), layout.clean, layout.stage("purify"),
-                               progress=progress)
+                               policy=p.policy, probes=p.probes, gate=p.gate, progress=progress)
 
 
 def _fold(p: Params, layout: Layout, progress: bool) -> Any:
@@ -156,10 +161,12 @@ STAGES: tuple[Stage, ...] = (
           code=("harden/registry.py", "harden/package.py"), call=_pull, kfp_task="pull-op",
           describe=lambda r, p, l: f"pulled {r.model_name} version {r.version} -> {l.stage('pull')}"),
     Stage("purify", "purify", "Purify the pulled candidate on the clean set (NFT or another defense).",
-          reads=("runs/pull", "data/clean.npz"), writes=("runs/purify",), params=("base", "nft"),
+          reads=("runs/pull", "data/clean.npz"), writes=("runs/purify",),
+          params=("base", "nft", "policy", "probes", "gate"),
           code=("nft_core",), call=_purify, kfp_task="purify-op", progress=True,
-          describe=lambda r, p, l: (f"{r.defense}: {r.wall_time_s:.1f}s on {r.clean_samples} clean images -> "
-                                    f"{l.stage('purify')}")),
+          describe=lambda r, p, l: (f"{r.defense}: {r.wall_time_s:.1f}s on {r.clean_samples} clean images"
+                                    + (" (policy: " + ", ".join(_attempt_words(r.attempts)) + ")"
+                                       if r.holdout_samples else "") + f" -> {l.stage('purify')}")),
     Stage("fold", "fold", "Fold the masks into the weights and check the folded model.",
           reads=("runs/pull", "runs/purify", "data/clean.npz"), writes=("runs/fold",), params=(),
           code=("nft_core/fold.py", "nft_core/masks.py"), call=_fold, kfp_task="fold-op",

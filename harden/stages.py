@@ -31,7 +31,8 @@ from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
 from harden.package import InputSpec, ModelSpec, load_package, save_package
-from harden.params import BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params, ProbesParams
+from harden.params import (Attempt, BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params,
+                           PolicyParams, ProbesParams)
 from harden.records import (Chain, FoldRecord, MetricsRecord, ParityRecord, Provenance, PurifyRecord,
                             Registration, ReportRecord, canonical_sha256, check_chain, tree_sha256)
 from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
@@ -237,16 +238,66 @@ def _load_model(pkg_dir: Path):
     return spec.wrap(net).eval(), spec
 
 
+#: Gate checks the policy can judge on held-out clean data (the rest need the test set, ONNX or the scan).
+JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "robust_acc/")
+
+
+def _attempt_config(attempt: Attempt | None, nft: NFTParams, base: BaseParams, progress: bool) -> tuple[str, Any]:
+    """(defense, config) of one policy attempt; ``None`` is the ``nft`` section itself."""
+    defense = nft.defense if attempt is None else attempt.defense
+    options = nft.options if attempt is None else attempt.options
+    try:
+        if defense == "nft":
+            config = nft.config(base.seed, base.device, progress)
+            return defense, (config.replace(**options) if attempt is not None else config)
+        from nft_core.defenses import default_config
+
+        return defense, default_config(defense).replace(seed=base.seed, device=base.device, **options)
+    except (TypeError, ValueError) as err:
+        where = "nft.options" if attempt is None else f"policy fallback {defense}"
+        raise ParamsError(f"{where}: {err}") from err
+
+
+def _run_attempt(defense: str, config: Any, model: torch.nn.Module, clean: ImageData, checkpoint: Path) -> Any:
+    if defense == "nft":
+        return purify(model, clean.dataset(), config, checkpoint=checkpoint, stale_checkpoint="restart")
+    from nft_core.defenses import run_defense
+
+    return run_defense(defense, model, clean.dataset(), config)
+
+
+def attempt_word(attempt: dict[str, Any]) -> str:
+    """One policy attempt in a few words: ``nft failed``, ``ft_sam passed (chosen)``."""
+    verdict = ("skipped" if attempt.get("skipped") else "passed" if attempt.get("passed")
+               else "failed" if "passed" in attempt else "ran")
+    return f"{attempt['defense']} {verdict}" + (" (chosen)" if attempt.get("chosen") else "")
+
+
+def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> Blessing:
+    """The gate's checks that held-out clean data can answer, on the candidate's and the attempt's metrics."""
+    checks = [c for c in gate.metrics if c.metric.startswith(JUDGED_PREFIXES)]
+    return evaluate_gate(gate.model_copy(update={"metrics": checks, "required_facts": [], "on_missing": "fail"}),
+                         before, after, {})
+
+
 def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_npz: Path, out_dir: Path, *,
-                 progress: bool = True) -> PurifyRecord:
-    """Purify the candidate on the clean set with ``nft.defense``.
+                 policy: PolicyParams | None = None, probes: ProbesParams | None = None,
+                 gate: GateConfig | None = None, progress: bool = True) -> PurifyRecord:
+    """Purify the candidate on the clean set with ``nft.defense``, then ``policy.fallbacks`` while needed.
+
+    With fallbacks, ``policy.holdout`` of the clean set (stratified) is kept out of purification. Each attempt
+    purifies on the rest and is judged on the held-out images (clean accuracy and every probe, stamped on them)
+    by the gate's checks those can answer; the first that passes wins, else the one failing fewest checks
+    (highest held-out accuracy among those). No attempt starts after ``policy.budget_s`` seconds. Every attempt,
+    winner or not, is in the record. The test set is never touched here.
 
     NFT writes its masks (``masks.safetensors``), the model's buffers (BatchNorm statistics updated in BN train
     mode) and ``masks.json``; other defenses write a complete package. A checkpoint beside ``out_dir`` lets a
-    killed run resume where it stopped; it is bound to the candidate, the clean set and the config (a checkpoint
-    of anything else is discarded, never resumed) and removed when the stage completes.
+    killed NFT run resume where it stopped; it is bound to the candidate, the clean set and the config (a
+    checkpoint of anything else is discarded, never resumed) and removed when the stage completes.
     """
     check_device(base.device)
+    policy = policy or PolicyParams()
     chain = check_chain(pull=Path(candidate_dir), clean=Path(clean_npz))
     model, spec = _load_model(Path(candidate_dir) / PACKAGE)
     clean = read_npz(clean_npz)
@@ -255,13 +306,58 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir.with_name(f".{out_dir.name}.ckpt")
+    plan = [_attempt_config(a, nft, base, progress) for a in [None, *policy.fallbacks]]
+    judged = len(plan) > 1
+    params_digest = {"nft": nft.model_dump(mode="json"), "seed": base.seed}
+    if judged:
+        if gate is None or probes is None:
+            raise ParamsError("a policy with fallbacks judges attempts by the gate's checks and the probes: pass both")
+        params_digest |= {"policy": policy.model_dump(mode="json"), "probes": probes.model_dump(mode="json"),
+                          "gate": gate.model_dump(mode="json")}
+        train, holdout = stratified_split(clean, fraction=1 - policy.holdout, seed=base.seed)
+        if len(holdout) == 0 or len(train) == 0:
+            raise DataError(f"policy.holdout={policy.holdout} of {len(clean)} clean images leaves an empty part")
+        before = evaluate_torch(model, holdout, probes.attacks)
+    else:
+        train, holdout = clean, None
+    attempts: list[dict[str, Any]] = []
+    best: tuple[tuple[int, float], int, Any, Any] | None = None  # (rank, index, result, config)
+    elapsed = 0.0
+    for index, (defense, config) in enumerate(plan):
+        if elapsed >= policy.budget_s:
+            attempts.append({"defense": defense, "config": config.to_dict(), "skipped": "time budget spent"})
+            continue
+        if judged:
+            log.info("policy attempt %d/%d: %s", index + 1, len(plan), defense)
+        result = _run_attempt(defense, config, model, train, checkpoint)
+        elapsed += result.wall_time_s
+        row: dict[str, Any] = {"defense": defense, "config": config.to_dict(), "wall_time_s": result.wall_time_s}
+        if not judged:
+            best = ((0, 0.0), index, result, config)
+            attempts.append(row)
+            break
+        after = evaluate_torch(result.model, holdout, probes.attacks)  # type: ignore[arg-type, union-attr]
+        verdict = _judge(gate, before, after)  # type: ignore[arg-type]
+        failed = [c.reason for c in verdict.failed]
+        row |= {"passed": verdict.blessed, "failed": failed,
+                "holdout": {k: v for k, v in flatten(after).items() if k.startswith(JUDGED_PREFIXES)}}
+        attempts.append(row)
+        rank = (len(failed), -after["acc"])
+        if best is None or rank < best[0]:
+            best = (rank, index, result, config)
+        if verdict.blessed:
+            break
+    assert best is not None  # the first attempt always runs (the budget is positive)
+    _, chosen, result, config = best
+    defense = plan[chosen][0]
+    for i, row in enumerate(attempts):
+        row["chosen"] = i == chosen
     inputs = {"candidate": chain.digest("candidate"), "clean": chain.digest("clean"),
-              "params": canonical_sha256({"nft": nft.model_dump(mode="json"), "seed": base.seed})}
-    common = {"inputs": inputs, "defense": nft.defense, "clean_samples": len(clean), "seed": base.seed,
-              "versions": library_versions()}
-    if nft.defense == "nft":
-        config = nft.config(base.seed, base.device, progress)
-        result = purify(model, clean.dataset(), config, checkpoint=checkpoint, stale_checkpoint="restart")
+              "params": canonical_sha256(params_digest)}
+    common = {"inputs": inputs, "defense": defense, "clean_samples": len(train), "seed": base.seed,
+              "versions": library_versions(), "attempts": attempts,
+              "holdout_samples": len(holdout) if holdout is not None else None}
+    if defense == "nft":
         meta = {"placement": config.placement, "skip_first": config.skip_first,
                 "layers": [{"index": l.index, "name": l.name, "kind": l.kind, "size": l.size,
                             "lower_bound": result.lower_bounds[l.index - 1]} for l in result.layers]}
@@ -278,10 +374,6 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
                                   outputs={name: sha256_file(tmp / name) for name in (MASKS, BUFFERS, MASKS_META)})
             record.write(tmp)
     else:
-        from nft_core.defenses import default_config, run_defense
-
-        config = default_config(nft.defense).replace(seed=base.seed, device=base.device, **nft.options)
-        result = run_defense(nft.defense, model, clean.dataset(), config)
         with atomic_dir(out_dir) as tmp:
             save_package(result.model, spec, tmp / PACKAGE)
             record = PurifyRecord(**common, config=config.to_dict(), wall_time_s=result.wall_time_s,
@@ -463,7 +555,8 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
         files = write_report(tmp, identity=_identity(params, chain.record("provenance"), purified),
                              before=metrics.candidate, after=metrics.hardened, blessing=blessing,
                              masks=_layer_masks(Path(purify_dir)), history=purified.history,
-                             purification=purification)
+                             purification=purification, attempts=purified.attempts,
+                             holdout=purified.holdout_samples)
         outputs = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         ReportRecord(inputs={name: chain.digest(name) for name in ("provenance", "purify", "metrics", "blessing")},
                      outputs=outputs).write(tmp)
@@ -523,6 +616,7 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
             "hardening.data.clean_sha256": chain.digest("clean"), "hardening.data.test_sha256": chain.digest("test"),
             "hardening.params_sha256": params_sha256(params), "hardening.code_version": code_version(),
             "hardening.defense": purified.defense, "hardening.seed": str(purified.seed),
+            "hardening.attempts": ", ".join(attempt_word(a) for a in purified.attempts) or purified.defense,
             "hardening.blessing_sha256": chain.digest("blessing"),
             "hardening.torch_version": torch.__version__, "hardening.onnx_provider": parity.provider,
             "hardening.versions": json.dumps(library_versions(), sort_keys=True)}

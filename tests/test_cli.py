@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harden.params import load_params
-from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, alias_version, client, describe,
+from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, alias_version, client, deep_update, describe,
                                register_random_candidate, run_cli, sqlite_uri, tiny_params, versions, write_npz_dataset,
                                write_params)
 
@@ -153,3 +153,31 @@ def test_run_blesses_then_strict_rerun_rejects(tmp_path: Path) -> None:
     strict = run_cli(["gate", "--strict"], cwd=tmp_path)
     assert lenient.returncode == 0, describe(lenient)
     assert strict.returncode == 10, describe(strict)
+
+
+@pytest.mark.slow
+def test_the_policy_falls_back_when_the_first_purifier_fails_on_held_out_clean_data(tmp_path: Path) -> None:
+    """Issue 14: the first purifier (fine-tuning at a learning rate that wrecks the model) fails the gate's
+    accuracy check on the held-out clean images, so the policy tries the next one (fine-tuning at its paper
+    settings), which passes and is the model that ships; both attempts are in purify.json and the report."""
+    gate = {"metrics": [{"metric": "acc", "max_drop": 0.4}, {"metric": "asr_lift/*", "max": 1.0}],
+            "required_facts": ["onnx_parity", "fold_check"]}
+    params = tiny_params(candidate=f"models:/{CANDIDATE}@candidate", gate=gate)
+    params = deep_update(params, {"data": {"train": "synthetic:n=2000,seed=0", "clean_per_class": 10},  # a candidate
+                                  "candidate": {"demo": {"epochs": 8}}})                               # that learned
+    write_params(tmp_path, deep_update(params, dict(nft={"defense": "ft", "options": {"lr": 50.0, "epochs": 5}},
+                                                    policy={"fallbacks": [{"defense": "ft", "options": {"epochs": 5}}],
+                                                            "holdout": 0.4})))
+    proc = run_cli(["run", "--with-candidate", "--no-progress"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    purified = _read(tmp_path / "runs" / "purify" / "purify.json")
+    first, second = purified["attempts"]
+    assert (first["passed"], first["chosen"], second["passed"], second["chosen"]) == (False, False, True, True)
+    assert first["config"]["lr"] == 50.0 and second["config"]["lr"] != 50.0 and purified["config"] == second["config"]
+    assert "acc went from" in first["failed"][0] and not second["failed"]
+    assert purified["holdout_samples"] and purified["clean_samples"] + purified["holdout_samples"] == 100
+    report = (tmp_path / "runs" / "report" / "report.md").read_text()
+    assert "Attempts of the hardening policy" in report and "ft (chosen)" in report
+    version = versions(sqlite_uri(tmp_path), HARDENED)[-1]  # the reviewer sees what was tried on the version page
+    assert version.tags["hardening.attempts"] == "ft failed, ft passed (chosen)"
+    assert version.tags["hardening.defense"] == "ft"

@@ -100,3 +100,14 @@ def test_metrics_json_and_dvc_plot_data(run):
         assert len(list(csv.DictReader(f))) == len(result.layers)
     rows = json.loads(files.plot_data["before_after"].read_text())
     assert {"metric": "acc", "model": "hardened", "value": after["acc"]} in rows
+
+
+def test_a_baseline_s_history_without_nft_keys_still_plots(tmp_path):
+    """Fine-tuning baselines log only ``loss`` per epoch; the report used to crash on the missing NFT keys."""
+    from harden.plots import training_curve
+
+    fig = training_curve([{"epoch": 1.0, "loss": 2.3, "lr": 0.01}, {"epoch": 2.0, "loss": 2.1, "lr": 0.0}])
+    assert len(fig.axes) == 1 and [line.get_label() for line in fig.axes[0].lines] == ["loss"]
+    nft = training_curve([{"epoch": 1.0, "loss": 2.3, "ce": 2.2, "mask_mean": 0.9, "mask_min": 0.5,
+                           "frac_at_lower_bound": 0.1}])
+    assert len(nft.axes) == 2 and len(nft.axes[1].lines) == 3
