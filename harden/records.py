@@ -112,6 +112,18 @@ class PurifyRecord(Record):
     holdout_samples: int | None = None
 
 
+def attempt_verdict(attempt: dict[str, Any]) -> str:
+    """``passed``, ``failed``, ``skipped`` (time budget) or ``ran`` (a single attempt, not judged)."""
+    if attempt.get("skipped"):
+        return "skipped"
+    return ("passed" if attempt["passed"] else "failed") if "passed" in attempt else "ran"
+
+
+def attempt_word(attempt: dict[str, Any]) -> str:
+    """One policy attempt in a few words: ``nft failed``, ``ft_sam passed (chosen)``."""
+    return f"{attempt['defense']} {attempt_verdict(attempt)}" + (" (chosen)" if attempt.get("chosen") else "")
+
+
 class FoldRecord(Record):
     """The fold check (``fold.json``); ``hardened_sha256`` is the tree digest of the folded ``package/``."""
 

@@ -30,6 +30,7 @@ from harden import plots
 from harden.evaluate import LayerMasks, compare, mask_statistics
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
+from harden.records import attempt_verdict
 
 #: Plot key -> (file name, caption).
 PLOTS: dict[str, tuple[str, str]] = {
@@ -149,9 +150,8 @@ def _attempt_rows(attempts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     for n, a in enumerate(attempts, 1):
         held = a.get("holdout", {})
         lifts = [v for k, v in held.items() if k.startswith("asr_lift/")]
-        verdict = ("skipped" if a.get("skipped") else "passed" if a.get("passed") else "failed")
         rows.append({"n": n, "defense": a["defense"], "chosen": bool(a.get("chosen")), "time": a.get("wall_time_s"),
-                     "acc": held.get("acc"), "lift": max(lifts) if lifts else None, "verdict": verdict,
+                     "acc": held.get("acc"), "lift": max(lifts) if lifts else None, "verdict": attempt_verdict(a),
                      "passed": bool(a.get("passed")),
                      "why": a.get("skipped") or " ".join(a.get("failed", [])) or "every judged check passed"})
     return rows

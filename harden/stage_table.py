@@ -66,7 +66,7 @@ class Stage:
 
 
 def _attempt_words(attempts: list[dict[str, Any]]) -> list[str]:
-    from harden.stages import attempt_word
+    from harden.records import attempt_word
     return [attempt_word(a) for a in attempts]
 
 

@@ -34,7 +34,7 @@ from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import (Attempt, BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params,
                            PolicyParams, ProbesParams)
 from harden.records import (Chain, FoldRecord, MetricsRecord, ParityRecord, Provenance, PurifyRecord,
-                            Registration, ReportRecord, canonical_sha256, check_chain, tree_sha256)
+                            Registration, ReportRecord, attempt_word, canonical_sha256, check_chain, tree_sha256)
 from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
                              strip_credentials)
 from harden.report import ReportFiles, write_report
@@ -264,13 +264,6 @@ def _run_attempt(defense: str, config: Any, model: torch.nn.Module, clean: Image
     from nft_core.defenses import run_defense
 
     return run_defense(defense, model, clean.dataset(), config)
-
-
-def attempt_word(attempt: dict[str, Any]) -> str:
-    """One policy attempt in a few words: ``nft failed``, ``ft_sam passed (chosen)``."""
-    verdict = ("skipped" if attempt.get("skipped") else "passed" if attempt.get("passed")
-               else "failed" if "passed" in attempt else "ran")
-    return f"{attempt['defense']} {verdict}" + (" (chosen)" if attempt.get("chosen") else "")
 
 
 def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> Blessing:
