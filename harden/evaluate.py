@@ -9,6 +9,11 @@ Both paths feed the same metric functions (:mod:`nft_core.metrics`) and return o
   trigger adds to the model's ordinary confusion, the default gate's ASR check);
 - ``eval_time_s``. The trigger-free scan (:func:`scan_metrics`, PyTorch only: it needs gradients) adds
   ``scan/top_share``, ``scan/top_label`` and ``scan/flip_rate``.
+- Trigger reconstruction (:func:`invert_trigger`, Neural Cleanse; PyTorch only) adds ``inverted/anomaly_index``,
+  ``inverted/norm_ratio``, ``inverted/mask_l1`` and ``inverted/target`` (the suspected target) of the model
+  inverted; the candidate's reconstructed trigger, stamped on test images it was not reconstructed from, is a
+  probe for both models: ``inverted/asr``, ``inverted/clean_rate``, ``inverted/asr_lift``. With both the scan and
+  the inversion, ``scan/backdoor_score`` (:func:`backdoor_score`) sums them up: 1 or more flags the model.
 
 A :class:`Probe` is a named attack applied to the clean test set, or a user-supplied npz of triggered inputs.
 Mask statistics of a purification (per layer mean/min/share at the lower bound) live here as well.
@@ -16,6 +21,7 @@ Mask statistics of a purification (per layer mean/min/share at the lower bound) 
 
 from __future__ import annotations
 
+import math
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -36,13 +42,14 @@ from nft_core.masks import MaskedLayer, mask_state
 from nft_core.metrics import (accuracy, attack_success_rate, clean_target_rate, per_class_accuracy, predict_logits,
                               robust_accuracy)
 from nft_core.purify import PurifyResult
+from nft_core.invert import Inversion, reconstruct_triggers, stamp
 from nft_core.scan import adversarial_label_concentration
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Probes = Sequence["Probe"]
 
 #: Numeric metrics that are labels, not quantities (no delta).
-CATEGORICAL = frozenset({"scan/top_label"})
+CATEGORICAL = frozenset({"scan/top_label", "inverted/target"})
 
 #: Tolerance for "a mask sits at its lower bound" (same as the purify loop's history).
 AT_BOUND_TOL = 1e-6
@@ -108,7 +115,7 @@ def probe_inputs(probe: Probe, test: ImageData) -> tuple[torch.Tensor, torch.Ten
     return x, torch.as_tensor(y_true).long(), torch.as_tensor(y_target).long()
 
 
-def _evaluate(logits: LogitsFn, test: ImageData, probes: Probes) -> dict[str, Any]:
+def _evaluate(logits: LogitsFn, test: ImageData, probes: Probes, trigger: InvertedTrigger | None = None) -> dict[str, Any]:
     names = [p.name for p in probes]
     if len(set(names)) != len(names):
         raise ProbeError(f"probe names must be unique, got {names}")
@@ -133,20 +140,28 @@ def _evaluate(logits: LogitsFn, test: ImageData, probes: Probes) -> dict[str, An
         if clean_rate is not None:  # absent (so a gate check on it cannot pass) when no probe class is in the test set
             metrics[f"clean_rate/{probe.name}"] = clean_rate
             metrics[f"asr_lift/{probe.name}"] = metrics[f"asr/{probe.name}"] - clean_rate
+    x, y_true, y_target = trigger.probe(test) if trigger is not None else (torch.empty(0),) * 3
+    if len(x):  # absent (a gate check on it cannot pass) when no test image is left to stamp
+        metrics["inverted/asr"] = attack_success_rate(logits(x).argmax(1), y_true, y_target)
+        clean_rate = clean_target_rate(pred, y, y_true, y_target, test.num_classes)
+        if clean_rate is not None:
+            metrics["inverted/clean_rate"] = clean_rate
+            metrics["inverted/asr_lift"] = metrics["inverted/asr"] - clean_rate
     metrics["eval_time_s"] = time.perf_counter() - t0
     return metrics
 
 
 def evaluate_torch(model: nn.Module, test: ImageData, probes: Probes = (), *, batch_size: int = 512,
-                   device: str | torch.device | None = None) -> dict[str, Any]:
-    """Metrics of a PyTorch model (taking images in [0, 1]) on ``test`` and on every probe."""
-    return _evaluate(lambda x: predict_logits(model, x, batch_size, device), test, probes)
+                   device: str | torch.device | None = None, trigger: InvertedTrigger | None = None) -> dict[str, Any]:
+    """Metrics of a PyTorch model (taking images in [0, 1]) on ``test``, on every probe and on ``trigger``."""
+    return _evaluate(lambda x: predict_logits(model, x, batch_size, device), test, probes, trigger)
 
 
-def evaluate_onnx(onnx_path: str | Path, test: ImageData, probes: Probes = (), *, batch_size: int = 512) -> dict[str, Any]:
-    """Metrics of an exported ONNX model, run by ONNX Runtime, on ``test`` and on every probe."""
+def evaluate_onnx(onnx_path: str | Path, test: ImageData, probes: Probes = (), *, batch_size: int = 512,
+                  trigger: InvertedTrigger | None = None) -> dict[str, Any]:
+    """Metrics of an exported ONNX model, run by ONNX Runtime, on ``test``, on every probe and on ``trigger``."""
     session = onnx_session(onnx_path)
-    return _evaluate(lambda x: onnx_predict_logits(session, x, batch_size), test, probes)
+    return _evaluate(lambda x: onnx_predict_logits(session, x, batch_size), test, probes, trigger)
 
 
 def scan_metrics(model: nn.Module, test: ImageData, *, samples: int = 500, eps: float = 8 / 255, steps: int = 10,
@@ -161,6 +176,72 @@ def scan_metrics(model: nn.Module, test: ImageData, *, samples: int = 500, eps: 
     result = adversarial_label_concentration(model, test.images()[idx], test.y[idx], eps=eps, steps=steps,
                                              batch_size=batch_size, seed=seed, num_classes=test.num_classes)
     return {"scan/top_share": result.top_share, "scan/top_label": result.top_label, "scan/flip_rate": result.flip_rate}
+
+
+@dataclass(frozen=True)
+class InvertedTrigger:
+    """A model's trigger reconstruction (:func:`invert_trigger`): every class's mask and pattern, and the test
+    images they were reconstructed from (``fitted``: indices into the test set)."""
+
+    inversion: Inversion
+    fitted: torch.Tensor
+
+    @property
+    def target(self) -> int:
+        return self.inversion.suspect
+
+    def probe(self, test: ImageData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The suspect's trigger stamped on the test images not used to reconstruct it and not of its class:
+        ``(x, y_true, y_target)`` like an attack probe."""
+        keep = torch.ones(len(test), dtype=torch.bool)
+        keep[self.fitted] = False
+        keep &= test.y != self.target
+        mask, pattern = self.inversion.trigger()
+        y_true = test.y[keep]
+        return stamp(test.images()[keep], mask, pattern), y_true, torch.full_like(y_true, self.target)
+
+    def metrics(self) -> dict[str, Any]:
+        """``inverted/anomaly_index``, ``inverted/norm_ratio``, ``inverted/mask_l1`` and ``inverted/target``."""
+        inv = self.inversion
+        return {"inverted/anomaly_index": inv.anomaly_index, "inverted/target": self.target,
+                "inverted/mask_l1": inv.norms[self.target], "inverted/norm_ratio": inv.norm_ratio}
+
+
+def invert_trigger(model: nn.Module, test: ImageData, *, samples: int = 200, seed: int = 0, progress: bool = False,
+                   **settings: Any) -> InvertedTrigger:
+    """Reconstruct every class's trigger (:func:`nft_core.invert.reconstruct_triggers`, which takes
+    ``settings``) from ``samples`` random test images (at most half the test set); the rest of the test set
+    measures the reconstructed trigger (:meth:`InvertedTrigger.probe`)."""
+    fitted = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:min(samples, len(test) // 2)]
+    inversion = reconstruct_triggers(model, test.images()[fitted], test.y[fitted], num_classes=test.num_classes,
+                                     seed=seed, progress=progress, **settings)
+    return InvertedTrigger(inversion, fitted)
+
+
+#: A suspect whose reconstructed mask is this many times smaller than the median class's is flagged.
+NORM_RATIO_FACTOR = 3.0
+
+#: A scan whose top label takes this share of the adversarial examples is flagged.
+SCAN_SHARE_FLAG = 0.6
+
+
+def backdoor_score(metrics: Mapping[str, Any]) -> float:
+    """One number from the trigger-free evidence of a model; 1 or more flags it as backdoored.
+
+    The larger of two ratios, each 1 at its own flag threshold:
+
+    - how many times smaller the suspect's reconstructed mask is than the median class's, over
+      :data:`NORM_RATIO_FACTOR`;
+    - the scan's top-label share over :data:`SCAN_SHARE_FLAG` (a clean 10-class model already sends 30 % of its
+      adversarial examples to its natural sink).
+
+    Neural Cleanse's own flag (anomaly index above 2) is reported as ``inverted/anomaly_index`` but left out:
+    with ten classes the median absolute deviation is unstable. A Blend target whose mask is 5x smaller than
+    the median scores 1.6, while a clean model whose masks all lie within 6 % of each other scores 3.4.
+    The thresholds come from the synthetic population of ``benchmarks/detector.py`` (BENCHMARKS.md).
+    """
+    ratio = metrics["inverted/norm_ratio"]
+    return max((1 / ratio if ratio > 0 else math.inf) / NORM_RATIO_FACTOR, metrics["scan/top_share"] / SCAN_SHARE_FLAG)
 
 
 def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:

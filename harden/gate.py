@@ -42,7 +42,9 @@ TOLERANCE = 1e-9
 #: Metric-name patterns and the direction in which the metric gets better (first match wins).
 DIRECTIONS: tuple[tuple[str, Direction], ...] = (
     ("acc", "higher"), ("min_class_acc", "higher"), ("robust_acc/*", "higher"),
-    ("asr/*", "lower"), ("asr_lift/*", "lower"), ("scan/top_share", "lower"),
+    ("asr/*", "lower"), ("asr_lift/*", "lower"), ("scan/top_share", "lower"), ("scan/backdoor_score", "lower"),
+    ("inverted/asr", "lower"), ("inverted/asr_lift", "lower"), ("inverted/anomaly_index", "lower"),
+    ("inverted/norm_ratio", "higher"),
 )
 
 #: Every metric the evaluation produces, as fnmatch patterns (``tests/test_evaluate.py`` checks a real evaluation
@@ -50,7 +52,9 @@ DIRECTIONS: tuple[tuple[str, Direction], ...] = (
 METRIC_FAMILIES: tuple[str, ...] = (
     "acc", "min_class_acc", "per_class_acc/*", "asr/*", "asr_lift/*", "clean_rate/*", "robust_acc/*", "n/*",
     "eval_time_s",
-    "scan/flip_rate", "scan/top_label", "scan/top_share",
+    "scan/flip_rate", "scan/top_label", "scan/top_share", "scan/backdoor_score",
+    "inverted/asr", "inverted/clean_rate", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio",
+    "inverted/mask_l1", "inverted/target",
 )
 
 #: Metrics whose presence shows that an attack probe was evaluated.

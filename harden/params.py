@@ -175,9 +175,21 @@ class ScanParams(_Section):
     steps: int = Field(10, ge=1)
 
 
+class InversionParams(_Section):
+    """Trigger reconstruction (Neural Cleanse) on the candidate and on the hardened model."""
+
+    enabled: bool = Field(True, description="reconstruct every class's trigger; the candidate's suspect becomes a probe")
+    samples: int = Field(200, ge=10, description="clean test images the triggers are reconstructed from")
+    steps: int = Field(100, ge=1, description="optimisation steps per class")
+    batch_size: int = Field(16, ge=1, description="images per step (each stamped once per class)")
+    lr: float = Field(0.2, gt=0, description="Adam's learning rate on the masks and patterns")
+    init_cost: float = Field(0.01, gt=0, description="initial weight of the mask's L1 norm (adapted as it goes)")
+
+
 class ProbesParams(_Section):
     attacks: list[Probe] = Field(default_factory=list, description="attack probes measuring ASR")
     scan: ScanParams = ScanParams()
+    inversion: InversionParams = InversionParams()
 
 
 class PromoteParams(_Section):

@@ -106,3 +106,46 @@ def training_curve(history: Sequence[Mapping[str, float]]) -> Figure:
         ax.legend(frameon=False, fontsize=8)
         ax.grid(alpha=0.3)
     return fig
+
+
+def reconstructed_triggers(triggers: Mapping[str, tuple[np.ndarray, np.ndarray, int, float]]) -> Figure:
+    """Each model's reconstructed trigger for its suspected target: the mask (white = stamped pixel) and the
+    trigger stamped on a mid-grey image. ``triggers``: {model: (mask 1HW, pattern CHW, suspected label, anomaly
+    index)}."""
+    fig = Figure(figsize=(4.2, 2.1 * len(triggers)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(len(triggers), 2))
+    for row, (model, (mask, pattern, label, index)) in zip(axes, triggers.items()):
+        stamped = ((1 - mask) * 0.5 + mask * pattern).transpose(1, 2, 0)
+        row[0].imshow(mask[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        row[0].set_title(f"{model}: mask of class {label}\nL1 {mask.sum():.1f}, anomaly index {index:.2f}", fontsize=8)
+        row[1].imshow(stamped if stamped.shape[-1] == 3 else stamped[..., 0], cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+        row[1].set_title("stamped on grey", fontsize=8)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return fig
+
+
+def inversion_norms(norms: Mapping[str, Sequence[float]], threshold_index: float) -> Figure:
+    """Per-class L1 norm of the reconstructed masks for each model, with each model's median and the norm
+    below which a class's anomaly index exceeds ``threshold_index`` (a backdoor target needs a small mask)."""
+    from nft_core.invert import MAD_CONSISTENCY
+
+    classes = len(next(iter(norms.values())))
+    fig, (ax,) = _figure(max(5.0, 0.18 * classes * len(norms) + 2.0), 3.4)
+    pos = np.arange(classes)
+    width = 0.8 / len(norms)
+    for i, ((model, values), color) in enumerate(zip(norms.items(), (BEFORE_COLOR, AFTER_COLOR))):
+        values = np.asarray(values, dtype=float)
+        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=model)
+        median = float(np.sort(values)[(len(values) - 1) // 2])  # lower median, as nft_core.invert
+        limit = median - threshold_index * MAD_CONSISTENCY * float(np.sort(np.abs(values - median))[(len(values) - 1) // 2])
+        ax.axhline(median, color=color, lw=0.8, ls="--", label=f"{model}: median")
+        ax.axhline(max(limit, 0.0), color=color, lw=0.8, ls=":", label=f"{model}: anomaly index {threshold_index:g}")
+    ax.set(xlabel="class", ylabel="mask L1 norm (pixels)", title="Reconstructed trigger size per class")
+    if classes <= 20:
+        ax.set_xticks(pos)
+    ax.legend(frameon=False, fontsize=7, ncols=2)
+    return fig

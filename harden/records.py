@@ -160,6 +160,7 @@ class MetricsRecord(Record):
     purify: dict[str, Any]
     versions: dict[str, str]
     masks: Any = None
+    inversion: dict[str, Any] | None = None
 
 
 class ReportRecord(Record):

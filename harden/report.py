@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 
 from harden import plots
 from harden.evaluate import LayerMasks, compare, mask_statistics
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
 from harden.records import attempt_verdict
+from nft_core.invert import ANOMALY_THRESHOLD
 
 #: Plot key -> (file name, caption).
 PLOTS: dict[str, tuple[str, str]] = {
@@ -38,7 +40,21 @@ PLOTS: dict[str, tuple[str, str]] = {
     "training": ("training.png", "Purification: loss (and, for NFT, mask statistics) per epoch"),
     "mask_heatmap": ("mask_heatmap.png", "Mask values per layer and neuron (cf. NFT supplementary Fig. 1-2)"),
     "mask_histogram": ("mask_histogram.png", "Distribution of the learned mask values"),
+    "triggers": ("triggers.png", "Reconstructed trigger of each model's suspected target (Neural Cleanse)"),
+    "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a backdoor target stands out low"),
 }
+
+
+@dataclass(frozen=True)
+class TriggerView:
+    """One model's trigger reconstruction as the report shows it: the suspect's mask (1HW) and pattern (CHW),
+    its label and anomaly index, and every class's mask norm."""
+
+    mask: np.ndarray
+    pattern: np.ndarray
+    target: int
+    anomaly_index: float
+    norms: Sequence[float]
 
 
 @dataclass(frozen=True)
@@ -81,10 +97,11 @@ def _environment() -> jinja2.Environment:
 
 def _table_rows(comparison: Mapping[str, Mapping[str, float | None]]) -> list[dict[str, Any]]:
     """Headline rows: ACC, worst-class ACC, then per probe ASR, its lift over the clean rate, the clean rate and
-    robust accuracy, then the scan."""
+    robust accuracy, then the trigger-free evidence (reconstructed trigger, scan, backdoor score)."""
     probes = sorted(k.split("/", 1)[1] for k in comparison if k.startswith("asr/"))
     keys = ["acc", "min_class_acc"] + [f"{m}/{p}" for p in probes for m in ("asr", "asr_lift", "clean_rate", "robust_acc")]
-    keys += ["scan/top_share", "scan/top_label", "scan/flip_rate"]
+    keys += ["inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio", "inverted/target",
+             "scan/top_share", "scan/top_label", "scan/flip_rate", "scan/backdoor_score"]
     return [{"metric": k, **comparison[k]} for k in keys if k in comparison]
 
 
@@ -125,8 +142,13 @@ def write_plot_data(plot_dir: Path, comparison: Mapping[str, Mapping[str, float 
 
 
 def _figures(comparison: Mapping[str, Mapping[str, float | None]], history: Sequence[Mapping[str, float]] | None,
-             masks: Sequence[LayerMasks] | None) -> dict[str, Any]:
+             masks: Sequence[LayerMasks] | None, inversion: Mapping[str, TriggerView] | None) -> dict[str, Any]:
     figures = {"before_after": plots.before_after_bars(comparison)}
+    if inversion:
+        figures["triggers"] = plots.reconstructed_triggers(
+            {model: (v.mask, v.pattern, v.target, v.anomaly_index) for model, v in inversion.items()})
+        figures["inversion_norms"] = plots.inversion_norms({model: v.norms for model, v in inversion.items()},
+                                                           ANOMALY_THRESHOLD)
     if history:
         figures["training"] = plots.training_curve(history)
     if masks:
@@ -161,7 +183,8 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
                  after: Mapping[str, Any], blessing: Blessing, masks: Sequence[LayerMasks] | None = None,
                  history: Sequence[Mapping[str, float]] | None = None,
                  purification: Mapping[str, Any] | None = None, attempts: Sequence[Mapping[str, Any]] = (),
-                 holdout: int | None = None, title: str = "Backdoor hardening report") -> ReportFiles:
+                 holdout: int | None = None, inversion: Mapping[str, TriggerView] | None = None,
+                 title: str = "Backdoor hardening report") -> ReportFiles:
     """Write the HTML and Markdown reports, ``metrics.json``, the plots and their DVC data into ``out_dir``.
 
     Args:
@@ -177,6 +200,7 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
             statistics are computed from ``masks`` when it has none.
         attempts: the hardening policy's attempts (``PurifyRecord.attempts``), listed when more than one was
             planned; ``holdout``: how many clean images judged them.
+        inversion: each model's trigger reconstruction ({"candidate": ..., "hardened": ...}), plotted.
         title: report heading.
     """
     out = Path(out_dir)
@@ -189,7 +213,7 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
     metrics_path = write_json_atomic(out / "metrics.json", metrics_document(before, after, blessing, purification))
     plot_data = write_plot_data(out / "plots", comparison, history, mask_layers)
     images, plot_paths = [], {}
-    for key, fig in _figures(comparison, history, masks).items():
+    for key, fig in _figures(comparison, history, masks, inversion).items():
         file_name, caption = PLOTS[key]
         plot_paths[key] = plots.save_png(fig, out / "plots" / file_name)
         images.append({"key": key, "caption": caption, "file": f"plots/{file_name}",

@@ -107,7 +107,8 @@ def _export(p: Params, layout: Layout, progress: bool) -> Any:
 def _evaluate(p: Params, layout: Layout, progress: bool) -> Any:
     from harden import stages
     return stages.evaluate_stage(p.probes, p.base.seed, layout.stage("pull"), layout.stage("purify"),
-                                 layout.stage("fold"), layout.stage("export"), layout.test, layout.stage("evaluate"))
+                                 layout.stage("fold"), layout.stage("export"), layout.test, layout.stage("evaluate"),
+                                 progress=progress)
 
 
 def _gate(p: Params, layout: Layout, progress: bool) -> Any:
@@ -181,10 +182,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", "evaluate",
           "Evaluate the candidate (PyTorch) and the hardened ONNX model on the test set and every probe.",
           reads=("runs/pull", "runs/purify", "runs/fold", "runs/export", "data/test.npz"),
-          writes=("runs/evaluate/metrics.json",), metrics=("runs/evaluate/metrics.json",),
-          uncached=("runs/evaluate/metrics.json",), params=("base.seed", "probes"),
-          code=("harden/evaluate.py", "nft_core/attacks", "nft_core/metrics.py", "nft_core/scan.py"),
-          call=_evaluate, kfp_task="evaluate-op",
+          writes=("runs/evaluate/metrics.json", "runs/evaluate/inversion.safetensors"),
+          metrics=("runs/evaluate/metrics.json",),
+          uncached=("runs/evaluate/metrics.json", "runs/evaluate/inversion.safetensors"), params=("base.seed", "probes"),
+          code=("harden/evaluate.py", "nft_core/attacks", "nft_core/metrics.py", "nft_core/scan.py",
+                "nft_core/invert.py"),
+          call=_evaluate, kfp_task="evaluate-op", progress=True,
           describe=lambda r, p, l: (f"ACC {r.candidate['acc']:.4f} -> {r.hardened['acc']:.4f}; metrics -> "
                                     f"{l.stage('evaluate')}")),
     Stage("gate", "gate", "Apply the promotion gate and write blessing.json.",
@@ -194,7 +197,7 @@ STAGES: tuple[Stage, ...] = (
           describe=lambda b, p, l: b.summary),
     Stage("report", "report", "Render the HTML/Markdown report and plots.",
           reads=("runs/pull", "runs/purify", "runs/fold/fold.json", "runs/export/parity.json",
-                 "runs/evaluate/metrics.json", "runs/gate/blessing.json"),
+                 "runs/evaluate/metrics.json", "runs/evaluate/inversion.safetensors", "runs/gate/blessing.json"),
           writes=("runs/report",), uncached=("runs/report",), params=("base", "gate", "promote"),
           code=("harden/report.py", "harden/plots.py", "harden/templates", "harden/gate.py"), call=_report,
           kfp_task="report-op", describe=lambda f, p, l: f"report: {f.html} and {f.markdown}"),

@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harden.errors import ChainError, DataError, ParamsError, RegistryError
-from harden.evaluate import (LayerMasks, compare, evaluate_onnx, evaluate_torch, flatten, layer_masks,
-                             mask_statistics, scan_metrics)
+from harden.evaluate import (InvertedTrigger, LayerMasks, backdoor_score, compare, evaluate_onnx, evaluate_torch,
+                             flatten, invert_trigger, layer_masks, mask_statistics, scan_metrics)
 from harden.gate import Blessing, GateConfig, evaluate_gate
-from harden.integrity import atomic_dir, sha256_file, write_json_atomic
+from harden.integrity import atomic_dir, atomic_file, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
 from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import (Attempt, BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params,
@@ -37,7 +37,7 @@ from harden.records import (Chain, FoldRecord, MetricsRecord, ParityRecord, Prov
                             Registration, ReportRecord, attempt_word, canonical_sha256, check_chain, tree_sha256)
 from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
                              strip_credentials)
-from harden.report import ReportFiles, write_report
+from harden.report import ReportFiles, TriggerView, write_report
 from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.data.npz import load_npz
 from nft_core.fold import fold_masks
@@ -57,6 +57,7 @@ FOLD = FoldRecord.FILE
 ONNX = "model.onnx"
 PARITY = ParityRecord.FILE
 METRICS = MetricsRecord.FILE
+INVERSION = "inversion.safetensors"
 BLESSING = Blessing.FILE
 REPORT = ReportRecord.FILE
 REGISTERED = Registration.FILE
@@ -239,7 +240,8 @@ def _load_model(pkg_dir: Path):
 
 
 #: Gate checks the policy can judge on held-out clean data (the rest need the test set, ONNX or the scan).
-JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "robust_acc/")
+JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "robust_acc/", "inverted/asr",
+                   "inverted/clean_rate")
 
 
 def _attempt_config(attempt: Attempt | None, nft: NFTParams, base: BaseParams, progress: bool) -> tuple[str, Any]:
@@ -271,6 +273,19 @@ def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> B
     checks = [c for c in gate.metrics if c.metric.startswith(JUDGED_PREFIXES)]
     return evaluate_gate(gate.model_copy(update={"metrics": checks, "required_facts": [], "on_missing": "fail"}),
                          before, after, {})
+
+
+def _holdout_trigger(model: torch.nn.Module, holdout: ImageData, probes: ProbesParams, gate: GateConfig,
+                     seed: int) -> InvertedTrigger | None:
+    """The candidate's reconstructed trigger, from the held-out images, when a gate check asks for its ASR.
+
+    Every held-out image then carries it (``fitted`` is left empty): the trigger was fitted to the candidate on
+    these images (its own ASR here reads high), the attempts never saw them."""
+    if not probes.inversion.enabled or not any(c.metric.startswith("inverted/") for c in gate.metrics):
+        return None
+    settings = probes.inversion.model_dump(exclude={"enabled", "samples"})
+    fitted = invert_trigger(model, holdout, samples=len(holdout), seed=seed, **settings)
+    return InvertedTrigger(fitted.inversion, torch.empty(0, dtype=torch.long))
 
 
 def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_npz: Path, out_dir: Path, *,
@@ -310,9 +325,10 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
         train, holdout = stratified_split(clean, fraction=1 - policy.holdout, seed=base.seed)
         if len(holdout) == 0 or len(train) == 0:
             raise DataError(f"policy.holdout={policy.holdout} of {len(clean)} clean images leaves an empty part")
-        before = evaluate_torch(model, holdout, probes.attacks)
+        trigger = _holdout_trigger(model, holdout, probes, gate, base.seed)
+        before = evaluate_torch(model, holdout, probes.attacks, trigger=trigger)
     else:
-        train, holdout = clean, None
+        train, holdout, trigger = clean, None, None
     attempts: list[dict[str, Any]] = []
     best: tuple[tuple[int, float], int, Any, Any] | None = None  # (rank, index, result, config)
     elapsed = 0.0
@@ -329,7 +345,7 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
             best = ((0, 0.0), index, result, config)
             attempts.append(row)
             break
-        after = evaluate_torch(result.model, holdout, probes.attacks)  # type: ignore[arg-type, union-attr]
+        after = evaluate_torch(result.model, holdout, probes.attacks, trigger=trigger)  # type: ignore[arg-type, union-attr]
         verdict = _judge(gate, before, after)  # type: ignore[arg-type]
         failed = [c.reason for c in verdict.failed]
         row |= {"passed": verdict.blessed, "failed": failed,
@@ -454,20 +470,36 @@ def _layer_masks(purify_dir: Path) -> list[LayerMasks] | None:
 
 
 def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_dir: Path, fold_dir: Path,
-                   export_dir: Path, test_npz: Path, out_dir: Path) -> MetricsRecord:
-    """Evaluate the candidate (PyTorch) and the hardened model as it ships (the ONNX file, ONNX Runtime)."""
+                   export_dir: Path, test_npz: Path, out_dir: Path, *, progress: bool = False) -> MetricsRecord:
+    """Evaluate the candidate (PyTorch) and the hardened model as it ships (the ONNX file, ONNX Runtime).
+
+    The trigger-free evidence (trigger reconstruction, scan) needs gradients and runs on the hardened model's
+    folded PyTorch twin, which the ONNX parity check ties to the shipped file. The reconstructed triggers are
+    saved beside ``metrics.json`` (``inversion.safetensors``, its sha256 in the record) for the report."""
     chain = check_chain(pull=Path(candidate_dir), purify=Path(purify_dir), fold=Path(fold_dir),
                         export=Path(export_dir), test=Path(test_npz))
     candidate, spec = _load_model(Path(candidate_dir) / PACKAGE)
     test = read_npz(test_npz)
     check_compatible(spec, test, f"test set {test_npz}")
-    before = evaluate_torch(candidate, test, probes.attacks)
-    after = evaluate_onnx(Path(export_dir) / ONNX, test, probes.attacks)
+    hardened = _load_model(Path(fold_dir) / PACKAGE)[0] if probes.scan.enabled or probes.inversion.enabled else None
+    triggers: dict[str, InvertedTrigger] = {}
+    if probes.inversion.enabled:
+        settings = probes.inversion.model_dump(exclude={"enabled"})  # samples + reconstruct_triggers' settings
+        triggers = {side: invert_trigger(model, test, seed=seed, progress=progress, **settings)
+                    for side, model in (("candidate", candidate), ("hardened", hardened))}
+    trigger = triggers.get("candidate")  # the candidate's suspected trigger probes both models
+    before = evaluate_torch(candidate, test, probes.attacks, trigger=trigger)
+    after = evaluate_onnx(Path(export_dir) / ONNX, test, probes.attacks, trigger=trigger)
     if probes.scan.enabled:
-        hardened, _ = _load_model(Path(fold_dir) / PACKAGE)
         kwargs = {"samples": probes.scan.samples, "eps": probes.scan.eps, "steps": probes.scan.steps, "seed": seed}
         before.update(scan_metrics(candidate, test, **kwargs))
         after.update(scan_metrics(hardened, test, **kwargs))
+    for side, metrics in (("candidate", before), ("hardened", after)):
+        if triggers:
+            metrics.update(triggers[side].metrics())
+            if probes.scan.enabled:
+                metrics["scan/backdoor_score"] = backdoor_score(metrics)
+    inversion = _save_triggers(triggers, Path(out_dir))  # empty without the inversion: no stale file survives
     purified: PurifyRecord = chain.record("purify")
     layers = _layer_masks(Path(purify_dir))
     inputs = {name: chain.digest(name) for name in ("candidate", "purify", "fold", "parity", "onnx", "test")}
@@ -475,9 +507,45 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
     record = MetricsRecord(inputs=inputs, candidate=before, hardened=after, compare=compare(before, after),
                            purify={"defense": purified.defense, "wall_time_s": purified.wall_time_s,
                                    "clean_samples": purified.clean_samples},
-                           versions=library_versions(), masks=mask_statistics(layers) if layers else None)
+                           versions=library_versions(), masks=mask_statistics(layers) if layers else None,
+                           inversion=inversion)
     record.write(out_dir)
     return record
+
+
+def _save_triggers(triggers: dict[str, InvertedTrigger], out_dir: Path) -> dict[str, Any] | None:
+    """Write every class's reconstructed mask and pattern per model; return what the record keeps of them."""
+    tensors = {f"{side}.{kind}": getattr(t.inversion, kind).contiguous()
+               for side, t in triggers.items() for kind in ("masks", "patterns")}
+    with atomic_file(out_dir / INVERSION) as tmp:
+        save_file(tensors, str(tmp))
+    if not triggers:
+        return None
+    return {"file": INVERSION, "sha256": sha256_file(out_dir / INVERSION),
+            **{side: {"target": t.target, "norms": t.inversion.norms, "anomaly": t.inversion.anomaly,
+                      "success": t.inversion.success} for side, t in triggers.items()}}
+
+
+def read_triggers(evaluate_dir: Path, record: MetricsRecord) -> dict[str, TriggerView] | None:
+    """The reconstructed triggers of an evaluation, checked against the sha256 its record holds.
+
+    Raises:
+        ChainError: the file is missing or is not the one the evaluation wrote.
+    """
+    if record.inversion is None:
+        return None
+    path = Path(evaluate_dir) / record.inversion["file"]
+    if not path.is_file() or sha256_file(path) != record.inversion["sha256"]:
+        raise ChainError(f"{path}: missing or not the file the evaluation wrote (sha256 differs from metrics.json)")
+    tensors = load_file(str(path))
+    views = {}
+    for side in ("candidate", "hardened"):
+        info = record.inversion[side]
+        target = info["target"]
+        views[side] = TriggerView(mask=tensors[f"{side}.masks"][target].numpy(),
+                                  pattern=tensors[f"{side}.patterns"][target].numpy(), target=target,
+                                  anomaly_index=info["anomaly"][target], norms=info["norms"])
+    return views
 
 
 def gate_facts(chain: Chain) -> dict[str, bool]:
@@ -549,7 +617,7 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
                              before=metrics.candidate, after=metrics.hardened, blessing=blessing,
                              masks=_layer_masks(Path(purify_dir)), history=purified.history,
                              purification=purification, attempts=purified.attempts,
-                             holdout=purified.holdout_samples)
+                             holdout=purified.holdout_samples, inversion=read_triggers(Path(evaluate_dir), metrics))
         outputs = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         ReportRecord(inputs={name: chain.digest(name) for name in ("provenance", "purify", "metrics", "blessing")},
                      outputs=outputs).write(tmp)
@@ -623,7 +691,8 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
                 "report_md": report / "report.md",
                 **{f"{PLOT_ROLE_PREFIX}{p.stem}": p for p in sorted((report / "plots").glob("*.png"))}}
     rows = [f"- {k}: {v['before']:.4f} -> {v['after']:.4f}" for k, v in metrics.compare.items()
-            if (k == "acc" or k.startswith(("asr/", "asr_lift/", "robust_acc/"))) and v["before"] is not None and v["after"] is not None]
+            if (k in ("acc", "scan/backdoor_score") or k.startswith(("asr/", "asr_lift/", "robust_acc/", "inverted/asr")))
+            and v["before"] is not None and v["after"] is not None]
     description = "\n".join([f"Hardened from {prov.model_name} version {prov.version} with "
                              f"{purified.defense} on {purified.clean_samples} clean images.", blessing.summary,
                              "", *rows])

@@ -10,6 +10,9 @@ from mlflow import MlflowClient
 STATUS_TAG = "hardening.status"
 REASONS_TAG = "hardening.reasons"
 
+#: Rows printed as plain numbers rather than percentages.
+PLAIN = frozenset({"scan/backdoor_score"})
+
 
 @dataclass
 class VersionSummary:
@@ -36,6 +39,7 @@ def latest_version_summary(name: str, alias: str, tracking_uri: str) -> VersionS
     metrics = run.data.metrics
     keys = ["acc"] + sorted({k.split("/", 1)[1] for k in metrics
                              if k.startswith(("candidate/asr/", "candidate/asr_lift/", "candidate/robust_acc/"))})
+    keys += [k for k in ("inverted/asr", "scan/backdoor_score") if f"candidate/{k}" in metrics]
     rows = [(k, metrics.get(f"candidate/{k}"), metrics.get(f"hardened/{k}")) for k in keys]
     rows.append(("purify wall time (s)", None, metrics.get("purify_wall_time_s")))
     aliases = client.get_registered_model(name).aliases
@@ -47,13 +51,14 @@ def latest_version_summary(name: str, alias: str, tracking_uri: str) -> VersionS
 
 def render(s: VersionSummary, tracking_uri: str) -> str:
     """A plain-text table and verdict."""
-    def fmt(v: float | None, seconds: bool = False) -> str:
-        return "-" if v is None else (f"{v:.1f}" if seconds else f"{100 * v:.2f} %")
+    def fmt(v: float | None, metric: str) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.1f}" if metric.endswith("(s)") else f"{v:.2f}" if metric in PLAIN else f"{100 * v:.2f} %"
 
     lines = [f"{'metric':<28}{'candidate':>12}{'hardened':>12}", "-" * 52]
     for metric, before, after in s.rows:
-        seconds = metric.endswith("(s)")
-        lines.append(f"{metric:<28}{fmt(before, seconds):>12}{fmt(after, seconds):>12}")
+        lines.append(f"{metric:<28}{fmt(before, metric):>12}{fmt(after, metric):>12}")
     verdict = "BLESSED" if s.status == "blessed" else s.status.upper()
     lines += ["", f"gate: {verdict}" + (f" ({s.reasons})" if s.reasons else ""),
               f"registered: models:/{s.name}/{s.version}",

@@ -59,7 +59,7 @@ def tiny_params(tracking_uri: str = "sqlite:///mlflow.db", *, candidate: str = "
     """The repository's ``params.yaml`` shrunk to seconds of CPU work.
 
     600 synthetic training images / 300 test images, 5 clean images per class, a 2-epoch demo candidate,
-    3 NFT epochs on CPU, no policy fallbacks, one badnets probe and a 20-sample, 2-step scan. ``overrides`` are section dicts merged
+    3 NFT epochs on CPU, no policy fallbacks, one badnets probe, a 20-sample, 2-step scan and a 5-step trigger reconstruction. ``overrides`` are section dicts merged
     in last (``nft={"epochs": 2}``).
     """
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -72,7 +72,8 @@ def tiny_params(tracking_uri: str = "sqlite:///mlflow.db", *, candidate: str = "
         "policy": {"fallbacks": []},  # one purification on the whole clean set (the policy's tests set their own)
         "export": {"parity_samples": 32},
         "probes": {"attacks": [{"attack": "badnets", "target": 0, "mode": "all2one"}],
-                   "scan": {"enabled": True, "samples": 20, "steps": 2}},
+                   "scan": {"enabled": True, "samples": 20, "steps": 2},
+                   "inversion": {"enabled": True, "samples": 20, "steps": 5, "batch_size": 4}},
         "gate": dict(gate if gate is not None else BLESSING_GATE),
         "promote": {"name": promote, "alias": "champion"},
     })

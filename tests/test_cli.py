@@ -114,7 +114,8 @@ def test_run_blesses_then_strict_rerun_rejects(tmp_path: Path) -> None:
     timed = re.search(r"(?m)^stage wall times: (.*) \(total [\d.]+s\)$", out)  # parsed by benchmarks/stage_times.py
     assert timed and [part.rsplit(" ", 1)[0] for part in timed.group(1).split(", ")] == stages, describe(first)
     for row in (r"metric\s+candidate\s+hardened", r"acc\s+[\d.]+ %\s+[\d.]+ %", r"asr/badnets\s+[\d.]+ %\s+[\d.]+ %",
-                r"asr_lift/badnets\s+-?[\d.]+ %\s+-?[\d.]+ %"):
+                r"asr_lift/badnets\s+-?[\d.]+ %\s+-?[\d.]+ %", r"inverted/asr\s+[\d.]+ %\s+[\d.]+ %",
+                r"scan/backdoor_score\s+[\d.]+\s+[\d.]+"):
         assert re.search(rf"(?m)^{row}$", out), f"before/after row {row!r} missing: {describe(first)}"
     assert "gate: BLESSED" in out and f"registered: models:/{HARDENED}/1" in out, describe(first)
     assert f"alias: @{ALIAS} -> version 1" in out, describe(first)

@@ -179,14 +179,27 @@ def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_p
     every metric a real evaluation (PyTorch, ONNX Runtime and the scan) writes, or a valid check is refused."""
     import fnmatch
 
-    from harden.evaluate import scan_metrics
+    from harden.evaluate import backdoor_score, invert_trigger, scan_metrics
     from harden.gate import METRIC_FAMILIES
 
     torch.manual_seed(0)
     model = Normalized(build_model("small_cnn", num_classes=K, width=4), [0.5] * 3, [0.25] * 3).eval()
     path = export_onnx(model, (3, SIZE, SIZE), tmp_path / "model.onnx")
     probes = [Probe(attack="badnets", target=1), Probe(attack="blend", target=2)]
-    metrics = {**evaluate_torch(model, test_set, probes), **scan_metrics(model, test_set, samples=20, steps=1)}
-    names = set(flatten(metrics)) | set(flatten(evaluate_onnx(path, test_set, probes)))
+    trigger = invert_trigger(model, test_set, samples=20, steps=2, batch_size=4)
+    metrics = {**evaluate_torch(model, test_set, probes, trigger=trigger), **trigger.metrics(),
+               **scan_metrics(model, test_set, samples=20, steps=1)}
+    metrics["scan/backdoor_score"] = backdoor_score(metrics)
+    names = set(flatten(metrics)) | set(flatten(evaluate_onnx(path, test_set, probes, trigger=trigger)))
+    assert {"inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "scan/backdoor_score"} <= names
     orphans = [n for n in sorted(names) if not any(fnmatch.fnmatchcase(n, f) for f in METRIC_FAMILIES)]
     assert not orphans, f"metrics outside METRIC_FAMILIES: {orphans}"
+
+
+def test_the_backdoor_score_reaches_one_at_either_flag_threshold():
+    from harden.evaluate import NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, backdoor_score
+
+    assert backdoor_score({"inverted/norm_ratio": 1 / NORM_RATIO_FACTOR, "scan/top_share": 0.1}) == pytest.approx(1)
+    assert backdoor_score({"inverted/norm_ratio": 1.0, "scan/top_share": SCAN_SHARE_FLAG}) == pytest.approx(1)
+    assert backdoor_score({"inverted/norm_ratio": 0.7, "scan/top_share": 0.3}) < 1  # a clean demo model's values
+    assert backdoor_score({"inverted/norm_ratio": 0.0, "scan/top_share": 0.3}) == float("inf")

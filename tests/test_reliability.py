@@ -608,6 +608,15 @@ def test_promote_refuses_an_onnx_file_changed_after_evaluation(ws: Workspace):
     assert not (ws.runs / "promote").exists()
 
 
+def test_the_report_refuses_reconstructed_triggers_changed_after_evaluation(ws: Workspace):
+    before = ws.state()
+    triggers = ws.runs / "evaluate" / "inversion.safetensors"
+    triggers.write_bytes(triggers.read_bytes() + b" ")
+    expect_exit(ws.cli("report"), 7, "inversion.safetensors", "not the file the evaluation wrote")
+    assert {k: v for k, v in ws.state().items() if k.startswith("runs/report")} == \
+        {k: v for k, v in before.items() if k.startswith("runs/report")}  # the previous report stands
+
+
 def test_promote_with_the_registry_down_registers_nothing(ws: Workspace, closed_port_uri: str):
     ws.set_params({"base": {"tracking_uri": closed_port_uri}})
     start = time.monotonic()

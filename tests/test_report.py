@@ -9,9 +9,9 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from harden.evaluate import Probe, evaluate_torch, layer_masks, purification_summary
+from harden.evaluate import Probe, evaluate_torch, invert_trigger, layer_masks, purification_summary
 from harden.gate import evaluate_gate
-from harden.report import write_report
+from harden.report import TriggerView, write_report
 from nft_core.config import NFTConfig
 from nft_core.data import make_synthetic
 from nft_core.fold import fold_masks
@@ -52,8 +52,13 @@ def run(tmp_path_factory):
     blessing = evaluate_gate({"metrics": [{"metric": "acc", "max_drop": 0.02}, {"metric": "asr/*", "max": 0.05}]},
                              before, after, {"onnx_parity": True, "fold_check": True})
     identity = {"name": "demo-candidate", "version": 3, "lineage": {"source": "models:/demo@candidate", "sha256": "ab|cd"}}
+    triggers = {side: invert_trigger(model, test, samples=20, steps=3, batch_size=4)
+                for side, model in (("candidate", candidate), ("hardened", hardened))}
+    views = {side: TriggerView(*(a.numpy() for a in t.inversion.trigger()), t.target, t.inversion.anomaly_index,
+                               t.inversion.norms) for side, t in triggers.items()}
     files = write_report(tmp_path_factory.mktemp("report"), identity=identity, before=before, after=after,
-                         blessing=blessing, masks=masks, history=result.history, purification=summary)
+                         blessing=blessing, masks=masks, history=result.history, purification=summary,
+                         inversion=views)
     return files, before, after, blessing, result
 
 
@@ -62,7 +67,7 @@ def test_html_is_self_contained_with_real_pngs(run):
     parser = _Collector()
     parser.feed(files.html.read_text())
     parser.close()
-    assert len(parser.images) == 4 and parser.tables >= 4
+    assert len(parser.images) == 6 and parser.tables >= 4  # 4 purification plots, the trigger and the norms
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1])

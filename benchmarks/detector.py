@@ -1,0 +1,189 @@
+"""Backdoor detection without the trigger: trigger reconstruction and the adversarial-label scan as a detector.
+
+A population of candidates the project makes (every synthesized attack at two poisoning rates, and benign
+models of the same architecture over several seeds) is scanned exactly as the evaluate stage scans a model
+(:func:`harden.evaluate.invert_trigger`, :func:`harden.evaluate.scan_metrics`, the settings of ``params.yaml``'s
+``probes`` section). Each backdoored candidate is then hardened with ``params.yaml``'s ``nft`` section on a clean
+set drawn from the training images and scanned again. The table gives, per rule (NC's anomaly index, the
+norm ratio, the scan, the combined backdoor score), the true-positive rate on backdoored candidates, the
+false-positive rate on benign ones, and the share still flagged after hardening, plus the reconstructed
+trigger's ASR on the hardened models.
+
+    .venv/bin/python -m benchmarks.detector                        # synthetic data, CPU (about 40 min on 2 cores)
+    .venv/bin/python -m benchmarks.detector --table-only           # re-render from the cached rows
+
+Rows are cached by content (candidate recipe, settings) under ``--cache``; a rerun only measures what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harden.evaluate import (NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, backdoor_score, evaluate_torch, invert_trigger,
+                             scan_metrics)
+from harden.params import load_params
+from harden.probes import Probe
+from nft_core.attacks import ATTACKS, make_attack
+from nft_core.data import ImageData, make_synthetic, stratified_split
+from nft_core.defenses import run_defense
+from nft_core.invert import ANOMALY_THRESHOLD
+from nft_core.models import Normalized, build_model
+from nft_core.train import channel_stats, make_backdoored_candidate
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 0
+#: Poisoning rates of the two populations (clean-label attacks poison this share of the target class instead).
+RATES = (0.05, 0.1)
+CLEAN_LABEL_SHARES = (0.4, 0.8)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def candidate(train: ImageData, attack_name: str, level: int, seed: int, epochs: int, cache: Path) -> tuple[Normalized, dict]:
+    """A cached backdoored (``level`` 0/1: the lower/higher rate) or benign (``attack_name == 'none'``) SmallCNN."""
+    attack = make_attack("badnets" if attack_name == "none" else attack_name, target=TARGET)
+    if attack_name == "none":
+        rate = 0.0
+    elif attack.clean_label:
+        rate = CLEAN_LABEL_SHARES[level] * float((train.y == TARGET).float().mean())
+    else:
+        rate = RATES[level]
+    recipe = {"attack": attack_name, "rate": rate, "seed": seed, "epochs": epochs, "n": len(train), "v": 1}
+    key = digest(recipe)
+    weights, meta = cache / f"{key}.safetensors", cache / f"{key}.json"
+    mean, std = channel_stats(train)
+    if weights.exists() and meta.exists():
+        model = Normalized(build_model("small_cnn", num_classes=train.num_classes), mean, std)
+        model.net.load_state_dict(load_file(str(weights)))
+        return model.eval(), json.loads(meta.read_text())
+    model, info = make_backdoored_candidate(train, attack, poison_rate=rate, epochs=epochs, seed=seed,
+                                            progress=False, device="cpu")
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file(model.net.state_dict(), str(weights))
+    record = {"key": key, **recipe, "train_time_s": info["wall_time_s"]}
+    meta.write_text(json.dumps(record))
+    return model.eval(), record
+
+
+def scan_model(model: torch.nn.Module, test: ImageData, probes: Any, seed: int, probe: Probe | None,
+               trigger: Any = None) -> tuple[dict[str, Any], Any]:
+    """The evaluate stage's evidence on one model: acc, the real trigger's ASR, inversion, scan, score."""
+    t0 = time.perf_counter()
+    inv = invert_trigger(model, test, seed=seed, **probes.inversion.model_dump(exclude={"enabled"}))
+    metrics = evaluate_torch(model, test, [probe] if probe else [], trigger=trigger or inv)
+    metrics.update(inv.metrics())
+    metrics.update(scan_metrics(model, test, samples=probes.scan.samples, eps=probes.scan.eps,
+                                steps=probes.scan.steps, seed=seed))
+    metrics["scan/backdoor_score"] = backdoor_score(metrics)
+    metrics["norms"] = inv.inversion.norms
+    metrics["scan_time_s"] = time.perf_counter() - t0
+    return metrics, inv
+
+
+def rules() -> dict[str, Any]:
+    return {
+        f"NC anomaly index > {ANOMALY_THRESHOLD:g}": lambda m: m["inverted/anomaly_index"] > ANOMALY_THRESHOLD,
+        f"suspect mask {NORM_RATIO_FACTOR:g}x below the median": lambda m: m["inverted/norm_ratio"] <= 1 / NORM_RATIO_FACTOR,
+        f"scan top share >= {SCAN_SHARE_FLAG:g}": lambda m: m["scan/top_share"] >= SCAN_SHARE_FLAG,
+        "backdoor score >= 1 (either of the two above)": lambda m: backdoor_score(m) >= 1,
+    }
+
+
+def pct(n: int, d: int) -> str:
+    return f"{100 * n / d:.0f} % ({n}/{d})" if d else "n/a"
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    bad = [r for r in rows if r["attack"] != "none"]
+    benign = [r for r in rows if r["attack"] == "none"]
+    hardened = [r for r in bad if r.get("hardened")]
+    blessed = [r for r in hardened if r["blessed"]]
+    lines = [f"Candidates: {len(bad)} backdoored ({', '.join(sorted({r['attack'] for r in bad}))} at two rates), "
+             f"{len(benign)} benign; hardened: {len(hardened)}, of which {len(blessed)} pass the gate's acc/ASR checks.",
+             "", "| rule | TPR (backdoored) | FPR (benign) | flagged after hardening | flagged after a blessed hardening |",
+             "|---|---|---|---|---|"]
+    for name, rule in rules().items():
+        lines.append(f"| {name} | {pct(sum(rule(r['candidate']) for r in bad), len(bad))} | "
+                     f"{pct(sum(rule(r['candidate']) for r in benign), len(benign))} | "
+                     f"{pct(sum(rule(r['hardened']) for r in hardened), len(hardened))} | "
+                     f"{pct(sum(rule(r['hardened']) for r in blessed), len(blessed))} |")
+    lines += ["", "| candidate | rate | ACC | ASR | suspect (target 0) | anomaly index | norm ratio | scan top (share) "
+              "| score | after: ACC | ASR | inverted ASR | anomaly index | score |", "|---|" * 1 + "---|" * 14]
+    for r in rows:
+        c, h = r["candidate"], r.get("hardened") or {}
+        asr = c.get("asr/real")
+        after = (f"{100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
+                 f"{h['inverted/anomaly_index']:.2f} | {backdoor_score(h):.2f}") if h else "| | | |"
+        lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
+                     f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
+                     f"{c['inverted/anomaly_index']:.2f} | {c['inverted/norm_ratio']:.2f} | "
+                     f"{c['scan/top_label']} ({c['scan/top_share']:.2f}) | {backdoor_score(c):.2f} | {after} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--benign-seeds", default="0,1,2,3,4")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--epochs", type=int, default=6, help="candidates' training epochs (the demo's)")
+    parser.add_argument("--n-train", type=int, default=5000)
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--no-harden", action="store_true", help="scan the candidates only")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs/bench/detector")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = args.cache / "rows.jsonl"
+    done = {json.loads(l)["key"]: json.loads(l) for l in results.read_text().splitlines()} if results.exists() else {}
+    if not args.table_only:
+        params = load_params(args.params)
+        train, test = make_synthetic(args.n_train, seed=0), make_synthetic(args.n_test, seed=0, train=False)
+        clean = stratified_split(train, fraction=params.data.clean_fraction, seed=1)[0]
+        plan = [(a, lvl, 0) for a in args.attacks.split(",") for lvl in (0, 1)]
+        plan += [("none", 0, int(s)) for s in args.benign_seeds.split(",")]
+        settings = {"probes": params.probes.model_dump(mode="json"), "nft": params.nft.model_dump(mode="json"),
+                    "harden": not args.no_harden, "clean": len(clean), "v": 1}
+        for attack_name, level, seed in plan:
+            model, info = candidate(train, attack_name, level, seed, args.epochs, args.cache / "candidates")
+            key = digest({"candidate": info["key"], "settings": settings})
+            if key in done:
+                continue
+            probe = None if attack_name == "none" else Probe(name="real", attack=attack_name, target=TARGET)
+            before, inv = scan_model(model, test, params.probes, seed=0, probe=probe)
+            row = {"key": key, "date": str(date.today()), "attack": attack_name, "rate": info["rate"], "seed": seed,
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, "candidate": before,
+                   "hardened": None, "blessed": None}
+            if attack_name != "none" and not args.no_harden:
+                torch.manual_seed(0)
+                result = run_defense("nft", model, clean.dataset(), params.nft.config(0, "cpu", progress=False))
+                after, _ = scan_model(result.model, test, params.probes, seed=0, probe=probe, trigger=inv)
+                row["hardened"] = after
+                row["blessed"] = bool(before["acc"] - after["acc"] <= 0.03 and after["asr_lift/real"] <= 0.05)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done[key] = row
+            h = row["hardened"]
+            print(f"{attack_name} rate {info['rate']:.3f} seed {seed}: ACC {100 * before['acc']:.1f} "
+                  f"index {before['inverted/anomaly_index']:.2f} ratio {before['inverted/norm_ratio']:.2f} "
+                  f"suspect {before['inverted/target']} scan {before['scan/top_label']}/{before['scan/top_share']:.2f}"
+                  + (f" | after ACC {100 * h['acc']:.1f} ASR {100 * h['asr/real']:.1f} inverted ASR "
+                     f"{100 * h['inverted/asr']:.1f} index {h['inverted/anomaly_index']:.2f}" if h else ""), flush=True)
+    print(render(list(done.values())))
+
+
+if __name__ == "__main__":
+    main()
