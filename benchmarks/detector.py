@@ -104,13 +104,21 @@ def pct(n: int, d: int) -> str:
     return f"{100 * n / d:.0f} % ({n}/{d})" if d else "n/a"
 
 
+#: A poisoned candidate whose real trigger reaches less than this ASR did not learn its backdoor: left out of the rates.
+LEARNED_ASR = 0.5
+
+
 def render(rows: list[dict[str, Any]]) -> str:
-    bad = [r for r in rows if r["attack"] != "none"]
+    poisoned = [r for r in rows if r["attack"] != "none"]
+    bad = [r for r in poisoned if r["candidate"]["asr/real"] >= LEARNED_ASR]
+    unlearned = [f"{r['attack']} at {r['rate']:.3f} (ASR {100 * r['candidate']['asr/real']:.1f} %)"
+                 for r in poisoned if r not in bad]
     benign = [r for r in rows if r["attack"] == "none"]
     hardened = [r for r in bad if r.get("hardened")]
     blessed = [r for r in hardened if r["blessed"]]
-    lines = [f"Candidates: {len(bad)} backdoored ({', '.join(sorted({r['attack'] for r in bad}))} at two rates), "
-             f"{len(benign)} benign; hardened: {len(hardened)}, of which {len(blessed)} pass the gate's acc/ASR checks.",
+    lines = [f"Candidates: {len(bad)} backdoored ({', '.join(sorted({r['attack'] for r in bad}))}), {len(benign)} "
+             f"benign; poisoned but the backdoor not learned, left out: {', '.join(unlearned) or 'none'}. "
+             f"Hardened: {len(hardened)}, of which {len(blessed)} pass the gate's ACC and ASR-lift checks.",
              "", "| rule | TPR (backdoored) | FPR (benign) | flagged after hardening | flagged after a blessed hardening |",
              "|---|---|---|---|---|"]
     for name, rule in rules().items():
@@ -118,13 +126,14 @@ def render(rows: list[dict[str, Any]]) -> str:
                      f"{pct(sum(rule(r['candidate']) for r in benign), len(benign))} | "
                      f"{pct(sum(rule(r['hardened']) for r in hardened), len(hardened))} | "
                      f"{pct(sum(rule(r['hardened']) for r in blessed), len(blessed))} |")
-    lines += ["", "| candidate | rate | ACC | ASR | suspect (target 0) | anomaly index | norm ratio | scan top (share) "
-              "| score | after: ACC | ASR | inverted ASR | anomaly index | score |", "|---|" * 1 + "---|" * 14]
+    header = ("candidate", "rate", "ACC", "ASR", "suspect (target 0)", "anomaly index", "norm ratio",
+              "scan top (share)", "score", "after: ACC", "ASR", "inverted ASR", "norm ratio", "score")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c, h = r["candidate"], r.get("hardened") or {}
         asr = c.get("asr/real")
         after = (f"{100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
-                 f"{h['inverted/anomaly_index']:.2f} | {backdoor_score(h):.2f}") if h else "| | | |"
+                 f"{h['inverted/norm_ratio']:.2f} | {backdoor_score(h):.2f}") if h else "| | | |"
         lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
                      f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
                      f"{c['inverted/anomaly_index']:.2f} | {c['inverted/norm_ratio']:.2f} | "

@@ -134,7 +134,7 @@ def inversion_norms(norms: Mapping[str, Sequence[float]], threshold_index: float
     from nft_core.invert import MAD_CONSISTENCY
 
     classes = len(next(iter(norms.values())))
-    fig, (ax,) = _figure(max(5.0, 0.18 * classes * len(norms) + 2.0), 3.4)
+    fig, (ax,) = _figure(max(7.0, 0.18 * classes * len(norms) + 4.0), 3.4)
     pos = np.arange(classes)
     width = 0.8 / len(norms)
     for i, ((model, values), color) in enumerate(zip(norms.items(), (BEFORE_COLOR, AFTER_COLOR))):
@@ -147,5 +147,5 @@ def inversion_norms(norms: Mapping[str, Sequence[float]], threshold_index: float
     ax.set(xlabel="class", ylabel="mask L1 norm (pixels)", title="Reconstructed trigger size per class")
     if classes <= 20:
         ax.set_xticks(pos)
-    ax.legend(frameon=False, fontsize=7, ncols=2)
+    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
