@@ -157,7 +157,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = args.cache / "rows.jsonl"
-    done = {json.loads(l)["key"]: json.loads(l) for l in results.read_text().splitlines()} if results.exists() else {}
+    done = {row["key"]: row for row in map(json.loads, results.read_text().splitlines())} if results.exists() else {}
     if not args.table_only:
         params = load_params(args.params)
         train, test = make_synthetic(args.n_train, seed=0), make_synthetic(args.n_test, seed=0, train=False)

@@ -106,6 +106,11 @@ def reconstruct_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                          classes_per_chunk: int = 16, seed: int = 0, progress: bool = False) -> Inversion:
     """Reconstruct a trigger for every class of ``model`` from clean images (Neural Cleanse, Sec. IV).
 
+    The defaults (100 steps of 16 images, lr 0.2, initial cost 1e-2) are a CPU-sized budget: the authors use
+    lr 0.1 and 1e-3 over thousands of steps per class. On the synthetic demo data they find the same suspects
+    as 300 steps of 32 images at lr 0.1 and 1e-3 in a seventh of the time (BENCHMARKS.md, *Backdoor detection
+    without the trigger*).
+
     Args:
         model: classifier taking images in [0, 1] (put in eval mode; its mode is restored afterwards).
         x: clean images, NCHW float in [0, 1]; a few hundred are enough.
@@ -115,10 +120,6 @@ def reconstruct_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         batch_size: images per step (each is stamped once per class of the chunk).
         lr: Adam's learning rate on the masks' and patterns' logits.
         init_cost: initial weight of the mask's L1 norm.
-
-    The defaults (100 steps of 16 images, lr 0.2, initial cost 1e-2) are a CPU-sized budget: the authors use
-    lr 0.1 and 1e-3 over thousands of steps per class. On the synthetic demo data they find the same suspects
-    as 300 steps of 32 images at lr 0.1 and 1e-3 in a fifth of the time (BENCHMARKS.md, *Backdoor detection*).
         success_threshold: share of stamped images that must reach the class for a mask to count.
         window: steps over which the success rate is averaged before the cost is adapted.
         patience: windows above (below) the threshold before the cost grows (shrinks).
