@@ -133,22 +133,27 @@ def _evaluate(logits: LogitsFn, test: ImageData, probes: Probes, trigger: Invert
     for probe in probes:
         x, y_true, y_target = probe_inputs(probe, test)
         p = logits(x).argmax(1)
-        metrics[f"asr/{probe.name}"] = attack_success_rate(p, y_true, y_target)
+        lifted = _lifted_asr(p, y_true, y_target, pred, test)
+        metrics[f"asr/{probe.name}"] = lifted.pop("asr")
         metrics[f"robust_acc/{probe.name}"] = robust_accuracy(p, y_true, y_target)
         metrics[f"n/{probe.name}"] = int((y_true != y_target).sum())
-        clean_rate = clean_target_rate(pred, y, y_true, y_target, test.num_classes)
-        if clean_rate is not None:  # absent (so a gate check on it cannot pass) when no probe class is in the test set
-            metrics[f"clean_rate/{probe.name}"] = clean_rate
-            metrics[f"asr_lift/{probe.name}"] = metrics[f"asr/{probe.name}"] - clean_rate
+        metrics.update({f"{k}/{probe.name}": v for k, v in lifted.items()})
     x, y_true, y_target = trigger.probe(test) if trigger is not None else (torch.empty(0),) * 3
     if len(x):  # absent (a gate check on it cannot pass) when no test image is left to stamp
-        metrics["inverted/asr"] = attack_success_rate(logits(x).argmax(1), y_true, y_target)
-        clean_rate = clean_target_rate(pred, y, y_true, y_target, test.num_classes)
-        if clean_rate is not None:
-            metrics["inverted/clean_rate"] = clean_rate
-            metrics["inverted/asr_lift"] = metrics["inverted/asr"] - clean_rate
+        metrics.update({f"inverted/{k}": v for k, v in _lifted_asr(logits(x).argmax(1), y_true, y_target, pred, test).items()})
     metrics["eval_time_s"] = time.perf_counter() - t0
     return metrics
+
+
+def _lifted_asr(pred: torch.Tensor, y_true: torch.Tensor, y_target: torch.Tensor, clean_pred: torch.Tensor,
+                test: ImageData) -> dict[str, float]:
+    """``asr`` of triggered predictions, and ``clean_rate``/``asr_lift`` against the clean predictions
+    (absent, so a gate check on them cannot pass, when no probe class is in the test set)."""
+    out = {"asr": attack_success_rate(pred, y_true, y_target)}
+    clean_rate = clean_target_rate(clean_pred, test.y, y_true, y_target, test.num_classes)
+    if clean_rate is not None:
+        out |= {"clean_rate": clean_rate, "asr_lift": out["asr"] - clean_rate}
+    return out
 
 
 def evaluate_torch(model: nn.Module, test: ImageData, probes: Probes = (), *, batch_size: int = 512,

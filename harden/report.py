@@ -28,11 +28,10 @@ import jinja2
 import numpy as np
 
 from harden import plots
-from harden.evaluate import LayerMasks, compare, mask_statistics
+from harden.evaluate import NORM_RATIO_FACTOR, LayerMasks, compare, mask_statistics
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
 from harden.records import attempt_verdict
-from nft_core.invert import ANOMALY_THRESHOLD
 
 #: Plot key -> (file name, caption).
 PLOTS: dict[str, tuple[str, str]] = {
@@ -41,7 +40,8 @@ PLOTS: dict[str, tuple[str, str]] = {
     "mask_heatmap": ("mask_heatmap.png", "Mask values per layer and neuron (cf. NFT supplementary Fig. 1-2)"),
     "mask_histogram": ("mask_histogram.png", "Distribution of the learned mask values"),
     "triggers": ("triggers.png", "Reconstructed trigger of each model's suspected target (Neural Cleanse)"),
-    "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a backdoor target stands out low"),
+    "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a class below median / 3 "
+                        "flags the model (backdoor score >= 1)"),
 }
 
 
@@ -148,7 +148,7 @@ def _figures(comparison: Mapping[str, Mapping[str, float | None]], history: Sequ
         figures["triggers"] = plots.reconstructed_triggers(
             {model: (v.mask, v.pattern, v.target, v.anomaly_index) for model, v in inversion.items()})
         figures["inversion_norms"] = plots.inversion_norms({model: v.norms for model, v in inversion.items()},
-                                                           ANOMALY_THRESHOLD)
+                                                           NORM_RATIO_FACTOR)
     if history:
         figures["training"] = plots.training_curve(history)
     if masks:
