@@ -1,17 +1,25 @@
-"""Typed, frozen configuration of Neural mask Fine-Tuning. Defaults are the paper's (ECCV 2024, Sec. 4-5 and
-supplementary Sec. 2.2 / Table 18); where the paper is silent, the authors' released code."""
+"""Typed, frozen configuration of every purifier, importable without torch (the ``params.yaml`` schema builds on
+it). :class:`NFTConfig`'s defaults are the paper's (ECCV 2024, Sec. 4-5 and supplementary Sec. 2.2 / Table 18;
+where the paper is silent, the authors' released code); each baseline's are its own paper's (see the comments).
+:data:`CONFIGS` maps a method name to its config class."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal, TypeVar
 
 Placement = Literal["norm", "weight"]
 BNMode = Literal["train", "eval"]
 ScheduleKind = Literal["exponential", "cosine", "logarithmic", "cubic", "linear", "none"]
 MixKind = Literal["mixup", "cutmix", "none"]
 LRSchedule = Literal["cosine", "constant"]
+PBEMode = Literal["clean", "progressive"]
+FIPVariant = Literal["full", "fast"]
+#: a field's check: (predicate on the value, the allowed range in words)
+Rule = tuple[Callable[[Any], bool], str]
+C = TypeVar("C", bound="DefenseConfig")
 
 
 @dataclass(frozen=True)
@@ -99,3 +107,175 @@ def _check(c: NFTConfig) -> None:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not is_number or not ok(value):
             raise bad(name, f"a finite number {allowed}")
+
+
+# ------------------------------------------------------------------------------------ baselines ------
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """Base of every baseline config: ``replace``/``to_dict`` and rule-based validation in ``__post_init__``.
+
+    Subclasses list their checks in :meth:`_rules` (name -> (predicate, allowed range)) and the choices of
+    their Literal fields in the class attribute ``_literals``; numbers must be finite and not bool, fields whose
+    default is an int must hold an int, and an allowed range mentioning "None" admits None.
+    """
+
+    def __post_init__(self) -> None:
+        cls = type(self).__name__
+        for name, choices in getattr(type(self), "_literals", {}).items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{cls}.{name}={getattr(self, name)!r} is invalid: must be one of {choices}")
+        for name, (ok, allowed) in self._rules().items():
+            value = getattr(self, name)
+            if value is None and "None" in allowed:
+                continue
+            default = type(self).__dataclass_fields__[name].default
+            want_int = isinstance(default, int) and not isinstance(default, bool)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not is_number or (want_int and not isinstance(value, int)) or not ok(value):
+                kind = "an integer" if want_int else "a finite number"
+                raise ValueError(f"{cls}.{name}={value!r} is invalid: must be {kind} {allowed}")
+
+    def _rules(self) -> dict[str, Rule]:
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A validated copy with some fields changed; unknown names raise ``TypeError``."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainSettings(DefenseConfig):
+    """Weight fine-tuning settings shared by FT, FP, FT-SAM, PBE and FIP (defaults: vanilla FT, NFT supp. 2.3)."""
+
+    epochs: int = 125  # passes over the clean set (NFT supp. Sec. 2.3: vanilla FT, 125 epochs)
+    batch_size: int = 128  # clean samples per step
+    lr: float = 0.01  # SGD learning rate (NFT supp. Sec. 2.3: 0.01)
+    momentum: float = 0.9  # SGD momentum (common CIFAR setting; the papers do not state it)
+    weight_decay: float = 5e-4  # L2 weight decay (common CIFAR setting; the papers do not state it)
+    lr_schedule: LRSchedule = "cosine"  # per-step cosine decay to 0, or a constant learning rate
+    crop_flip: bool = True  # RandomCrop(pad 4) + horizontal flip per sample
+    bn_mode: BNMode = "train"  # "train": BN statistics follow the clean batches; "eval": frozen statistics
+    seed: int = 0  # seeds data order, augmentation and random starts
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
+    progress: bool = True  # show a progress bar
+
+    _literals = {"lr_schedule": ("cosine", "constant"), "bn_mode": ("train", "eval")}
+
+    def _rules(self) -> dict[str, Rule]:
+        return {
+            "epochs": (lambda v: v >= 0, ">= 0"),
+            "batch_size": (lambda v: v >= 1, ">= 1"),
+            "lr": (lambda v: v > 0, "> 0"),
+            "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "weight_decay": (lambda v: v >= 0, ">= 0"),
+        }
+
+
+@dataclass(frozen=True)
+class FTConfig(TrainSettings):
+    """Vanilla FT; all fields and defaults are :class:`TrainSettings` (NFT supp. 2.3)."""
+
+
+@dataclass(frozen=True)
+class FPConfig(TrainSettings):
+    epochs: int = 20  # fine-tuning passes after pruning (not stated in the papers)
+    max_acc_drop: float = 0.04  # stop pruning before clean accuracy drops by more than this (Liu et al.: 4 %)
+    max_prune_ratio: float = 0.9  # never prune more than this share of the channels
+    prune_ratio: float | None = None  # if set, prune exactly this share (ignores max_acc_drop)
+
+    def _rules(self) -> dict[str, Rule]:
+        return {**super()._rules(),
+                "max_acc_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                "max_prune_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                "prune_ratio": (lambda v: 0 <= v < 1, "in [0, 1) or None")}
+
+
+@dataclass(frozen=True)
+class ANPConfig(DefenseConfig):
+    eps: float = 0.4  # bound of the multiplicative neuron perturbations delta, xi (ANP paper: 0.4)
+    pgd_steps: int = 1  # ascent steps on the perturbation per batch (ANP paper: 1); step size eps / pgd_steps
+    alpha: float = 0.2  # trade-off: alpha * natural loss + (1 - alpha) * perturbed loss (ANP paper: 0.2)
+    mask_lr: float = 0.2  # SGD learning rate of the masks (ANP code: 0.2)
+    mask_momentum: float = 0.9  # SGD momentum of the masks (ANP code: 0.9)
+    iterations: int = 2000  # mask-optimisation batches (ANP paper: 2000)
+    batch_size: int = 128  # clean samples per batch (ANP paper: 128)
+    threshold: float = 0.2  # prune neurons whose mask is below this (ANP code default 0.2; fixed a priori)
+    prune_count: int | None = None  # if set, prune this many neurons with the smallest masks instead
+    crop_flip: bool = True  # RandomCrop(pad 4) + flip, as the ANP code's clean loader
+    bn_mode: BNMode = "train"  # BN mode during mask optimisation (ANP code: train); statistics are discarded
+    seed: int = 0  # seeds data order and perturbation draws
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
+    progress: bool = True  # show a progress bar
+
+    _literals = {"bn_mode": ("train", "eval")}
+
+    def _rules(self) -> dict[str, Rule]:
+        return {"eps": (lambda v: v >= 0, ">= 0"), "pgd_steps": (lambda v: v >= 1, ">= 1"),
+                "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "mask_lr": (lambda v: v > 0, "> 0"),
+                "mask_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "iterations": (lambda v: v >= 1, ">= 1"),
+                "batch_size": (lambda v: v >= 1, ">= 1"), "threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                "prune_count": (lambda v: isinstance(v, int) and v >= 0, ">= 0 or None")}
+
+
+@dataclass(frozen=True)
+class FTSAMConfig(TrainSettings):
+    epochs: int = 100  # passes over the clean set (FT-SAM ref. impl.: 100)
+    rho: float = 2.0  # radius of the weight perturbation (FT-SAM ref. impl.: 2.0; plain SAM: 0.05)
+    adaptive: bool = False  # ASAM-style scale-invariant neighbourhood (FT-SAM ref. impl.: off)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (FT-SAM ref. impl.: 0.1)
+
+    def _rules(self) -> dict[str, Rule]:
+        return {**super()._rules(), "rho": (lambda v: v > 0, "> 0"),
+                "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)")}
+
+
+@dataclass(frozen=True)
+class PBEConfig(TrainSettings):
+    epochs: int = 10  # step 2: clean fine-tuning passes (not stated in the paper)
+    adv_epochs: int = 10  # step 1: adversarial fine-tuning passes (not stated in the paper)
+    adv_eps: float = 8 / 255  # L-inf radius of the untargeted PGD examples, in [0, 1] pixel units
+    adv_steps: int = 10  # PGD steps
+    adv_step_size: float = 2 / 255  # PGD step size
+    mode: PBEMode = "clean"  # "clean": clean_data is a clean extra set; "progressive": it is the training set
+    iterations: int = 5  # progressive mode: purify/select rounds T
+    first_fraction: float = 0.1  # progressive mode: share of the training data in D_ext^0 (random) and D_ext^1
+    last_fraction: float = 0.7  # progressive mode: share selected in the last round (paper: 70 %)
+
+    _literals = {**TrainSettings._literals, "mode": ("clean", "progressive")}
+
+    def _rules(self) -> dict[str, Rule]:
+        return {**super()._rules(), "adv_epochs": (lambda v: v >= 0, ">= 0"),
+                "adv_eps": (lambda v: 0 < v <= 1, "in (0, 1]"), "adv_steps": (lambda v: v >= 1, ">= 1"),
+                "adv_step_size": (lambda v: 0 < v <= 1, "in (0, 1]"), "iterations": (lambda v: v >= 1, ">= 1"),
+                "first_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                "last_fraction": (lambda v: self.first_fraction <= v <= 1, f"in [first_fraction={self.first_fraction}, 1]")}
+
+
+@dataclass(frozen=True)
+class FIPConfig(TrainSettings):
+    epochs: int = 100  # passes over the clean set (this implementation's choice, as NFT)
+    variant: FIPVariant = "full"  # "full": all weights; "fast": singular values of Conv/Linear weights only
+    eta_f: float = 0.01  # weight of the FIM-trace (squared gradient norm) smoothness regulariser
+    eta_r: float = 0.1  # weight of the Fisher-weighted retention term sum F0 (theta - theta0)^2
+    fisher_samples: int = 128  # clean samples for the diagonal Fisher of the candidate
+    fast_lr: float = 0.05  # learning rate of the singular values in the fast variant (used instead of lr)
+
+    _literals = {**TrainSettings._literals, "variant": ("full", "fast")}
+
+    def _rules(self) -> dict[str, Rule]:
+        return {**super()._rules(), "eta_f": (lambda v: v >= 0, ">= 0"), "eta_r": (lambda v: v >= 0, ">= 0"),
+                "fisher_samples": (lambda v: v >= 1, ">= 1"), "fast_lr": (lambda v: v > 0, "> 0")}
+
+
+#: method name -> its config class (the names of :data:`nft_core.defenses.DEFENSES`)
+CONFIGS: dict[str, type[NFTConfig] | type[DefenseConfig]] = {
+    "nft": NFTConfig, "ft": FTConfig, "fp": FPConfig, "anp": ANPConfig, "ft_sam": FTSAMConfig, "pbe": PBEConfig,
+    "fip": FIPConfig,
+}

@@ -8,8 +8,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,82 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from nft_core.batches import CROP_PADDING, DeviceBatches
+from nft_core.config import TrainSettings
 from nft_core.purify import dataset_labels, resolve_device, set_norm_mode
 
-LRSchedule = Literal["cosine", "constant"]
-BNMode = Literal["train", "eval"]
 #: one optimisation step on a batch (model, images, labels) -> scalar logs, as 0-d tensors left on the device
 #: (:func:`run_epochs` reads them once per epoch, so the step loop never waits for the device)
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
-Rule = tuple[Callable[[Any], bool], str]
-C = TypeVar("C", bound="DefenseConfig")
-
-
-@dataclass(frozen=True)
-class DefenseConfig:
-    """Base of every baseline config: ``replace``/``to_dict`` and rule-based validation in ``__post_init__``.
-
-    Subclasses list their checks in :meth:`_rules` (name -> (predicate, allowed range)) and the choices of
-    their Literal fields in the class attribute ``_literals``; numbers must be finite and not bool, fields whose
-    default is an int must hold an int, and an allowed range mentioning "None" admits None.
-    """
-
-    def __post_init__(self) -> None:
-        cls = type(self).__name__
-        for name, choices in getattr(type(self), "_literals", {}).items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{cls}.{name}={getattr(self, name)!r} is invalid: must be one of {choices}")
-        for name, (ok, allowed) in self._rules().items():
-            value = getattr(self, name)
-            if value is None and "None" in allowed:
-                continue
-            default = type(self).__dataclass_fields__[name].default
-            want_int = isinstance(default, int) and not isinstance(default, bool)
-            is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not is_number or (want_int and not isinstance(value, int)) or not ok(value):
-                kind = "an integer" if want_int else "a finite number"
-                raise ValueError(f"{cls}.{name}={value!r} is invalid: must be {kind} {allowed}")
-
-    def _rules(self) -> dict[str, Rule]:
-        return {}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def replace(self: C, **changes: Any) -> C:
-        """A validated copy with some fields changed; unknown names raise ``TypeError``."""
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
-        return replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class TrainSettings(DefenseConfig):
-    """Weight fine-tuning settings shared by FT, FP, FT-SAM, PBE and FIP (defaults: vanilla FT, NFT supp. 2.3)."""
-
-    epochs: int = 125  # passes over the clean set (NFT supp. Sec. 2.3: vanilla FT, 125 epochs)
-    batch_size: int = 128  # clean samples per step
-    lr: float = 0.01  # SGD learning rate (NFT supp. Sec. 2.3: 0.01)
-    momentum: float = 0.9  # SGD momentum (common CIFAR setting; the papers do not state it)
-    weight_decay: float = 5e-4  # L2 weight decay (common CIFAR setting; the papers do not state it)
-    lr_schedule: LRSchedule = "cosine"  # per-step cosine decay to 0, or a constant learning rate
-    crop_flip: bool = True  # RandomCrop(pad 4) + horizontal flip per sample
-    bn_mode: BNMode = "train"  # "train": BN statistics follow the clean batches; "eval": frozen statistics
-    seed: int = 0  # seeds data order, augmentation and random starts
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
-    progress: bool = True  # show a progress bar
-
-    _literals = {"lr_schedule": ("cosine", "constant"), "bn_mode": ("train", "eval")}
-
-    def _rules(self) -> dict[str, Rule]:
-        return {
-            "epochs": (lambda v: v >= 0, ">= 0"),
-            "batch_size": (lambda v: v >= 1, ">= 1"),
-            "lr": (lambda v: v > 0, "> 0"),
-            "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-            "weight_decay": (lambda v: v >= 0, ">= 0"),
-        }
 
 
 @dataclass

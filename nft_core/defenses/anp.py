@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,36 +33,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
-from nft_core.defenses._common import (BNMode, DefenseConfig, DefenseResult, Rule, make_loader, prepare,
-                                       run_epochs)
+from nft_core.config import ANPConfig
+from nft_core.defenses._common import DefenseResult, make_loader, prepare, run_epochs
 from nft_core.masks import NeuronMask, clamp_masks, forward_order, mask_modules, mask_parameters
-
-
-@dataclass(frozen=True)
-class ANPConfig(DefenseConfig):
-    eps: float = 0.4  # bound of the multiplicative neuron perturbations delta, xi (ANP paper: 0.4)
-    pgd_steps: int = 1  # ascent steps on the perturbation per batch (ANP paper: 1); step size eps / pgd_steps
-    alpha: float = 0.2  # trade-off: alpha * natural loss + (1 - alpha) * perturbed loss (ANP paper: 0.2)
-    mask_lr: float = 0.2  # SGD learning rate of the masks (ANP code: 0.2)
-    mask_momentum: float = 0.9  # SGD momentum of the masks (ANP code: 0.9)
-    iterations: int = 2000  # mask-optimisation batches (ANP paper: 2000)
-    batch_size: int = 128  # clean samples per batch (ANP paper: 128)
-    threshold: float = 0.2  # prune neurons whose mask is below this (ANP code default 0.2; fixed a priori)
-    prune_count: int | None = None  # if set, prune this many neurons with the smallest masks instead
-    crop_flip: bool = True  # RandomCrop(pad 4) + flip, as the ANP code's clean loader
-    bn_mode: BNMode = "train"  # BN mode during mask optimisation (ANP code: train); statistics are discarded
-    seed: int = 0  # seeds data order and perturbation draws
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
-    progress: bool = True  # show a progress bar
-
-    _literals = {"bn_mode": ("train", "eval")}
-
-    def _rules(self) -> dict[str, Rule]:
-        return {"eps": (lambda v: v >= 0, ">= 0"), "pgd_steps": (lambda v: v >= 1, ">= 1"),
-                "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "mask_lr": (lambda v: v > 0, "> 0"),
-                "mask_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "iterations": (lambda v: v >= 1, ">= 1"),
-                "batch_size": (lambda v: v >= 1, ">= 1"), "threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-                "prune_count": (lambda v: isinstance(v, int) and v >= 0, ">= 0 or None")}
 
 
 class PerturbedMask(NeuronMask):

@@ -29,8 +29,6 @@ Defaults (epochs 100, like NFT; eta_f 0.01, eta_r 0.1; fast_lr) are this impleme
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,26 +36,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
-from nft_core.defenses._common import DefenseResult, Rule, TrainSettings, fine_tune, prepare
+from nft_core.config import FIPConfig
+from nft_core.defenses._common import DefenseResult, fine_tune, prepare
 from nft_core.masks import forward_order
-
-FIPVariant = Literal["full", "fast"]
-
-
-@dataclass(frozen=True)
-class FIPConfig(TrainSettings):
-    epochs: int = 100  # passes over the clean set (this implementation's choice, as NFT)
-    variant: FIPVariant = "full"  # "full": all weights; "fast": singular values of Conv/Linear weights only
-    eta_f: float = 0.01  # weight of the FIM-trace (squared gradient norm) smoothness regulariser
-    eta_r: float = 0.1  # weight of the Fisher-weighted retention term sum F0 (theta - theta0)^2
-    fisher_samples: int = 128  # clean samples for the diagonal Fisher of the candidate
-    fast_lr: float = 0.05  # learning rate of the singular values in the fast variant (used instead of lr)
-
-    _literals = {**TrainSettings._literals, "variant": ("full", "fast")}
-
-    def _rules(self) -> dict[str, Rule]:
-        return {**super()._rules(), "eta_f": (lambda v: v >= 0, ">= 0"), "eta_r": (lambda v: v >= 0, ">= 0"),
-                "fisher_samples": (lambda v: v >= 1, ">= 1"), "fast_lr": (lambda v: v > 0, "> 0")}
 
 
 class SpectralDelta(nn.Module):

@@ -24,27 +24,13 @@ Keras implementation); defaults: 20 epochs at lr 0.01 with the FT recipe.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from nft_core.defenses._common import DefenseResult, Rule, TrainSettings, fine_tune, prepare
-
-
-@dataclass(frozen=True)
-class FPConfig(TrainSettings):
-    epochs: int = 20  # fine-tuning passes after pruning (not stated in the papers)
-    max_acc_drop: float = 0.04  # stop pruning before clean accuracy drops by more than this (Liu et al.: 4 %)
-    max_prune_ratio: float = 0.9  # never prune more than this share of the channels
-    prune_ratio: float | None = None  # if set, prune exactly this share (ignores max_acc_drop)
-
-    def _rules(self) -> dict[str, Rule]:
-        return {**super()._rules(),
-                "max_acc_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-                "max_prune_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
-                "prune_ratio": (lambda v: 0 <= v < 1, "in [0, 1) or None")}
+from nft_core.config import FPConfig
+from nft_core.defenses._common import DefenseResult, fine_tune, prepare
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:

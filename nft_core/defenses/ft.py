@@ -9,17 +9,12 @@ NFT comparison (NFT supplementary Sec. 2.3: learning rate 0.01, 125 epochs, 1% c
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from nft_core.defenses._common import DefenseResult, TrainSettings, fine_tune, prepare
-
-
-@dataclass(frozen=True)
-class FTConfig(TrainSettings):
-    """Vanilla FT; all fields and defaults are :class:`~nft_core.defenses._common.TrainSettings` (NFT supp. 2.3)."""
+from nft_core.config import FTConfig
+from nft_core.defenses._common import DefenseResult, fine_tune, prepare
 
 
 def run(model: nn.Module, clean_data: Dataset, config: FTConfig) -> DefenseResult:

@@ -16,26 +16,14 @@ backdoor region), non-adaptive. Each step costs two forward/backward passes, hen
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from nft_core.defenses._common import DefenseResult, Rule, TrainSettings, make_loader, make_sgd, prepare, run_epochs
-
-
-@dataclass(frozen=True)
-class FTSAMConfig(TrainSettings):
-    epochs: int = 100  # passes over the clean set (FT-SAM ref. impl.: 100)
-    rho: float = 2.0  # radius of the weight perturbation (FT-SAM ref. impl.: 2.0; plain SAM: 0.05)
-    adaptive: bool = False  # ASAM-style scale-invariant neighbourhood (FT-SAM ref. impl.: off)
-    label_smoothing: float = 0.1  # cross-entropy label smoothing (FT-SAM ref. impl.: 0.1)
-
-    def _rules(self) -> dict[str, Rule]:
-        return {**super()._rules(), "rho": (lambda v: v > 0, "> 0"),
-                "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)")}
+from nft_core.config import FTSAMConfig
+from nft_core.defenses._common import DefenseResult, make_loader, make_sgd, prepare, run_epochs
 
 
 def _bn_momentum(model: nn.Module, frozen: bool) -> None:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,32 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from nft_core.adversarial import pgd_untargeted
-from nft_core.defenses._common import DefenseResult, Rule, TrainSettings, fine_tune, prepare
+from nft_core.config import PBEConfig
+from nft_core.defenses._common import DefenseResult, fine_tune, prepare
 from nft_core.metrics import predict_logits
-
-PBEMode = Literal["clean", "progressive"]
-
-
-@dataclass(frozen=True)
-class PBEConfig(TrainSettings):
-    epochs: int = 10  # step 2: clean fine-tuning passes (not stated in the paper)
-    adv_epochs: int = 10  # step 1: adversarial fine-tuning passes (not stated in the paper)
-    adv_eps: float = 8 / 255  # L-inf radius of the untargeted PGD examples, in [0, 1] pixel units
-    adv_steps: int = 10  # PGD steps
-    adv_step_size: float = 2 / 255  # PGD step size
-    mode: PBEMode = "clean"  # "clean": clean_data is a clean extra set; "progressive": it is the training set
-    iterations: int = 5  # progressive mode: purify/select rounds T
-    first_fraction: float = 0.1  # progressive mode: share of the training data in D_ext^0 (random) and D_ext^1
-    last_fraction: float = 0.7  # progressive mode: share selected in the last round (paper: 70 %)
-
-    _literals = {**TrainSettings._literals, "mode": ("clean", "progressive")}
-
-    def _rules(self) -> dict[str, Rule]:
-        return {**super()._rules(), "adv_epochs": (lambda v: v >= 0, ">= 0"),
-                "adv_eps": (lambda v: 0 < v <= 1, "in (0, 1]"), "adv_steps": (lambda v: v >= 1, ">= 1"),
-                "adv_step_size": (lambda v: 0 < v <= 1, "in (0, 1]"), "iterations": (lambda v: v >= 1, ">= 1"),
-                "first_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
-                "last_fraction": (lambda v: self.first_fraction <= v <= 1, f"in [first_fraction={self.first_fraction}, 1]")}
 
 
 @torch.no_grad()
