@@ -1,6 +1,6 @@
 """Error types of the hardening stage, and the CLI exit code of each (the table is printed in the README).
 
-Every failure the stage can foresee maps to one code (see ``harden.cli``); anything else is a bug and exits 1.
+Every failure the stage can foresee maps to one code (:func:`exit_code`; the CLI, ``pipeline.cli``, exits with it); anything else is a bug and exits 1.
 """
 
 from __future__ import annotations
@@ -66,3 +66,8 @@ EXIT_CODES = {
 ERROR_CODES: tuple[tuple[type[Exception], int], ...] = (
     (ParamsError, 2), (PackageError, 3), (RegistryError, 4), (DataError, 5), (ProbeError, 6), (ChainError, 7),
     (GateRejected, 10))
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The documented exit code of a foreseen failure, None for anything else."""
+    return next((code for kind, code in ERROR_CODES if isinstance(err, kind)), None)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -225,6 +226,78 @@ LINKS: tuple[tuple[str, str, str], ...] = (
     ("report", "blessing", "blessing"),
 )
 
+#: Float slack of every comparison, so that a value equal to its threshold passes despite rounding.
+TOLERANCE = 1e-9
+
+
+class CheckResult(BaseModel):
+    """One evaluated check, as it appears in ``blessing.json``."""
+
+    name: str
+    kind: Literal["min", "max", "max_drop", "max_increase", "fact", "probes", "pattern"]
+    metric: str
+    value: float | bool | None
+    threshold: float | bool | None
+    baseline: float | None = None
+    passed: bool
+    reason: str
+
+
+class Blessing(Record):
+    """The gate's verdict (``blessing.json``): blessed only when every check passed.
+
+    ``inputs`` binds it to the evaluation, fold and parity records and the gate settings it was made from;
+    ``promote`` re-derives the verdict from them and refuses a blessing that does not follow.
+    """
+
+    FILE: ClassVar[str] = "blessing.json"
+    blessed: bool
+    summary: str
+    checks: list[CheckResult]
+    created_at: str
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        """The checks that did not pass."""
+        return [c for c in self.checks if not c.passed]
+
+    def inconsistencies(self) -> list[str]:
+        """What in this blessing does not follow from its own checks (empty when it is consistent).
+
+        Each value or change check is re-judged from its recorded value, threshold and baseline; ``blessed``
+        must equal "every check passed" and there must be at least one check. This catches a blessing whose
+        verdict or pass flags were edited; it cannot catch edited values (for that, re-derive the verdict from
+        the evaluation, as ``promote`` does).
+        """
+        problems = [] if self.checks else ["it has no checks"]
+        for check in self.checks:
+            expected = _rejudge(check)
+            if expected is not None and expected != check.passed:
+                problems.append(f"check {check.name!r} says passed={check.passed}, its value says {expected}")
+        if self.blessed != (bool(self.checks) and all(c.passed for c in self.checks)):
+            problems.append(f"blessed={self.blessed} but {len(self.failed)} of {len(self.checks)} checks failed")
+        return problems
+
+
+def _rejudge(check: CheckResult) -> bool | None:
+    """Whether ``check`` passes, judged again from its recorded numbers (None: nothing to re-judge)."""
+    value, threshold, baseline = check.value, check.threshold, check.baseline
+    if check.kind == "fact":
+        return value is True
+    if check.kind in ("probes", "pattern") or isinstance(value, bool) or isinstance(threshold, bool):
+        return None
+    if value is None or threshold is None or not math.isfinite(value):
+        return False
+    if check.kind == "min":
+        return value >= threshold - TOLERANCE
+    if check.kind == "max":
+        return value <= threshold + TOLERANCE
+    if baseline is None or not math.isfinite(baseline):
+        return False
+    change = baseline - value if check.kind == "max_drop" else value - baseline
+    return change <= threshold + TOLERANCE
+
+
 #: Which stage writes each record or artifact (for the error message: what to re-run).
 PRODUCER = {"candidate": "pull", "provenance": "pull", "clean": "prepare", "test": "prepare", "purify": "purify",
             "fold": "fold", "hardened": "fold", "parity": "export", "onnx": "export", "metrics": "evaluate",
@@ -235,8 +308,6 @@ class Chain:
     """Lazily computed digests and typed records of the artifacts in :class:`Artifacts`."""
 
     def __init__(self, artifacts: Artifacts):
-        from harden.gate import Blessing  # the gate module owns the blessing record
-
         a = artifacts
         self._records: dict[str, tuple[Path | None, type[Record]]] = {
             "provenance": (a.pull, Provenance), "purify": (a.purify, PurifyRecord), "fold": (a.fold, FoldRecord),

@@ -1,5 +1,4 @@
-"""The Kubeflow Pipelines v2 pipeline of the hardening step: build, compile, run locally."""
+"""How the stages are run end to end: the Kubeflow Pipelines v2 pipeline (:mod:`pipeline.harden_pipeline`: build,
+compile, run locally) and the ``nft-harden`` command line (:mod:`pipeline.cli`).
 
-from pipeline.harden_pipeline import GpuPlacement, build_pipeline, compile_pipeline, run_local
-
-__all__ = ["GpuPlacement", "build_pipeline", "compile_pipeline", "run_local"]
+Nothing is imported here, so the CLI's quick commands (``check-params``) do not pay for importing kfp."""

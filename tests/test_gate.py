@@ -186,7 +186,7 @@ def test_a_pattern_that_matches_nothing_in_this_evaluation_is_never_passed_by_om
 
 
 def test_a_missing_metric_is_a_params_error_with_exit_code_2():
-    from harden.cli import exit_code
+    from harden.errors import exit_code
 
     with pytest.raises(MissingMetricError) as info:
         evaluate_gate(gate({"metric": "min_class_acc", "min": 0.5}), BEFORE, AFTER, FACTS)

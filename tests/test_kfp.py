@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import GpuPlacement, compile_pipeline, run_local
+from pipeline.harden_pipeline import GpuPlacement, compile_pipeline, run_local
 from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, alias_version, client, describe,
                                register_random_candidate, run_cli, sqlite_uri, tiny_params, versions)
 

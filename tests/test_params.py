@@ -147,11 +147,11 @@ def test_the_schema_knows_every_attack_and_defense_by_name() -> None:
 
 
 def test_the_schema_and_the_cli_import_no_torch() -> None:
-    """`check-params` answers before torch, onnxruntime or mlflow would have loaded (seconds each)."""
+    """`check-params` answers before torch, onnxruntime, mlflow or kfp would have loaded (about a second each)."""
     import subprocess
     import sys
 
-    code = ("import sys, harden.params, harden.cli, harden.stage_table; "
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'mlflow', 'torchvision') if m in sys.modules))")
+    code = ("import sys, harden.params, pipeline.cli, harden.stage_table; "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'mlflow', 'torchvision', 'kfp') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

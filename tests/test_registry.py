@@ -218,7 +218,7 @@ def test_a_version_in_an_artifact_store_this_environment_cannot_read_is_a_regist
     """Issue 12: a version whose source is s3://... ended in ModuleNotFoundError (exit 1)."""
     from mlflow import MlflowClient
 
-    from harden.cli import exit_code
+    from harden.errors import exit_code
     from harden.registry import RegistryError, pull
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from harden import stages
-from harden.cli import app
+from pipeline.cli import app
 from harden.integrity import sha256_file
 from harden.package import InputSpec, ModelSpec, save_package
 from harden.params import load_params

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from harden.cli import app
+from pipeline.cli import app
 from harden.stage_table import STAGE_BY_NAME, STAGES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ def _kfp_upstream(spec: dict[str, Any]) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def kfp_graph(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
-    from pipeline import compile_pipeline
+    from pipeline.harden_pipeline import compile_pipeline
 
     out = compile_pipeline(tmp_path_factory.mktemp("kfp") / "pipeline.yaml")
     return _kfp_upstream(next(yaml.safe_load_all(Path(out).read_text())))

@@ -1,4 +1,5 @@
-"""``nft-harden``: one command per stage, ``run`` for all of them, ``demo`` for the offline walk-through, and
+"""``nft-harden``, the top of the layers (it drives :mod:`harden`'s stages and this package's Kubeflow pipeline,
+and nothing imports it): one command per stage, ``run`` for all of them, ``demo`` for the offline walk-through, and
 ``pipeline compile|run-local`` for Kubeflow. Every command reads ``params.yaml`` and calls the stage
 functions of :mod:`harden.stages`; known failures exit with the codes of :data:`harden.errors.EXIT_CODES`."""
 
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from harden.errors import ERROR_CODES, EXIT_CODES, GateRejected
+from harden.errors import EXIT_CODES, GateRejected, exit_code
 from harden.stage_table import STAGES, Stage
 
 _EPILOG = "Exit codes: " + "; ".join(f"{code} = {text}" for code, text in EXIT_CODES.items())
@@ -28,11 +29,6 @@ RunsOpt = Annotated[Path, typer.Option("--runs", help="directory of the stage ou
 DataOpt = Annotated[Path, typer.Option("--data", help="directory of the clean/test npz files")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="exit 10 when the gate rejects the model (for CI)")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
-
-
-def exit_code(err: BaseException) -> int | None:
-    """The documented exit code of a foreseen failure, None for anything else."""
-    return next((code for kind, code in ERROR_CODES if isinstance(err, kind)), None)
 
 
 def _command(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,7 +123,7 @@ def demo(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), 
     print what was registered."""
     from harden.stages import make_demo_candidate
     from harden.summary import latest_version_summary, render
-    from pipeline import run_local
+    from pipeline.harden_pipeline import run_local
 
     p, layout = _ctx(params, runs, data)
     t0 = time.perf_counter()
@@ -153,7 +149,7 @@ def pipeline_compile(out: Annotated[Path, typer.Option(help="IR YAML to write")]
                      node_selector: Annotated[list[str], typer.Option(help="KEY=VALUE node label for purify")] = [],
                      no_default_toleration: Annotated[bool, typer.Option("--no-default-toleration", help="drop the nvidia.com/gpu:NoSchedule toleration")] = False) -> None:
     """Compile the Kubeflow pipeline to IR YAML (submit it with the KFP UI or kfp.Client)."""
-    from pipeline import GpuPlacement, compile_pipeline
+    from pipeline.harden_pipeline import GpuPlacement, compile_pipeline
 
     bad = [s for s in node_selector if "=" not in s]
     if bad:
@@ -170,7 +166,7 @@ def pipeline_run_local(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = 
     """Run the whole pipeline with kfp.local against the registry in params.yaml."""
     from harden.params import load_params
     from harden.summary import latest_version_summary, render
-    from pipeline import run_local
+    from pipeline.harden_pipeline import run_local
 
     p = load_params(params)
     blessed = run_local(params.read_text(), runs / "kfp")
