@@ -1,9 +1,12 @@
 """Error types of the hardening stage, and the CLI exit code of each (the table is printed in the README).
 
-Every failure the stage can foresee maps to one code (:func:`exit_code`; the CLI, ``pipeline.cli``, exits with it); anything else is a bug and exits 1.
+Every failure the stage can foresee maps to one code (:func:`exit_code`; the CLI, ``pipeline.cli``, exits with
+it); anything else is a bug and exits 1.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ParamsError(ValueError):
@@ -22,7 +25,7 @@ class RegistryError(RuntimeError):
     that was ``confirmed`` by reading the registry back.
     """
 
-    def __init__(self, message: str, *, state: dict | None = None):
+    def __init__(self, message: str, *, state: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.state = state
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harden.errors import ParamsError
-from harden.records import TOLERANCE, Blessing, CheckResult
+from harden.records import TOLERANCE, Blessing, CheckKind, CheckResult
 
 Direction = Literal["higher", "lower"]
 OnMissing = Literal["error", "fail"]
@@ -196,11 +196,11 @@ def expand(pattern: str, evidence: Mapping[str, Any]) -> list[str]:
     return sorted(name for name, value in evidence.items() if fnmatch.fnmatchcase(name, pattern) and _is_number(value))
 
 
-def _missing(name: str, kind: str, metric: str, threshold: float | bool | None, what: str, on_missing: OnMissing) -> CheckResult:
+def _missing(name: str, kind: CheckKind, metric: str, threshold: float | bool | None, what: str, on_missing: OnMissing) -> CheckResult:
     message = f"{what} is missing from the evidence"
     if on_missing == "error":
         raise MissingMetricError(f"gate check {name!r} needs {message}")
-    return CheckResult(name=name, kind=kind, metric=metric, value=None, threshold=threshold,  # type: ignore[arg-type]
+    return CheckResult(name=name, kind=kind, metric=metric, value=None, threshold=threshold,
                        passed=False, reason=f"Failed because {message}.")
 
 

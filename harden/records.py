@@ -226,6 +226,8 @@ LINKS: tuple[tuple[str, str, str], ...] = (
     ("report", "blessing", "blessing"),
 )
 
+#: What a gate check compares: a bound, a change against the candidate, a fact, the probes' presence, a pattern
+CheckKind = Literal["min", "max", "max_drop", "max_increase", "fact", "probes", "pattern"]
 #: Float slack of every comparison, so that a value equal to its threshold passes despite rounding.
 TOLERANCE = 1e-9
 
@@ -234,7 +236,7 @@ class CheckResult(BaseModel):
     """One evaluated check, as it appears in ``blessing.json``."""
 
     name: str
-    kind: Literal["min", "max", "max_drop", "max_increase", "fact", "probes", "pattern"]
+    kind: CheckKind
     metric: str
     value: float | bool | None
     threshold: float | bool | None

@@ -47,10 +47,9 @@ def random_crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor | None
 
 def make_mixer(kind: str, alpha: float, num_classes: int) -> Mixer:
     """A function ``(images, labels) -> (images, soft labels)`` for ``kind`` in mixup | cutmix | none."""
-    if kind == "mixup":
-        return v2.MixUp(alpha=alpha, num_classes=num_classes)
-    if kind == "cutmix":
-        return v2.CutMix(alpha=alpha, num_classes=num_classes)
+    if kind in ("mixup", "cutmix"):
+        mixer: Mixer = (v2.MixUp if kind == "mixup" else v2.CutMix)(alpha=alpha, num_classes=num_classes)
+        return mixer
     if kind == "none":
         return lambda x, y: (x, F.one_hot(y, num_classes).to(x.dtype))
     raise ValueError(f"unknown mix kind {kind!r}: must be 'mixup', 'cutmix' or 'none'")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 Placement = Literal["norm", "weight"]
 BNMode = Literal["train", "eval"]
@@ -70,18 +70,14 @@ class NFTConfig:
         return NFTConfig(**{**asdict(self), **changes})
 
 
-def _choices(name: str) -> tuple[str, ...]:
-    return {f.name: f.type for f in fields(NFTConfig)}[name].__args__  # type: ignore[union-attr]
-
-
 def _check(c: NFTConfig) -> None:
     def bad(name: str, allowed: str) -> ValueError:
         return ValueError(f"NFTConfig.{name}={getattr(c, name)!r} is invalid: must be {allowed}")
 
     for name, literal in (("placement", Placement), ("bn_mode", BNMode), ("schedule", ScheduleKind),
                           ("mix", MixKind), ("lr_schedule", LRSchedule)):
-        if getattr(c, name) not in literal.__args__:
-            raise bad(name, f"one of {literal.__args__}")
+        if getattr(c, name) not in get_args(literal):
+            raise bad(name, f"one of {get_args(literal)}")
     positive_ints = ("epochs", "batch_size")
     for name in positive_ints:
         if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
@@ -91,7 +87,7 @@ def _check(c: NFTConfig) -> None:
     if c.steps_per_epoch is not None and (not isinstance(c.steps_per_epoch, int) or isinstance(c.steps_per_epoch, bool)
                                           or c.steps_per_epoch < 1):
         raise bad("steps_per_epoch", "null or an integer >= 1")
-    checks = {
+    checks: dict[str, Rule] = {
         "lr": (lambda v: v > 0, "> 0"),
         "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "lr_min": (lambda v: 0 <= v <= c.lr, f"in [0, lr={c.lr}]"),

@@ -49,7 +49,8 @@ def make_attack(name: str, *, target: int = 0, mode: str = "all2one", num_classe
     unknown = sorted(set(kwargs) - set(cls.option_names()))
     if unknown:
         raise TypeError(f"attack {name!r} has no option(s) {unknown}; it takes {cls.option_names()}")
-    return cls(target=target, mode=mode, num_classes=num_classes, image_shape=tuple(image_shape), seed=seed,
+    channels, height, width = image_shape  # a list from a config file becomes the tuple attacks take
+    return cls(target=target, mode=mode, num_classes=num_classes, image_shape=(channels, height, width), seed=seed,
                **kwargs)
 
 

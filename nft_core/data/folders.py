@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -28,7 +28,7 @@ def open_bounded(path: str) -> Image.Image:
                 raise ValueError(f"{path}: {width} x {height} pixels, above the {MAX_IMAGE_PIXELS} allowed "
                                  "(a decompression bomb, or an image to resize first)")
             return img.convert("RGB")
-    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError) as err:
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: not a readable image: {err}") from err
 
 #: GTSRB images vary in size; like the NFT supplementary (Sec. 2.1) they are resized to 32 x 32.
@@ -36,7 +36,8 @@ GTSRB_SIZE = 32
 
 
 def _stack(items: Iterable[tuple[torch.Tensor, int]], source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
+    xs: list[torch.Tensor] = []
+    ys: list[int] = []
     for img, label in items:
         if xs and img.shape != xs[0].shape:
             raise ValueError(f"{source}: images must all have one size, found {tuple(xs[0].shape)} "

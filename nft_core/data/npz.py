@@ -18,10 +18,13 @@ MAX_NPZ_BYTES = 4 << 30
 def _check_member_sizes(archive: np.lib.npyio.NpzFile, path: Path, max_bytes: int) -> None:
     """Refuse, from the archive's headers alone, arrays larger than ``max_bytes`` (a small compressed file can
     declare gigabytes of zeros)."""
+    members = archive.zip
+    if members is None:  # closed archive
+        raise ValueError(f"npz dataset {str(path)!r} is closed")
     for name in archive.files:
         try:
-            info = archive.zip.getinfo(f"{name}.npy")
-            with archive.zip.open(info) as fh:
+            info = members.getinfo(f"{name}.npy")
+            with members.open(info) as fh:
                 version = np.lib.format.read_magic(fh)
                 shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0(fh))

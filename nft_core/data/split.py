@@ -33,6 +33,6 @@ def stratified_split(data: ImageData, *, per_class: int | None = None, fraction:
     chosen = torch.zeros(len(data), dtype=torch.bool)
     for c in data.y.unique().tolist():
         members = (data.y == c).nonzero().flatten()
-        k = per_class if per_class is not None else max(1, round(fraction * len(members)))
+        k = per_class if per_class is not None else max(1, round(fraction * len(members)))  # type: ignore[operator]  # fraction is set when per_class is not
         chosen[members[torch.randperm(len(members), generator=g)[:k]]] = True
     return data.subset(chosen.nonzero().flatten()), data.subset((~chosen).nonzero().flatten())

@@ -56,7 +56,8 @@ def build_model(builder: str, **kwargs: Any) -> nn.Module:
 
         name = builder[len(TORCHVISION_PREFIX):]
         if name in tvm.list_models(module=tvm):
-            return tvm.get_model(name, weights=None, **kwargs)
+            model: nn.Module = tvm.get_model(name, weights=None, **kwargs)
+            return model
     raise ValueError(
         f"builder {builder!r} is not on the allow-list; use one of {sorted(PROJECT_MODELS)} "
         f"or 'torchvision.<classification model>'"
@@ -70,6 +71,9 @@ class Normalized(nn.Module):
     wrapped model's state dict and the wrapper adds no keys.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
@@ -80,7 +84,7 @@ class Normalized(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
 
