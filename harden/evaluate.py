@@ -66,7 +66,8 @@ def _npz_labels(path: Path, arrays: Mapping[str, np.ndarray], key: str, n: int, 
     return torch.from_numpy(a.astype(np.int64))
 
 
-def load_probe_npz(path: str | Path, num_classes: int, image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+def load_probe_npz(path: str | Path, num_classes: int,
+                   image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Read and check a probe file; returns ``(x float NCHW in [0, 1], y_true, y_target)``.
 
     Raises:
@@ -106,9 +107,11 @@ def probe_inputs(probe: Probe, test: ImageData) -> tuple[torch.Tensor, torch.Ten
     """
     if probe.target >= test.num_classes:
         raise ProbeError(f"probe {probe.name!r}: target={probe.target} is outside the labels [0, {test.num_classes})")
-    image_shape = tuple(test.x.shape[1:])
+    channels, height, width = test.x.shape[1:]
+    image_shape = (int(channels), int(height), int(width))
     if probe.npz is not None:
-        return load_probe_npz(probe.npz, test.num_classes, image_shape)  # type: ignore[arg-type]
+        return load_probe_npz(probe.npz, test.num_classes, image_shape)
+    assert probe.attack is not None  # the Probe schema requires exactly one of attack and npz
     attack = make_attack(probe.attack, target=probe.target, mode=probe.mode, num_classes=test.num_classes,
                          image_shape=image_shape, seed=probe.seed, **probe.options)
     x, y_true, y_target = attack.probe(test)

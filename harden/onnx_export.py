@@ -99,6 +99,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
                 external_data=False, verbose=False,
             )
+            if program is None:  # only the legacy TorchScript exporter returns nothing
+                raise RuntimeError("torch.onnx.export returned no program (the dynamo exporter always returns one)")
             program.save(str(tmp), external_data=False)
             onnx.checker.check_model(str(tmp), full_check=True)
     finally:

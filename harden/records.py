@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -113,7 +114,7 @@ class PurifyRecord(Record):
     holdout_samples: int | None = None
 
 
-def attempt_verdict(attempt: dict[str, Any]) -> str:
+def attempt_verdict(attempt: Mapping[str, Any]) -> str:
     """``passed``, ``failed``, ``skipped`` (time budget) or ``ran`` (a single attempt, not judged)."""
     if attempt.get("skipped"):
         return "skipped"

@@ -35,6 +35,8 @@ def latest_version_summary(name: str, alias: str, tracking_uri: str) -> VersionS
     if not versions:
         raise LookupError(f"registered model {name!r} has no versions in {tracking_uri}")
     mv = max(versions, key=lambda v: int(v.version))
+    if not mv.run_id:
+        raise LookupError(f"version {mv.version} of {name!r} has no run: it was not registered by this step")
     run = client.get_run(mv.run_id)
     metrics = run.data.metrics
     keys = ["acc"] + sorted({k.split("/", 1)[1] for k in metrics
