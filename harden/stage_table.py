@@ -154,12 +154,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("candidate", "make-candidate",
           "Train a backdoored demo candidate on the offline data and register it as candidate.model.",
           reads=(), writes=("runs/candidate",), uncached=("runs/candidate",), params=("base", "data", "candidate"),
-          code=("nft_core/attacks", "nft_core/models", "nft_core/train.py", "harden/registry.py"),
+          code=("nft_core/attacks", "nft_core/models", "nft_core/train.py", "harden/registry"),
           call=_candidate, describe=_candidate_line, kfp_task=None, progress=True),
     Stage("pull", "pull", "Pull candidate.model from the registry and verify the package.",
           reads=("runs/candidate/candidate.json",), writes=("runs/pull",),
           params=("base", "candidate.model", "candidate.allow_pickle"),
-          code=("harden/registry.py", "harden/package.py"), call=_pull, kfp_task="pull-op",
+          code=("harden/registry", "harden/package.py"), call=_pull, kfp_task="pull-op",
           describe=lambda r, p, l: f"pulled {r.model_name} version {r.version} -> {l.stage('pull')}"),
     Stage("purify", "purify", "Purify the pulled candidate on the clean set (NFT or another defense).",
           reads=("runs/pull", "data/clean.npz"), writes=("runs/purify",),
@@ -206,7 +206,7 @@ STAGES: tuple[Stage, ...] = (
           reads=("data/clean.npz", "data/test.npz", "runs/pull", "runs/purify", "runs/fold", "runs/export",
                  "runs/evaluate/metrics.json", "runs/gate/blessing.json", "runs/report"),
           writes=("runs/promote/registered.json",), uncached=("runs/promote/registered.json",),
-          params=("base", "gate", "promote"), code=("harden/registry.py", "harden/gate.py"), call=_promote,
+          params=("base", "gate", "promote"), code=("harden/registry", "harden/gate.py"), call=_promote,
           kfp_task="register-op", verdict=lambda r: r.blessed, describe=_promote_line),
 )
 

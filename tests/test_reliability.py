@@ -751,7 +751,7 @@ def test_a_registry_that_dies_after_the_alias_write_is_reported_as_unconfirmed(w
 def test_a_registry_that_stops_answering_mid_promote_ends_within_the_deadline(ws: Workspace, mlflow_server: str,
                                                                              faulty_proxy, monkeypatch):
     """Every registry call shares one deadline; MLflow's own retries (about 8.5 minutes per call) are bounded."""
-    import harden.registry as registry
+    import harden.registry.client as registry
 
     monkeypatch.setattr(registry, "DEADLINE_S", 15.0)
     monkeypatch.setattr(registry, "HTTP_BOUNDS", {**registry.HTTP_BOUNDS, "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
@@ -775,7 +775,7 @@ def test_a_registry_that_stops_answering_mid_promote_ends_within_the_deadline(ws
 
 def test_stale_pending_versions_are_tagged_failed_by_the_next_promote(ws: Workspace, monkeypatch):
     """A promote killed between creating its version and tagging it leaves it pending; the next one sweeps it."""
-    import harden.registry as registry
+    import harden.registry.aliases as registry
 
     expect_exit(ws.cli("promote"), 0)
     client = MlflowClient(ws.uri, ws.uri)

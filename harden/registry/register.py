@@ -1,0 +1,302 @@
+"""Register model versions: a candidate from its package, and a hardened model with its ONNX flavour and evidence.
+
+Decision: input normalisation is baked into the registered ONNX graph (see :mod:`harden.onnx_export`):
+the served model takes [0, 1] float32 NCHW images named ``input`` and returns ``logits``, so a consumer of
+the model version needs no mean/std from anywhere else, and the evaluated file is exactly the served one.
+
+A hardened version is created with ``hardening.status=pending``; the status becomes ``blessed`` or
+``rejected`` (with ``hardening.reasons``) once everything is logged, and only a blessed version receives
+the alias, as the very last step (by the rule of :mod:`harden.registry.aliases`). Any failure after the run
+started tags the version ``failed``, leaves the alias where it was (a failed version never keeps it) and raises
+:class:`RegistryError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow.entities import LoggedModel, Metric, RunTag
+from mlflow.exceptions import MlflowException
+
+from harden.errors import RegistryError
+from harden.integrity import sha256_file
+from harden.package import load_package
+from harden.records import RegisteredVersion
+from harden.registry.aliases import claim_alias, mark_failed, sweep_pending
+from harden.registry.client import (Client, Deadline, bounded_http, check_store_exists, connect, global_tracking_uri,
+                                    wait_reachable)
+from harden.registry.manifest import (MANIFEST_FILE, build_manifest, check_blessing_evidence, evidence_file,
+                                      manifest_sha)
+from harden.registry.tags import MANIFEST_TAG, ONNX_SHA_TAG, REASONS_TAG, STATUS_TAG
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "nft-hardening"
+
+
+@dataclass(frozen=True)
+class HardenedModel:
+    """A hardened model as it is registered: its files, verified (:meth:`verify`) before the registry is touched,
+    and the verdict, metrics and lineage tags the version carries."""
+
+    package_dir: Path
+    onnx_path: Path
+    #: sha256 of ``onnx_path``, equal to the evaluated file's.
+    onnx_sha256: str
+    #: Artifact files by role, logged under ``evidence/`` (see :func:`~harden.registry.manifest.evidence_file`).
+    evidence: dict[str, Path]
+    #: sha256 of every file above (:func:`~harden.registry.manifest.build_manifest`), and of the manifest itself.
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    #: ``"blessed"`` or ``"rejected"``.
+    status: str
+    #: Why it was rejected; empty when blessed.
+    reasons: tuple[str, ...]
+    #: The version's readable description: the caller's summary, then status, ONNX hash, metrics and reasons.
+    description: str
+    input_example: np.ndarray | None
+
+    @classmethod
+    def verify(cls, *, package_dir: Path, onnx_path: Path, onnx_sha256: str | None, evidence: dict[str, Path],
+               metrics: dict[str, float], tags: dict[str, str], blessed: bool, reasons: list[str] | None,
+               description: str, input_example: np.ndarray | None) -> HardenedModel:
+        """Check the files (present, package loads, ONNX sha256 equals ``onnx_sha256`` when given, and a blessing
+        that says so when ``blessed``) and build what will be registered.
+
+        Raises:
+            PackageError: ``package_dir`` does not verify.
+            RegistryError: a file is missing, the ONNX hash differs, or a blessed model's blessing does not show it.
+        """
+        missing = [str(p) for p in [onnx_path, *evidence.values()] if not Path(p).is_file()]
+        if missing:
+            raise RegistryError(f"cannot register: missing file(s) {missing}")
+        load_package(package_dir)
+        onnx_sha = sha256_file(onnx_path)
+        if onnx_sha256 is not None and onnx_sha != onnx_sha256:
+            raise RegistryError(f"ONNX file {onnx_path} has sha256 {onnx_sha}, not the evaluated {onnx_sha256}; "
+                                "refusing to register a file other than the one evaluated")
+        manifest = build_manifest(package_dir, onnx_path, onnx_sha, evidence)
+        if blessed:
+            check_blessing_evidence(evidence)
+        status = "blessed" if blessed else "rejected"
+        why = () if blessed else tuple(reasons or ["not blessed by the gate (no reasons given)"])
+        return cls(package_dir=package_dir, onnx_path=onnx_path, onnx_sha256=onnx_sha, evidence=evidence,
+                   manifest=manifest, manifest_sha256=manifest_sha(manifest), metrics=metrics, tags=tags,
+                   status=status, reasons=why, description=_describe(description, status, onnx_sha, metrics, why),
+                   input_example=input_example)
+
+
+def _describe(summary: str, status: str, onnx_sha: str, metrics: dict[str, float], reasons: tuple[str, ...]) -> str:
+    """The version's description: ``summary``, the status, ONNX hash and served input/output, metrics, reasons."""
+    lines = [summary.strip(), "", f"Hardening status: {status}", f"ONNX sha256: {onnx_sha}",
+             "Input: float32 NCHW images in [0, 1] named 'input' (normalisation is inside the graph); "
+             "output 'logits'."]
+    if metrics:
+        lines += ["", "Metrics:"] + [f"- {k}: {v:.4g}" for k, v in sorted(metrics.items())]
+    if reasons:
+        lines += ["", "Reasons:"] + [f"- {r}" for r in reasons]
+    return "\n".join(lines)
+
+
+def _experiment_id(client: Client, tracking_uri: str, experiment: str) -> str:
+    """Get or create ``experiment``; for a sqlite store its artifacts go next to the database file."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    parts = urlsplit(tracking_uri)
+    if parts.scheme == "sqlite":
+        db = Path(tracking_uri[len("sqlite:///"):])
+        location = (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except MlflowException as err:
+        found = client.get_experiment_by_name(experiment) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _ensure_registered_model(client: Client, name: str) -> None:
+    """Create the registered model ``name`` unless it exists."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def register_candidate(pkg_dir: str | Path, name: str, *, tracking_uri: str, alias: str | None = "candidate",
+                       tags: dict | None = None, experiment: str = DEFAULT_EXPERIMENT) -> int:
+    """Log a package as run artifacts (``package/``) and create a model version from it.
+
+    The package is verified with :func:`load_package` first. Used by demos, tests and users who start from
+    a state dict. Returns the new version number; ``alias`` (if not None) is moved to it.
+
+    Raises:
+        PackageError: the package does not verify.
+        RegistryError: the registry is unreachable or refuses an operation.
+    """
+    pkg_dir = Path(pkg_dir)
+    load_package(pkg_dir)
+    check_store_exists(tracking_uri, may_create=True)
+    wait_reachable(tracking_uri)
+    client = connect(tracking_uri)
+    try:
+        run = client.create_run(_experiment_id(client, tracking_uri, experiment), run_name=f"candidate-{name}",
+                                tags={k: str(v) for k, v in (tags or {}).items()})
+        run_id = run.info.run_id
+        client.log_artifacts(run_id, str(pkg_dir), "package")
+        _ensure_registered_model(client, name)
+        mv = client.create_model_version(name, f"{run.info.artifact_uri}/package", run_id=run_id,
+                                         tags={k: str(v) for k, v in (tags or {}).items()})
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, mv.version)
+        client.set_terminated(run_id)
+    except MlflowException as err:
+        raise RegistryError(f"cannot register candidate {name!r} from {pkg_dir}: {err}") from err
+    return int(mv.version)
+
+
+def _log_onnx(client: Client, tracking_uri: str, experiment_id: str, run_id: str, onnx_path: Path,
+              expected_sha: str, input_example: np.ndarray | None) -> LoggedModel:
+    """Log the ONNX flavour as a LoggedModel of the run; check the logged file is byte-identical."""
+    logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    with global_tracking_uri(tracking_uri):
+        mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", model_id=logged.model_id, run_id=run_id,
+                              input_example=input_example, save_as_external_data=False,
+                              pip_requirements=mlflow.onnx.get_default_pip_requirements())
+    with tempfile.TemporaryDirectory() as tmp:
+        got = mlflow.artifacts.download_artifacts(artifact_uri=f"{logged.artifact_location}/model.onnx",
+                                                  dst_path=tmp, tracking_uri=tracking_uri)
+        logged_sha = sha256_file(got)
+    if logged_sha != expected_sha:
+        raise RegistryError(f"logged ONNX sha256 {logged_sha} differs from the evaluated file's {expected_sha}")
+    return logged
+
+
+def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, onnx_path: str | Path,
+                      evidence: dict[str, Path], metrics: dict[str, float], tags: dict[str, str],
+                      description: str, blessed: bool, alias: str = "champion", onnx_sha256: str | None = None,
+                      input_example: np.ndarray | None = None, reasons: list[str] | None = None,
+                      experiment: str = DEFAULT_EXPERIMENT, set_alias: bool = True) -> RegisteredVersion:
+    """Register the hardened model with its evidence; move ``alias`` only when ``blessed``.
+
+    Order: verify inputs (files present, package loads, ONNX sha256 equals ``onnx_sha256``) → run with
+    tags and metrics → package (``package/``) and evidence (``evidence/``), ``manifest.json``
+    (the sha256 of every registered file) artifacts → ONNX flavour (checked byte-identical after upload)
+    → model version with lineage ``tags``, ``hardening.onnx_sha256``, ``hardening.manifest_sha256``, status
+    ``pending`` and a readable description → status ``blessed``/``rejected`` (+ reasons) → alias (blessed
+    only, last, by the rule of :mod:`harden.registry.aliases`: a concurrently registered higher blessed version
+    keeps it, and this one is tagged ``hardening.superseded_by``).
+
+    Args:
+        name: registered model name.
+        tracking_uri: MLflow tracking/registry URI.
+        package_dir: the hardened model package.
+        onnx_path: the evaluated ONNX file.
+        evidence: artifact files by role (``metrics``, ``blessing``, ``report_md``...), logged under ``evidence/``;
+            roles starting with ``plot_`` under ``evidence/plots/``, where the Markdown report links its images.
+        metrics: logged on the run.
+        tags: lineage tags (source model/version, data and params hashes, code version), on run and version.
+        description: human-readable summary for the version (status, ONNX hash, metrics are appended).
+        blessed: whether the gate blessed this model.
+        alias: serving alias moved to the new version when blessed.
+        onnx_sha256: sha256 of the evaluated ONNX file; registration is refused when the file differs.
+        input_example: optional example batch (float32 NCHW in [0, 1]) stored with the ONNX model.
+        reasons: why the model was rejected (tagged ``hardening.reasons``).
+        experiment: MLflow experiment of the run.
+        set_alias: move ``alias`` here when blessed; False leaves it to a later
+            :func:`~harden.registry.aliases.move_alias` (the Kubeflow pipeline moves it in its own step, inside a
+            ``dsl.If`` on the gate).
+
+    Raises:
+        PackageError: ``package_dir`` does not verify (checked before anything is logged).
+        RegistryError: a file is missing, the ONNX hash differs, the registry is unreachable, or any later
+            step fails (then the version, if created, is tagged ``hardening.status=failed``, the run is
+            marked FAILED and the alias does not point at it).
+    """
+    model = HardenedModel.verify(package_dir=Path(package_dir), onnx_path=Path(onnx_path), onnx_sha256=onnx_sha256,
+                                 evidence=evidence, metrics=metrics, tags=tags, blessed=blessed, reasons=reasons,
+                                 description=description, input_example=input_example)
+    check_store_exists(tracking_uri, may_create=True)
+    wait_reachable(tracking_uri)
+    with bounded_http():
+        return _register(model, name, tracking_uri=tracking_uri, experiment=experiment,
+                         claim=alias if blessed and set_alias else None)
+
+
+def _register(model: HardenedModel, name: str, *, tracking_uri: str, experiment: str,
+              claim: str | None) -> RegisteredVersion:
+    """Log ``model`` as a run and a new version of ``name``, write its verdict, then claim the alias ``claim``
+    (None: leave the alias alone). Every call shares one deadline; on failure the version is marked failed
+    (:func:`~harden.registry.aliases.mark_failed`) and the RegistryError's ``state`` says what the registry holds."""
+    client = Deadline.on(tracking_uri, f"registering {name!r}")
+    run_id, version, claiming, winner = None, None, False, None
+    status_written = False
+    try:
+        sweep_pending(client, name)
+        experiment_id = _experiment_id(client, tracking_uri, experiment)
+        run_id = client.create_run(experiment_id, run_name=f"harden-{name}").info.run_id
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in model.metrics.items()],
+                         tags=[RunTag(k, str(v)) for k, v in {**model.tags, ONNX_SHA_TAG: model.onnx_sha256}.items()])
+        client.log_artifacts(run_id, str(model.package_dir), "package")
+        for role, path in model.evidence.items():
+            client.log_artifact(run_id, str(path), posixpath.dirname(f"evidence/{evidence_file(role, path)}"))
+        client.log_dict(run_id, model.manifest, MANIFEST_FILE)
+        logged = _log_onnx(client, tracking_uri, experiment_id, run_id, model.onnx_path, model.onnx_sha256,
+                           model.input_example)
+        _ensure_registered_model(client, name)
+        # source = the artifact location, not models:/<id>: the sqlite store resolves the latter through the
+        # *global* tracking URI (an MLflow TODO), which would break explicit-URI use.
+        mv = client.create_model_version(
+            name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+            tags={**{k: str(v) for k, v in model.tags.items()}, ONNX_SHA_TAG: model.onnx_sha256,
+                  MANIFEST_TAG: model.manifest_sha256, STATUS_TAG: "pending"},
+            description=model.description)
+        version = mv.version
+        if model.reasons:
+            client.set_model_version_tag(name, version, REASONS_TAG, "; ".join(model.reasons)[:5000])
+        client.set_model_version_tag(name, version, STATUS_TAG, model.status)
+        status_written = True
+        client.set_terminated(run_id)
+        if claim is not None:
+            claiming = True
+            winner = claim_alias(client, name, claim, int(version))
+    except (MlflowException, RegistryError, OSError) as err:
+        # the clean-up gets its own (short) deadline: the shared one may be what just ran out
+        cleanup = client.renewed(60.0, f"marking {name!r} version {version} failed")
+        number = int(version) if version else None
+        if mark_failed(cleanup, name, version, run_id, err, claim if claiming else None):
+            raise RegistryError(f"registering hardened model {name!r} failed"
+                                f"{f' (version {version} tagged failed)' if version else ''}: {err}",
+                                state={"version": number, "status": "failed", "alias_moved": False,
+                                       "confirmed": True}) from err
+        held = model.status if status_written else "pending"
+        raise RegistryError(
+            f"registering hardened model {name!r} failed: {err}. The registry did not answer the clean-up either, "
+            f"so its state is unconfirmed: version {version} exists tagged {STATUS_TAG}={held}"
+            + (f", and @{claim} may point at it (the alias write was sent)" if claiming else "")
+            + ". Check the registry before serving from the alias; the next promote tags stale pending versions "
+            "failed.",
+            state={"version": number, "status": held, "alias_moved": "unknown" if claiming else False,
+                   "confirmed": False}) from err
+    moved = winner == int(version)
+    superseded = winner if winner is not None and not moved else None
+    logger.info("registered %s version %s: %s%s", name, version, model.status,
+                f", @{claim} moved" if moved else f", superseded by version {superseded}" if superseded else "")
+    return RegisteredVersion(name=name, version=int(version), run_id=run_id, alias_moved=moved, status=model.status,
+                             superseded_by=superseded)
