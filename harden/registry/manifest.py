@@ -21,7 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from harden.errors import RegistryError
-from harden.gate import Blessing
+from harden.records import Blessing
 from harden.integrity import sha256_file, sha256_tree
 from harden.registry.client import Client, is_not_found
 from harden.registry.tags import MANIFEST_TAG
