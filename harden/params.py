@@ -116,7 +116,7 @@ METHOD = "method"
 #: Config fields that come from elsewhere: ``base.seed``, ``base.device``, and the caller (progress bar).
 _RUNTIME = frozenset({"seed", "device", "progress"})
 
-#: The start of every config check's message: ``NFTConfig.lr=-0.1 is invalid: must be a finite number > 0``.
+#: A config check's message, ``NFTConfig.lr=-0.1 is invalid: must be a finite number > 0``: the field and why.
 _CHECK = re.compile(r"^\w+\.(?P<field>\w+)=.*? is invalid: (?P<reason>.*)$", re.DOTALL)
 
 
@@ -135,7 +135,7 @@ class PurifyParams(_Section):
             self.config()
         except ValueError as err:  # "FTConfig.lr=-0.1 is invalid: must be ..." -> an error on the field `lr`
             check = _CHECK.match(str(err))
-            if check is None:
+            if check is None:  # a message of another shape: reported on the section as it is
                 raise
             field = check["field"]
             raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
@@ -272,6 +272,7 @@ def _key(loc: tuple[int | str, ...], raw: Any) -> tuple[str, str | None]:
 
 
 def _describe(err: ValidationError, raw: Any) -> str:
+    """One line per error of validating ``raw``: the key as ``params.yaml`` writes it, what is wrong, the value."""
     lines = []
     for e in err.errors():
         key, method = _key(e["loc"], raw)
