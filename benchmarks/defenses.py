@@ -126,7 +126,7 @@ def main() -> None:
     if args.scale is not None:
         prof = Profile(**{**prof.__dict__, "scale": args.scale})
     wanted = set(args.defenses.split(",")) if args.defenses else set(DEFENSES)
-    nft_params = load_params(REPO / "params.yaml").nft.config()
+    nft_params = load_params(REPO / "params.yaml").purify.config()
     nft_adv = {f: getattr(nft_params, f) for f in NFT_ADV_FIELDS}
     runs = [(n, nft_adv if e == "params.yaml" else e) for n, e in RUNS if n in wanted]
 

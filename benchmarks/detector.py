@@ -3,7 +3,7 @@
 A population of candidates the project makes (every synthesized attack at two poisoning rates, and benign
 models of the same architecture over several seeds) is scanned exactly as the evaluate stage scans a model
 (:func:`harden.evaluate.invert_trigger`, :func:`harden.evaluate.scan_metrics`, the settings of ``params.yaml``'s
-``probes`` section). Each backdoored candidate is then hardened with ``params.yaml``'s ``nft`` section on a clean
+``probes`` section). Each backdoored candidate is then hardened with ``params.yaml``'s ``purify`` section on a clean
 set drawn from the training images and scanned again. The table gives, per rule (NC's anomaly index, the
 norm ratio, the scan, the combined backdoor score), the true-positive rate on backdoored candidates, the
 false-positive rate on benign ones, and the share still flagged after hardening, plus the reconstructed
@@ -164,7 +164,7 @@ def main() -> None:
         clean = stratified_split(train, fraction=params.data.clean_fraction, seed=1)[0]
         plan = [(a, lvl, 0) for a in args.attacks.split(",") for lvl in (0, 1)]
         plan += [("none", 0, int(s)) for s in args.benign_seeds.split(",")]
-        settings = {"probes": params.probes.model_dump(mode="json"), "nft": params.nft.model_dump(mode="json"),
+        settings = {"probes": params.probes.model_dump(mode="json"), "purify": params.purify.model_dump(mode="json"),
                     "harden": not args.no_harden, "clean": len(clean), "v": 1}
         for attack_name, level, seed in plan:
             model, info = candidate(train, attack_name, level, seed, args.epochs, args.cache / "candidates")
@@ -178,7 +178,8 @@ def main() -> None:
                    "hardened": None, "blessed": None}
             if attack_name != "none" and not args.no_harden:
                 torch.manual_seed(0)
-                result = run_defense("nft", model, clean.dataset(), params.nft.config(0, "cpu", progress=False))
+                result = run_defense(params.purify.method, model, clean.dataset(),
+                                     params.purify.config(0, "cpu", progress=False))
                 after, _ = scan_model(result.model, test, params.probes, seed=0, probe=probe, trigger=inv)
                 row["hardened"] = after
                 row["blessed"] = bool(before["acc"] - after["acc"] <= 0.03 and after["asr_lift/real"] <= 0.05)

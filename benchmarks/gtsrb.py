@@ -227,13 +227,13 @@ def clean_set(train: ImageData, regime: str, clean_name: str, rest: ImageData | 
 
 
 def method_config(label: str, device: str) -> tuple[str, Any]:
-    if label == "params.yaml":  # the nft section of the repository's params.yaml, as `nft-harden run` uses it
+    if label == "params.yaml":  # the purify section of the repository's params.yaml, as `nft-harden run` uses it
         from harden.params import load_params
 
-        nft = load_params(REPO / "params.yaml").nft
-        if nft.defense != "nft":
-            raise SystemExit(f"params.yaml: nft.defense is {nft.defense!r}; the 'params.yaml' row measures NFT settings")
-        return "nft", nft.config(device=device, progress=False)
+        purify = load_params(REPO / "params.yaml").purify
+        if purify.method != "nft":
+            raise SystemExit(f"params.yaml: purify.method is {purify.method!r}; the 'params.yaml' row measures NFT settings")
+        return "nft", purify.config(device=device, progress=False)
     name, changes = METHODS[label]
     return name, default_config(name).replace(progress=False, device=device, **changes)
 
@@ -379,7 +379,7 @@ def main() -> None:
     parser.add_argument("--low-data", default="badnets/all2one",
                         help="ATTACK/MODE rows of the low-data regime ('' for none)")
     parser.add_argument("--methods", default="nft", help=f"comma-separated, of {list(METHODS)} and 'params.yaml' "
-                        "(the repository's nft section)")
+                        "(the repository's purify section)")
     parser.add_argument("--width", type=int, default=16, help="PreActResNet-18 width (64: the paper's model)")
     parser.add_argument("--train-epochs", type=int, default=6, help="candidates' training epochs (full regime)")
     parser.add_argument("--low-train-epochs", type=int, default=40, help="candidates' training epochs (low-data regime)")

@@ -116,7 +116,7 @@ def params(index: int, url: str, blessed: bool) -> dict[str, Any]:
         "data": {"train": SYNTHETIC.format(seed=index), "test": SYNTHETIC.format(seed=index),
                  "clean_fraction": None, "clean_per_class": 5},
         "candidate": {"model": f"models:/load-candidate-{index}@candidate", "demo": {"epochs": 2}},
-        "nft": {"epochs": 3, "batch_size": 32, "amp": False},
+        "purify": {"method": "nft", "epochs": 3, "batch_size": 32, "amp": False},
         "export": {"parity_samples": 32},
         "probes": {"attacks": [{"attack": "badnets", "target": 0}], "scan": {"enabled": False}},
         "gate": BLESS_GATE if blessed else REJECT_GATE,

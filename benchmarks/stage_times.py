@@ -26,13 +26,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("nft-harden")
 
-#: per architecture: changes to params.yaml's ``candidate.demo`` and ``nft`` sections (shortened for a CPU)
+#: per architecture: changes to params.yaml's ``candidate.demo`` and ``purify`` sections (shortened for a CPU)
 PROFILES = {
-    "small_cnn": {"demo": {"builder": "small_cnn"}, "nft": {}},
-    "preact_resnet18": {"demo": {"builder": "preact_resnet18", "epochs": 1}, "nft": {"epochs": 10}},
+    "small_cnn": {"demo": {"builder": "small_cnn"}, "purify": {}},
+    "preact_resnet18": {"demo": {"builder": "preact_resnet18", "epochs": 1}, "purify": {"epochs": 10}},
 }
 #: ``--full``: params.yaml's own epochs (for a GPU)
-FULL_PROFILES = {name: {"demo": {"builder": name}, "nft": {}} for name in PROFILES}
+FULL_PROFILES = {name: {"demo": {"builder": name}, "purify": {}} for name in PROFILES}
 
 
 def time_stages(builder: str, changes: dict, device: str) -> dict[str, float]:
@@ -40,7 +40,7 @@ def time_stages(builder: str, changes: dict, device: str) -> dict[str, float]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["base"].update(device=device, tracking_uri="sqlite:///mlflow.db")
     params["candidate"]["demo"].update(changes["demo"])
-    params["nft"].update(changes["nft"])
+    params["purify"].update(changes["purify"])
     with tempfile.TemporaryDirectory(prefix=f"stage-times-{builder}-") as tmp:
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         proc = subprocess.run([str(CLI), "run", "--with-candidate", "--no-progress"], cwd=tmp, text=True,

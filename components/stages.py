@@ -20,7 +20,7 @@ def validate_params_op(params_yaml: str, params: Output[Artifact]):
 
     resolved = parse_params_text(params_yaml, "params_yaml")
     write_json_atomic(params.path, resolved.model_dump(mode="json"))
-    params.metadata.update({"defense": resolved.nft.defense, "candidate": resolved.candidate.model})
+    params.metadata.update({"defense": resolved.purify.method, "candidate": resolved.candidate.model})
 
 
 @component
@@ -61,7 +61,7 @@ def purify_op(params: Input[Artifact], candidate: Input[Model], clean: Input[Dat
     from harden.stages import purify_stage
 
     p = load_params(params.path)
-    s = purify_stage(p.nft, p.base, Path(candidate.path), Path(clean.path), Path(purified.path), policy=p.policy,
+    s = purify_stage(p.purify, p.base, Path(candidate.path), Path(clean.path), Path(purified.path), policy=p.policy,
                      probes=p.probes, gate=p.gate, progress=False)
     purified.metadata.update({"defense": s.defense, "device": s.device or ""})
     metrics.log_metric("purify_wall_time_s", s.wall_time_s)

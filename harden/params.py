@@ -1,10 +1,10 @@
 """``params.yaml``: one validated section per concern, shared by the CLI, the DVC stages and the KFP components.
 
 Sections: ``base`` (seed, device, registry), ``data`` (clean and test sets), ``candidate`` (what to pull, and the
-offline demo candidate), ``nft`` (the purifier and its hyper-parameters), ``export`` (ONNX), ``probes``
-(attack probes and the trigger-free scan), ``gate`` (promotion checks), ``promote`` (registration). Unknown
-keys, wrong types and out-of-range values are refused with :class:`ParamsError`, whose message names the key
-(``nft.lr``), the value and what is allowed.
+offline demo candidate), ``purify`` (the purifier, ``method``, and its config's fields), ``policy`` (fallback
+purifications), ``export`` (ONNX), ``probes`` (attack probes and the trigger-free scan), ``gate`` (promotion
+checks), ``promote`` (registration). Unknown keys, wrong types and out-of-range values are refused with
+:class:`ParamsError`, whose message names the key (``purify.lr``), the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import dataclasses
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from harden.errors import ParamsError
 from harden.probes import Probe
 from harden.gate import GateConfig
-from nft_core.config import NFTConfig
+from nft_core.config import CONFIGS
 
 
 class _Section(BaseModel):
@@ -109,55 +110,74 @@ class CandidateParams(_Section):
         return value
 
 
-_DEFENSES = ("nft", "ft", "fp", "anp", "ft_sam", "pbe", "fip")
+#: The discriminator of the ``purify`` section and of each ``policy.fallbacks`` entry.
+METHOD = "method"
+
+#: Config fields that come from elsewhere: ``base.seed``, ``base.device``, and the caller (progress bar).
+_RUNTIME = frozenset({"seed", "device", "progress"})
+
+#: A config check's message, ``NFTConfig.lr=-0.1 is invalid: must be a finite number > 0``: the field and why.
+_CHECK = re.compile(r"^\w+\.(?P<field>\w+)=.*? is invalid: (?P<reason>.*)$", re.DOTALL)
 
 
-#: NFTConfig fields that come from elsewhere: ``base.seed``, ``base.device``, and the caller (progress bar).
-_NFT_RUNTIME = frozenset({"seed", "device", "progress"})
+class PurifyParams(_Section):
+    """One purification: ``method`` (a key of :data:`nft_core.config.CONFIGS`) and that method's config fields.
 
+    The base of the variants :data:`PURIFY_VARIANTS` builds from the config dataclasses; stages take it as the
+    type of the ``purify`` section and of each fallback."""
 
-def _nft_fields() -> dict[str, Any]:
-    hints = typing.get_type_hints(NFTConfig)
-    return {f.name: (hints[f.name], f.default) for f in dataclasses.fields(NFTConfig) if f.name not in _NFT_RUNTIME}
-
-
-class _NFTBase(_Section):
-    defense: Literal[_DEFENSES] = "nft"  # type: ignore[valid-type]
+    method: str
 
     @model_validator(mode="after")
-    def _valid_config(self) -> _NFTBase:
+    def _valid_config(self) -> PurifyParams:
+        """Run the config dataclass's own range checks now, so a bad value fails when params load, not mid-run."""
         try:
-            self.config()  # NFTConfig's own range checks
-        except ValueError as err:  # "NFTConfig.lr=-0.1 is invalid: ..." -> "lr=-0.1 is invalid: ..." under nft
-            raise ValueError(str(err).removeprefix("NFTConfig.")) from None
+            self.config()
+        except ValueError as err:  # "FTConfig.lr=-0.1 is invalid: must be ..." -> an error on the field `lr`
+            check = _CHECK.match(str(err))
+            if check is None:  # a message of another shape: reported on the section as it is
+                raise
+            field = check["field"]
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=PydanticCustomError("config_check", check["reason"]), loc=(field,),
+                input=getattr(self, field))]) from None
         return self
 
-    def config(self, seed: int = 0, device: str = "auto", progress: bool = True) -> NFTConfig:
-        """The :class:`NFTConfig` these params describe, with the run's seed, device and progress setting."""
-        return NFTConfig(**self.model_dump(exclude={"defense", "options"}), seed=seed, device=device, progress=progress)
+    def config(self, seed: int = 0, device: str = "auto", progress: bool = True) -> Any:
+        """The method's config dataclass these params describe, with the run's seed, device and progress setting."""
+        runtime: dict[str, Any] = {"seed": seed, "device": device, "progress": progress}
+        return CONFIGS[self.method](**self.model_dump(exclude={METHOD}), **runtime)
 
 
-#: ``nft`` section: ``defense`` + every :class:`NFTConfig` field but seed/device/progress (flat, so ``dvc exp run -S nft.epochs=5`` works)
-#: + ``options``, overrides for a non-NFT defense's config.
-NFTParams = create_model("NFTParams", __base__=_NFTBase, **_nft_fields(),
-                         options=(dict[str, Any], Field(default_factory=dict)))
+def _variant(method: str, config: type) -> type[PurifyParams]:
+    """``method``'s variant: ``method: Literal[method]`` and every field of ``config`` but the runtime ones, with
+    its type and default (a field added to the dataclass appears here, and in ``params.yaml``, by itself)."""
+    hints = typing.get_type_hints(config)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(config) if f.name not in _RUNTIME}
+    return create_model(f"{config.__name__.removesuffix('Config')}Params", __base__=PurifyParams,  # type: ignore[call-overload]
+                        __doc__=f"``method: {method}``: the fields of :class:`~nft_core.config.{config.__name__}`.",
+                        **{METHOD: (Literal[method], ...)}, **fields)
 
 
-class Attempt(_Section):
-    """One fallback of the hardening policy: a defense and its config changes (for ``nft``: changes to the
-    ``nft`` section's settings; for the others: to that defense's paper defaults)."""
+#: method name -> the params variant of its config (one per :data:`nft_core.config.CONFIGS` entry)
+PURIFY_VARIANTS: dict[str, type[PurifyParams]] = {method: _variant(method, config) for method, config in CONFIGS.items()}
 
-    defense: Literal[_DEFENSES]  # type: ignore[valid-type]
-    options: dict[str, Any] = Field(default_factory=dict)
+if typing.TYPE_CHECKING:  # every variant is a PurifyParams; the union is built at run time
+    Purify = PurifyParams
+else:
+    #: a purification as ``params.yaml`` writes it: the variant named by ``method`` (required: no silent default)
+    Purify = Annotated[typing.Union[tuple(PURIFY_VARIANTS.values())], Field(discriminator=METHOD)]
 
 
 class PolicyParams(_Section):
-    """The hardening policy: when the ``nft`` section's purification does not pass the gate's checks on clean
+    """The hardening policy: when the ``purify`` section's purification does not pass the gate's checks on clean
     data held out of purification, try the fallbacks in order; the first attempt that passes wins (the best one
     when none does, and the gate then rejects it on the test set as before). With no fallbacks the whole clean
-    set purifies once and nothing is held out."""
+    set purifies once and nothing is held out. A fallback is written like the ``purify`` section (``method`` and
+    changes to that method's defaults) and validated with it when the params load."""
 
-    fallbacks: list[Attempt] = Field(default_factory=list, description="defenses tried in order after the nft section's")
+    fallbacks: list[Purify] = Field(default_factory=list,
+                                    description="purifications tried in order after the purify section's")
     holdout: float = Field(0.2, gt=0, lt=1, description="share of the clean set held out to judge attempts (with fallbacks)")
     budget_s: float = Field(3600.0, gt=0, description="no attempt starts after this much purification wall time")
 
@@ -205,24 +225,66 @@ class PromoteParams(_Section):
         return value
 
 
+#: Why a file with an ``nft`` section is refused, and what to change.
+NFT_SECTION_MOVED = ("the `nft` section is now `purify` with `method: nft`; `defense` became `method`; `options` "
+                     "moved into the section (its keys flat beside `method`), and a `policy.fallbacks` entry "
+                     "`{defense: NAME, options: {...}}` is now `{method: NAME, ...}`")
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     data: DataParams = DataParams()
     candidate: CandidateParams = CandidateParams()
-    nft: NFTParams = NFTParams()  # type: ignore[valid-type]
+    purify: Purify  # required: which purifier runs is never left to a default
     policy: PolicyParams = PolicyParams()
     export: ExportParams = ExportParams()
     probes: ProbesParams = ProbesParams()
     gate: GateConfig = GateConfig()
     promote: PromoteParams = PromoteParams()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nft_section(cls, raw: Any) -> Any:
+        """Refuse a file written before the ``purify`` section with what to change, not a bare "extra input"."""
+        if isinstance(raw, dict) and "nft" in raw:
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=PydanticCustomError("section_moved", NFT_SECTION_MOVED), loc=("nft",), input=raw["nft"])])
+        return raw
 
-def _describe(err: ValidationError) -> str:
+
+def _key(loc: tuple[int | str, ...], raw: Any) -> tuple[str, str | None]:
+    """The dotted ``params.yaml`` key of an error's location, and the purification method it lies under (if any).
+
+    Pydantic puts a discriminated union's tag into the location (``purify.nft.lr``); the file has no such key,
+    so it is dropped (``purify.lr``), recognised by walking ``raw`` as the value of the mapping's ``method``."""
+    parts: list[str] = []
+    node, method, untagged = raw, None, None
+    for part in loc:
+        if isinstance(node, dict) and node is not untagged and node.get(METHOD) == part:
+            method, untagged = str(part), node
+            continue
+        parts.append(str(part))
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts) or "<root>", method
+
+
+def _describe(err: ValidationError, raw: Any) -> str:
+    """One line per error of validating ``raw``: the key as ``params.yaml`` writes it, what is wrong, the value."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        got = "" if e["type"] == "missing" or isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
-        lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got}")
+        key, method = _key(e["loc"], raw)
+        if e["type"] == "config_check":  # a purifier config's own check
+            lines.append(f"  {key}={e['input']!r} is invalid: {e['msg']}")
+        elif e["type"] == "extra_forbidden" and method is not None:
+            lines.append(f"  {key} is not a field of method {method!r}")
+        elif e["type"] == "union_tag_not_found":  # pydantic: "Unable to extract tag using discriminator 'method'"
+            lines.append(f"  {key}.{METHOD}: Field required (one of {', '.join(map(repr, PURIFY_VARIANTS))})")
+        else:
+            got = "" if e["type"] == "missing" or isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got}")
     return "\n".join(lines)
 
 
@@ -271,7 +333,7 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw or {})
     except ValidationError as err:
-        raise ParamsError(f"{source} is invalid:\n{_describe(err)}") from err
+        raise ParamsError(f"{source} is invalid:\n{_describe(err, raw)}") from err
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

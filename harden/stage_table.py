@@ -90,7 +90,7 @@ def _pull(p: Params, layout: Layout, progress: bool) -> Any:
 
 def _purify(p: Params, layout: Layout, progress: bool) -> Any:
     from harden import stages
-    return stages.purify_stage(p.nft, p.base, layout.stage("pull"), layout.clean, layout.stage("purify"),
+    return stages.purify_stage(p.purify, p.base, layout.stage("pull"), layout.clean, layout.stage("purify"),
                                policy=p.policy, probes=p.probes, gate=p.gate, progress=progress)
 
 
@@ -163,7 +163,7 @@ STAGES: tuple[Stage, ...] = (
           describe=lambda r, p, l: f"pulled {r.model_name} version {r.version} -> {l.stage('pull')}"),
     Stage("purify", "purify", "Purify the pulled candidate on the clean set (NFT or another defense).",
           reads=("runs/pull", "data/clean.npz"), writes=("runs/purify",),
-          params=("base", "nft", "policy", "probes", "gate"),
+          params=("base", "purify", "policy", "probes", "gate"),
           code=("nft_core",), call=_purify, kfp_task="purify-op", progress=True,
           describe=lambda r, p, l: (f"{r.defense}: {r.wall_time_s:.1f}s on {r.clean_samples} clean images"
                                     + (" (policy: " + ", ".join(_attempt_words(r.attempts)) + ")"

@@ -31,8 +31,8 @@ from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, atomic_file, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
 from harden.package import InputSpec, ModelSpec, load_package, save_package
-from harden.params import (Attempt, BaseParams, CandidateParams, DataParams, ExportParams, NFTParams, Params,
-                           PolicyParams, ProbesParams)
+from harden.params import (BaseParams, CandidateParams, DataParams, ExportParams, Params, PolicyParams, ProbesParams,
+                           PurifyParams)
 from harden.records import (Chain, FoldRecord, MetricsRecord, ParityRecord, Provenance, PurifyRecord,
                             Registration, ReportRecord, attempt_word, canonical_sha256, check_chain, tree_sha256)
 from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
@@ -244,22 +244,6 @@ JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "
                    "inverted/clean_rate")
 
 
-def _attempt_config(attempt: Attempt | None, nft: NFTParams, base: BaseParams, progress: bool) -> tuple[str, Any]:
-    """(defense, config) of one policy attempt; ``None`` is the ``nft`` section itself."""
-    defense = nft.defense if attempt is None else attempt.defense
-    options = nft.options if attempt is None else attempt.options
-    try:
-        if defense == "nft":
-            config = nft.config(base.seed, base.device, progress)
-            return defense, (config.replace(**options) if attempt is not None else config)
-        from nft_core.defenses import default_config
-
-        return defense, default_config(defense).replace(seed=base.seed, device=base.device, **options)
-    except (TypeError, ValueError) as err:
-        where = "nft.options" if attempt is None else f"policy fallback {defense}"
-        raise ParamsError(f"{where}: {err}") from err
-
-
 def _run_attempt(defense: str, config: Any, model: torch.nn.Module, clean: ImageData, checkpoint: Path) -> Any:
     if defense == "nft":
         return purify(model, clean.dataset(), config, checkpoint=checkpoint, stale_checkpoint="restart")
@@ -288,10 +272,10 @@ def _holdout_trigger(model: torch.nn.Module, holdout: ImageData, probes: ProbesP
     return InvertedTrigger(fitted.inversion, torch.empty(0, dtype=torch.long))
 
 
-def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_npz: Path, out_dir: Path, *,
-                 policy: PolicyParams | None = None, probes: ProbesParams | None = None,
+def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: Path, clean_npz: Path, out_dir: Path,
+                 *, policy: PolicyParams | None = None, probes: ProbesParams | None = None,
                  gate: GateConfig | None = None, progress: bool = True) -> PurifyRecord:
-    """Purify the candidate on the clean set with ``nft.defense``, then ``policy.fallbacks`` while needed.
+    """Purify the candidate on the clean set with the ``purify`` section, then ``policy.fallbacks`` while needed.
 
     With fallbacks, ``policy.holdout`` of the clean set (stratified) is kept out of purification. Each attempt
     purifies on the rest and is judged on the held-out images (clean accuracy and every probe, stamped on them)
@@ -314,9 +298,9 @@ def purify_stage(nft: NFTParams, base: BaseParams, candidate_dir: Path, clean_np
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir.with_name(f".{out_dir.name}.ckpt")
-    plan = [_attempt_config(a, nft, base, progress) for a in [None, *policy.fallbacks]]
+    plan = [(a.method, a.config(base.seed, base.device, progress)) for a in [purify_params, *policy.fallbacks]]
     judged = len(plan) > 1
-    params_digest = {"nft": nft.model_dump(mode="json"), "seed": base.seed}
+    params_digest = {"purify": purify_params.model_dump(mode="json"), "seed": base.seed}
     if judged:
         if gate is None or probes is None:
             raise ParamsError("a policy with fallbacks judges attempts by the gate's checks and the probes: pass both")

@@ -60,7 +60,7 @@ def tiny_params(tracking_uri: str = "sqlite:///mlflow.db", *, candidate: str = "
 
     600 synthetic training images / 300 test images, 5 clean images per class, a 2-epoch demo candidate,
     3 NFT epochs on CPU, no policy fallbacks, one badnets probe, a 20-sample, 2-step scan and a 5-step trigger reconstruction. ``overrides`` are section dicts merged
-    in last (``nft={"epochs": 2}``).
+    in last (``purify={"epochs": 2}``).
     """
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params = deep_update(params, {
@@ -68,7 +68,7 @@ def tiny_params(tracking_uri: str = "sqlite:///mlflow.db", *, candidate: str = "
         "data": {"train": "synthetic:n=600,seed=0", "test": "synthetic:n=300,seed=1", "clean_fraction": None,
                  "clean_per_class": 5},
         "candidate": {"model": candidate, "demo": {"epochs": 2}},
-        "nft": {"epochs": 3, "batch_size": 32, "amp": False},
+        "purify": {"epochs": 3, "batch_size": 32, "amp": False},
         "policy": {"fallbacks": []},  # one purification on the whole clean set (the policy's tests set their own)
         "export": {"parity_samples": 32},
         "probes": {"attacks": [{"attack": "badnets", "target": 0, "mode": "all2one"}],

@@ -52,10 +52,10 @@ def registry_with_candidate(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_bad_params_exit_2(tmp_path: Path) -> None:
-    write_params(tmp_path, tiny_params(nft={"epochs": "ten"}))
+    write_params(tmp_path, tiny_params(purify={"epochs": "ten"}))
     proc = run_cli(["run", "--with-candidate", "--no-progress"], cwd=tmp_path)
     assert proc.returncode == 2, describe(proc)
-    assert "nft.epochs" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
+    assert "purify.epochs" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists(), "nothing may run on bad params"
 
 
@@ -166,10 +166,10 @@ def test_the_policy_falls_back_when_the_first_purifier_fails_on_held_out_clean_d
             "required_facts": ["onnx_parity", "fold_check"]}
     params = tiny_params(candidate=f"models:/{CANDIDATE}@candidate", gate=gate)
     params = deep_update(params, {"data": {"train": "synthetic:n=2000,seed=0", "clean_per_class": 10},  # a candidate
-                                  "candidate": {"demo": {"epochs": 8}}})                               # that learned
-    write_params(tmp_path, deep_update(params, dict(nft={"defense": "ft", "options": {"lr": 50.0, "epochs": 5}},
-                                                    policy={"fallbacks": [{"defense": "ft", "options": {"epochs": 5}}],
-                                                            "holdout": 0.4})))
+                                  "candidate": {"demo": {"epochs": 8}},                                # that learned
+                                  "policy": {"fallbacks": [{"method": "ft", "epochs": 5}], "holdout": 0.4}})
+    params["purify"] = {"method": "ft", "lr": 50.0, "epochs": 5}  # the whole section: ft has none of nft's fields
+    write_params(tmp_path, params)
     proc = run_cli(["run", "--with-candidate", "--no-progress"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     purified = _read(tmp_path / "runs" / "purify" / "purify.json")

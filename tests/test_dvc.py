@@ -1,7 +1,7 @@
 """``dvc repro`` end to end in a temporary clone of the repository, with the tiny ``params.yaml``.
 
 Every stage that ``dvc.yaml`` lists runs and leaves its declared outputs; ``dvc metrics show`` reads the
-metrics; ``dvc status`` is clean; a second ``dvc repro`` runs nothing; ``dvc exp run -S nft.epochs=2`` re-runs
+metrics; ``dvc status`` is clean; a second ``dvc repro`` runs nothing; ``dvc exp run -S purify.epochs=2`` re-runs
 purify but neither data preparation nor the candidate; a change to the purify stage's code re-runs purify and
 every stage after it. The gate here rejects the model, and ``dvc repro``
 still succeeds (the blessing records the rejection; only ``--strict`` fails a run).
@@ -130,12 +130,12 @@ def test_dvc_repro_end_to_end(clone: Path) -> None:
     assert (clone / "dvc.lock").read_text() == lock
 
     # 4. an NFT hyper-parameter changes: purify (and what follows) re-run, data and candidate do not
-    exp = dvc("exp", "run", "-S", "nft.epochs=2", cwd=clone)
+    exp = dvc("exp", "run", "-S", "purify.epochs=2", cwd=clone)
     rerun = ran(exp.stdout)
     assert "purify" in rerun, describe(exp)
     assert rerun <= downstream(stages, "purify"), f"re-ran {sorted(rerun)}: {describe(exp)}"
     assert not rerun & {"prepare", "candidate", "pull"}, describe(exp)
-    assert yaml.safe_load((clone / "params.yaml").read_text())["nft"]["epochs"] == 2
+    assert yaml.safe_load((clone / "params.yaml").read_text())["purify"]["epochs"] == 2
     assert json.loads((clone / "runs" / "purify" / "purify.json").read_text())["config"]["epochs"] == 2
     assert [int(v.version) for v in versions(uri, "nft-tiny")] == [1], "the candidate was not rebuilt"
     assert json.loads(dvc("status", "--json", cwd=clone).stdout) == {}

@@ -1,5 +1,6 @@
 """``params.yaml`` validation: the repository's file is valid, and every kind of mistake is refused with a
-:class:`ParamsError` that names the bad key and what is allowed; ``nft-harden check-params`` exits 2 / 0."""
+:class:`ParamsError` that names the bad key and what is allowed; ``nft-harden check-params`` exits 2 / 0. The
+``purify`` section and each policy fallback are one variant per purifier config, picked by ``method``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from harden.params import Params, ParamsError, load_params, parse_params
+from harden.params import NFT_SECTION_MOVED, PURIFY_VARIANTS, Params, ParamsError, load_params, parse_params
+from nft_core.config import CONFIGS
 from pipeline_fixtures import REPO, describe, run_cli, tiny_params, write_params
 
 
@@ -25,17 +27,19 @@ def test_repo_params_validate(repo_params: dict[str, Any]) -> None:
     params = load_params(REPO / "params.yaml")
     assert isinstance(params, Params)
     # What the file says is what was loaded (no key silently dropped or defaulted).
-    assert params.nft.epochs == repo_params["nft"]["epochs"]
+    assert params.purify.model_dump(exclude_unset=True) == repo_params["purify"]
+    assert [f.model_dump(exclude_unset=True) for f in params.policy.fallbacks] == repo_params["policy"]["fallbacks"]
     assert params.candidate.model == repo_params["candidate"]["model"]
     assert [p.attack for p in params.probes.attacks] == [p["attack"] for p in repo_params["probes"]["attacks"]]
     assert len(params.gate.metrics) == len(repo_params["gate"]["metrics"])
     assert params.promote.alias == repo_params["promote"]["alias"]
+    assert parse_params(params.model_dump(mode="json")) == params  # what check-params prints loads back the same
 
 
 def test_tiny_params_validate() -> None:
     params = parse_params(tiny_params())
     assert params.data.clean_per_class == 5 and params.data.clean_fraction is None
-    assert params.nft.epochs == 3 and params.candidate.demo.epochs == 2
+    assert params.purify.epochs == 3 and params.candidate.demo.epochs == 2
 
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -54,15 +58,26 @@ def _add_probe(probe: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
 
 # (id, change to the repo's params, patterns that must all appear in the message: the key, and what is allowed)
 BAD = [
-    ("unknown-nft-key", _set("nft.foo", 1), [r"nft\.foo", r"[Ee]xtra inputs are not permitted|not permitted"]),
+    ("unknown-purify-key", _set("purify.foo", 1), [r"purify\.foo is not a field of method 'nft'"]),
+    ("field-of-another-method", _set("purify.rho", 1.0), [r"purify\.rho is not a field of method 'nft'"]),
     ("unknown-gate-key", _set("gate.typo", True), [r"gate\.typo", r"not permitted"]),
     ("unknown-section", _set("bogus", {}), [r"(?m)^\s*bogus:", r"not permitted"]),
-    ("epochs-not-int", _set("nft.epochs", "ten"), [r"nft\.epochs", r"integer", r"'ten'"]),
-    ("negative-lr", _set("nft.lr", -0.1), [r"\bnft\b", r"\blr=-0\.1", r"> 0"]),
-    ("mix-alpha-zero", _set("nft.mix_alpha", 0), [r"\bnft\b", r"\bmix_alpha=0", r"> 0"]),
-    ("schedule-alpha-above-1", _set("nft.schedule_alpha", 1.5), [r"\bnft\b", r"\bschedule_alpha=1\.5", r"\(0, 1\]"]),
-    ("momentum-1", _set("nft.momentum", 1.0), [r"\bmomentum=1\.0", r"\[0, 1\)"]),
-    ("unknown-defense", _set("nft.defense", "magic"), [r"nft\.defense", r"'nft'", r"'fip'"]),
+    ("epochs-not-int", _set("purify.epochs", "ten"), [r"purify\.epochs", r"integer", r"'ten'"]),
+    ("negative-lr", _set("purify.lr", -0.1), [r"purify\.lr=-0\.1 is invalid", r"> 0"]),
+    ("mix-alpha-zero", _set("purify.mix_alpha", 0), [r"purify\.mix_alpha=0\.0 is invalid", r"> 0"]),
+    ("schedule-alpha-above-1", _set("purify.schedule_alpha", 1.5), [r"purify\.schedule_alpha=1\.5", r"\(0, 1\]"]),
+    ("momentum-1", _set("purify.momentum", 1.0), [r"purify\.momentum=1\.0", r"\[0, 1\)"]),
+    ("lr-min-above-lr", _set("purify.lr_min", 0.5), [r"purify\.lr_min=0\.5", r"\[0, lr=0\.2\]"]),
+    ("unknown-method", _set("purify.method", "magic"), [r"\bpurify:", r"'magic'", r"'nft'", r"'fip'"]),
+    ("no-method", lambda raw: raw["purify"].pop("method"), [r"purify\.method: Field required", r"'ft_sam'"]),
+    ("no-purify-section", lambda raw: raw.pop("purify"), [r"(?m)^\s*purify: Field required"]),
+    ("fallback-field-of-another-method", _set("policy.fallbacks", [{"method": "ft_sam"}, {"method": "pbe", "rho": 1}]),
+     [r"policy\.fallbacks\.1\.rho is not a field of method 'pbe'"]),
+    ("fallback-out-of-range", _set("policy.fallbacks", [{"method": "ft_sam", "label_smoothing": 1.0}]),
+     [r"policy\.fallbacks\.0\.label_smoothing=1\.0 is invalid", r"\[0, 1\)"]),
+    ("fallback-no-method", _set("policy.fallbacks", [{"epochs": 5}]), [r"policy\.fallbacks\.0\.method: Field required"]),
+    ("fallback-old-shape", _set("policy.fallbacks", [{"defense": "pbe", "options": {}}]),
+     [r"policy\.fallbacks\.0\.method: Field required"]),
     ("both-clean-sizes", _set("data.clean_per_class", 5),
      [r"\bdata\b", r"data\.clean_fraction", r"data\.clean_per_class", r"exactly one"]),
     ("no-clean-size", _set("data.clean_fraction", None), [r"data\.clean_fraction", r"exactly one"]),
@@ -95,6 +110,38 @@ def test_bad_params_name_key_and_allowed(repo_params: dict[str, Any], change, pa
         assert re.search(pattern, message), f"{pattern!r} not in:\n{message}"
 
 
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_every_method_loads_with_its_config_defaults(method: str) -> None:
+    """``{method: NAME}`` alone is that purifier at its defaults, and its fields are exactly the config's but
+    the runtime ones (so a field added to a config dataclass appears in params.yaml by itself)."""
+    purify = parse_params({"purify": {"method": method}}).purify
+    assert purify.config(seed=3, device="cpu", progress=False) == CONFIGS[method](seed=3, device="cpu", progress=False)
+    fields = set(CONFIGS[method].__dataclass_fields__) - {"seed", "device", "progress"}
+    assert set(type(purify).model_fields) == fields | {"method"}
+
+
+def test_fallbacks_load_as_configs(repo_params: dict[str, Any]) -> None:
+    raw = copy.deepcopy(repo_params)
+    raw["policy"]["fallbacks"] = [{"method": "ft_sam"}, {"method": "pbe", "epochs": 3}, {"method": "nft", "lr": 0.1}]
+    configs = [f.config(seed=1, device="cpu") for f in parse_params(raw).policy.fallbacks]
+    assert [type(c) for c in configs] == [CONFIGS["ft_sam"], CONFIGS["pbe"], CONFIGS["nft"]]
+    assert configs[1].epochs == 3 and configs[2].lr == 0.1 and all(c.seed == 1 for c in configs)
+    assert configs[2].lr_min == CONFIGS["nft"]().lr_min  # a fallback changes the method's defaults, not `purify`'s
+
+
+def test_an_nft_section_is_refused_with_what_to_change(tmp_path: Path) -> None:
+    """A file written for the ``nft`` section fails closed (exit 2), saying how to migrate it."""
+    old = {"nft": {"defense": "ft", "epochs": 5, "options": {"lr": 0.1}},
+           "policy": {"fallbacks": [{"defense": "pbe", "options": {"epochs": 10}}]}}
+    with pytest.raises(ParamsError) as info:
+        parse_params(old, "params.yaml")
+    assert str(info.value) == f"params.yaml is invalid:\n  nft: {NFT_SECTION_MOVED}"
+    for hint in ("`purify` with `method: nft`", "`defense` became `method`", "`options` moved into the section"):
+        assert hint in NFT_SECTION_MOVED
+    proc = run_cli(["check-params", "--params", str(write_params(tmp_path / "old.yaml", old))], cwd=tmp_path)
+    assert proc.returncode == 2 and NFT_SECTION_MOVED in proc.stderr, describe(proc)
+
+
 def test_every_bad_key_is_reported_at_once(repo_params: dict[str, Any]) -> None:
     raw = copy.deepcopy(repo_params)
     raw["gate"]["typo"] = 1
@@ -109,7 +156,7 @@ def test_missing_file(tmp_path: Path) -> None:
         load_params(missing)
 
 
-@pytest.mark.parametrize("text, pattern", [("nft: [unclosed", r"not valid YAML"),
+@pytest.mark.parametrize("text, pattern", [("purify: [unclosed", r"not valid YAML"),
                                            ("- a\n- b\n", r"must be a mapping of sections, got list")])
 def test_unreadable_yaml(tmp_path: Path, text: str, pattern: str) -> None:
     path = tmp_path / "params.yaml"
@@ -122,13 +169,13 @@ def test_check_params_cli(tmp_path: Path, repo_params: dict[str, Any]) -> None:
     good = run_cli(["check-params", "--params", str(REPO / "params.yaml")], cwd=tmp_path)
     assert good.returncode == 0, describe(good)
     resolved = yaml.safe_load(good.stdout)  # the resolved configuration, as JSON
-    assert resolved["nft"]["epochs"] == repo_params["nft"]["epochs"]
+    assert resolved["purify"].items() >= repo_params["purify"].items()  # plus the fields left at their defaults
 
     raw = copy.deepcopy(repo_params)
-    raw["nft"]["schedule_alpha"] = 1.5
+    raw["purify"]["schedule_alpha"] = 1.5
     bad = run_cli(["check-params", "--params", str(write_params(tmp_path / "bad.yaml", raw))], cwd=tmp_path)
     assert bad.returncode == 2, describe(bad)
-    assert "schedule_alpha=1.5" in bad.stderr and "Traceback" not in bad.stderr, describe(bad)
+    assert "purify.schedule_alpha=1.5" in bad.stderr and "Traceback" not in bad.stderr, describe(bad)
 
     missing = run_cli(["check-params"], cwd=tmp_path)  # default ./params.yaml, absent here
     assert missing.returncode == 2, describe(missing)
@@ -136,14 +183,13 @@ def test_check_params_cli(tmp_path: Path, repo_params: dict[str, Any]) -> None:
 
 
 def test_the_schema_knows_every_attack_and_defense_by_name() -> None:
-    """The schema lists the names itself (so it imports no torch); they must stay those of the registries."""
-    from harden.params import _DEFENSES
+    """The schema takes the names from torch-free modules; they must stay those of the registries."""
     from harden.probes import ATTACK_NAMES
     from nft_core.attacks import ATTACKS
     from nft_core.defenses import DEFENSES
 
     assert ATTACK_NAMES == ATTACKS
-    assert sorted(_DEFENSES) == sorted(DEFENSES)
+    assert sorted(PURIFY_VARIANTS) == sorted(DEFENSES)
 
 
 def test_the_schema_and_the_cli_import_no_torch() -> None:

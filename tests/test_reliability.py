@@ -69,7 +69,7 @@ def tiny_params(tracking_uri: str, promote: str) -> dict[str, Any]:
         "base": {"seed": 0, "device": "cpu", "tracking_uri": tracking_uri},
         "data": {"train": SYNTHETIC, "test": SYNTHETIC, "clean_fraction": None, "clean_per_class": 5},
         "candidate": {"model": f"models:/{CANDIDATE}@candidate"},
-        "nft": {"epochs": 2, "batch_size": 32, "amp": False},
+        "purify": {"method": "nft", "epochs": 2, "batch_size": 32, "amp": False},
         "export": {"parity_samples": 16},
         "probes": {"attacks": [{"attack": "badnets", "target": 0}], "scan": {"enabled": False}},
         "gate": BLESS_GATE,
@@ -181,7 +181,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     layout = stages.Layout(runs=root / "runs", data=root / "data")
     stages.prepare_data(p.data, p.base.seed, layout.clean, layout.test)
     stages.pull_stage(p.candidate, uri, layout.stage("pull"))
-    stages.purify_stage(p.nft, p.base, layout.stage("pull"), layout.clean, layout.stage("purify"), progress=False)
+    stages.purify_stage(p.purify, p.base, layout.stage("pull"), layout.clean, layout.stage("purify"), progress=False)
     stages.fold_stage(layout.stage("pull"), layout.stage("purify"), layout.clean, layout.stage("fold"))
     stages.export_stage(p.export, p.base.seed, layout.stage("fold"), layout.clean, layout.stage("export"))
     stages.evaluate_stage(p.probes, p.base.seed, layout.stage("pull"), layout.stage("purify"), layout.stage("fold"),
@@ -332,7 +332,7 @@ def test_cli_purify_one_sample_per_class_warns_one_shot_and_succeeds(ws: Workspa
 # ------------------------------------------------------------------------------------- 6: bad params ------
 
 @pytest.mark.parametrize("changes, patterns", [
-    ({"nft": {"lr": -0.1}}, ["nft", "lr=-0.1", "> 0"]),
+    ({"purify": {"lr": -0.1}}, ["purify.lr=-0.1 is invalid", "> 0"]),
     ({"gate": {"metrics": [{"metric": "acc", "min": 1.5}]}}, ["gate.metrics.0", "min=1.5", "[0, 1]"]),
 ], ids=["negative-lr", "gate-threshold-above-1"])
 def test_cli_invalid_params_exit_2_before_touching_anything(ws: Workspace, changes, patterns):
@@ -563,7 +563,7 @@ def test_non_finite_masks_stop_the_fold_and_keep_the_previous_fold(ws: Workspace
 def test_cli_killed_purify_keeps_previous_output_and_resumes_to_the_same_masks(ws: Workspace, base: Base,
                                                                               tmp_path: Path):
     epochs = 100  # the kill comes at epoch >= 3; enough epochs that a loaded machine cannot finish first
-    ws.set_params({"nft": {"epochs": epochs}})
+    ws.set_params({"purify": {"epochs": epochs}})
     before = ws.state()
     checkpoint = ws.runs / ".purify.ckpt"
     cmd = [str(Path(sys.executable).parent / "nft-harden"), "purify", "--no-progress", "--params",
@@ -590,7 +590,7 @@ def test_cli_killed_purify_keeps_previous_output_and_resumes_to_the_same_masks(w
     expect_exit(ws.cli("purify", "--no-progress"), 0)
     assert not checkpoint.exists()
     p = load_params(ws.root / "params.yaml")
-    stages.purify_stage(p.nft, p.base, ws.runs / "pull", ws.data / "clean.npz", tmp_path / "uninterrupted",
+    stages.purify_stage(p.purify, p.base, ws.runs / "pull", ws.data / "clean.npz", tmp_path / "uninterrupted",
                         progress=False)
     resumed = load_file(str(ws.runs / "purify" / "masks.safetensors"))
     uninterrupted = load_file(str(tmp_path / "uninterrupted" / "masks.safetensors"))
@@ -960,7 +960,7 @@ def test_same_inputs_and_seed_give_identical_masks_and_metrics(base: Base, tmp_p
     p = load_params(base.root / "params.yaml")
     runs, data = base.root / "runs", base.root / "data"
     out = tmp_path / "again"
-    stages.purify_stage(p.nft, p.base, runs / "pull", data / "clean.npz", out / "purify", progress=False)
+    stages.purify_stage(p.purify, p.base, runs / "pull", data / "clean.npz", out / "purify", progress=False)
     stages.fold_stage(runs / "pull", out / "purify", data / "clean.npz", out / "fold")
     stages.export_stage(p.export, p.base.seed, out / "fold", data / "clean.npz", out / "export")
     stages.evaluate_stage(p.probes, p.base.seed, runs / "pull", out / "purify", out / "fold", out / "export",
@@ -1007,14 +1007,14 @@ def test_a_checkpoint_of_the_previous_candidate_is_never_resumed(ws: Workspace, 
     p = load_params(ws.root / "params.yaml")
     old, _ = stages._load_model(ws.runs / "pull" / "package")
     clean = stages.read_npz(ws.data / "clean.npz")
-    purify(old, clean.dataset(), p.nft.config(p.base.seed, p.base.device, False), checkpoint=ws.runs / ".purify.ckpt")
-    assert torch.load(ws.runs / ".purify.ckpt", weights_only=True)["epoch"] == p.nft.epochs  # A's finished state
+    purify(old, clean.dataset(), p.purify.config(p.base.seed, p.base.device, False), checkpoint=ws.runs / ".purify.ckpt")
+    assert torch.load(ws.runs / ".purify.ckpt", weights_only=True)["epoch"] == p.purify.epochs  # A's finished state
     name = _other_candidate(ws, tmp_path)
     expect_exit(ws.cli("pull"), 0)
     with caplog.at_level("WARNING"):
         expect_exit(ws.cli("purify", "--no-progress"), 0)
     assert "starting over" in caplog.text and "resumed" not in caplog.text
-    stages.purify_stage(p.nft, p.base, ws.runs / "pull", ws.data / "clean.npz", tmp_path / "fresh", progress=False)
+    stages.purify_stage(p.purify, p.base, ws.runs / "pull", ws.data / "clean.npz", tmp_path / "fresh", progress=False)
     assert sha256_file(ws.runs / "purify" / "masks.safetensors") == sha256_file(tmp_path / "fresh" / "masks.safetensors")
     for stage in ("fold", "export", "evaluate", "gate", "report", "promote"):
         expect_exit(ws.cli(stage), 0)
