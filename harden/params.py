@@ -288,7 +288,7 @@ def _describe(err: ValidationError, raw: Any) -> str:
     return "\n".join(lines)
 
 
-class StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
     """``yaml.SafeLoader`` that refuses duplicate keys, anchors and aliases.
 
     A duplicate ``gate:`` key would otherwise let the second silently win, and aliases are how a YAML
