@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -108,22 +107,40 @@ class PurifyRecord(Record):
     samples_per_class: float | None = None
     trainable_params: int | None = None
     total_params: int | None = None
-    #: every attempt of the hardening policy (defense, config, wall time; with fallbacks also the held-out
-    #: verdict: passed, failed check reasons, held-out metrics; ``chosen`` marks the one written here)
-    attempts: list[dict[str, Any]] = []
+    #: every attempt of the hardening policy, in order; the one written here is ``chosen``
+    attempts: list[Attempt] = []
     holdout_samples: int | None = None
 
 
-def attempt_verdict(attempt: Mapping[str, Any]) -> str:
-    """``passed``, ``failed``, ``skipped`` (time budget) or ``ran`` (a single attempt, not judged)."""
-    if attempt.get("skipped"):
-        return "skipped"
-    return ("passed" if attempt["passed"] else "failed") if "passed" in attempt else "ran"
+class Attempt(BaseModel):
+    """One attempt of the hardening policy, as ``purify.json`` lists it."""
 
+    model_config = ConfigDict(extra="forbid")
+    defense: str
+    config: dict[str, Any]
+    #: purification seconds; None when it was skipped
+    wall_time_s: float | None = None
+    #: why it did not run ("time budget spent"); None when it ran
+    skipped: str | None = None
+    #: the held-out verdict; None for a single attempt, which nothing judges
+    passed: bool | None = None
+    #: reasons of the judged checks that failed on the held-out images
+    failed: list[str] = []
+    #: the held-out metrics the checks were judged on
+    holdout: dict[str, float] = {}
+    chosen: bool = False
 
-def attempt_word(attempt: dict[str, Any]) -> str:
-    """One policy attempt in a few words: ``nft failed``, ``ft_sam passed (chosen)``."""
-    return f"{attempt['defense']} {attempt_verdict(attempt)}" + (" (chosen)" if attempt.get("chosen") else "")
+    @property
+    def verdict(self) -> str:
+        """``passed``, ``failed``, ``skipped`` (time budget) or ``ran`` (a single attempt, not judged)."""
+        if self.skipped:
+            return "skipped"
+        return "ran" if self.passed is None else ("passed" if self.passed else "failed")
+
+    @property
+    def word(self) -> str:
+        """The attempt in a few words: ``nft failed``, ``ft_sam passed (chosen)``."""
+        return f"{self.defense} {self.verdict}" + (" (chosen)" if self.chosen else "")
 
 
 class FoldRecord(Record):

@@ -31,7 +31,7 @@ from harden import plots
 from harden.evaluate import NORM_RATIO_FACTOR, LayerMasks, compare, mask_statistics
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
-from harden.records import attempt_verdict
+from harden.records import Attempt
 
 #: Plot key -> (file name, caption).
 PLOTS: dict[str, tuple[str, str]] = {
@@ -167,22 +167,21 @@ def _identity_rows(identity: Mapping[str, Any], prefix: str = "") -> list[tuple[
     return rows
 
 
-def _attempt_rows(attempts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _attempt_rows(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
     rows = []
     for n, a in enumerate(attempts, 1):
-        held = a.get("holdout", {})
-        lifts = [v for k, v in held.items() if k.startswith("asr_lift/")]
-        rows.append({"n": n, "defense": a["defense"], "chosen": bool(a.get("chosen")), "time": a.get("wall_time_s"),
-                     "acc": held.get("acc"), "lift": max(lifts) if lifts else None, "verdict": attempt_verdict(a),
-                     "passed": bool(a.get("passed")),
-                     "why": a.get("skipped") or " ".join(a.get("failed", [])) or "every judged check passed"})
+        lifts = [v for k, v in a.holdout.items() if k.startswith("asr_lift/")]
+        rows.append({"n": n, "defense": a.defense, "chosen": a.chosen, "time": a.wall_time_s,
+                     "acc": a.holdout.get("acc"), "lift": max(lifts) if lifts else None, "verdict": a.verdict,
+                     "passed": bool(a.passed),
+                     "why": a.skipped or " ".join(a.failed) or "every judged check passed"})
     return rows
 
 
 def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Mapping[str, Any],
                  after: Mapping[str, Any], blessing: Blessing, masks: Sequence[LayerMasks] | None = None,
                  history: Sequence[Mapping[str, float]] | None = None,
-                 purification: Mapping[str, Any] | None = None, attempts: Sequence[Mapping[str, Any]] = (),
+                 purification: Mapping[str, Any] | None = None, attempts: Sequence[Attempt] = (),
                  holdout: int | None = None, inversion: Mapping[str, TriggerView] | None = None,
                  title: str = "Backdoor hardening report") -> ReportFiles:
     """Write the HTML and Markdown reports, ``metrics.json``, the plots and their DVC data into ``out_dir``.

@@ -65,11 +65,6 @@ class Stage:
         return (*self.reads, *self.code, *STAGE_CODE)
 
 
-def _attempt_words(attempts: list[dict[str, Any]]) -> list[str]:
-    from harden.records import attempt_word
-    return [attempt_word(a) for a in attempts]
-
-
 # --------------------------------------------------------------------------------------------- calls ------
 # Thin adapters from (params, layout) to the stage functions' explicit arguments; imports happen on call.
 
@@ -166,7 +161,7 @@ STAGES: tuple[Stage, ...] = (
           params=("base", "purify", "policy", "probes", "gate"),
           code=("nft_core",), call=_purify, kfp_task="purify-op", progress=True,
           describe=lambda r, p, l: (f"{r.defense}: {r.wall_time_s:.1f}s on {r.clean_samples} clean images"
-                                    + (" (policy: " + ", ".join(_attempt_words(r.attempts)) + ")"
+                                    + (" (policy: " + ", ".join(a.word for a in r.attempts) + ")"
                                        if r.holdout_samples else "") + f" -> {l.stage('purify')}")),
     Stage("fold", "fold", "Fold the masks into the weights and check the folded model.",
           reads=("runs/pull", "runs/purify", "data/clean.npz"), writes=("runs/fold",), params=(),

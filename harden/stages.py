@@ -33,8 +33,8 @@ from harden.onnx_export import check_parity, export_onnx
 from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import (BaseParams, CandidateParams, DataParams, ExportParams, Params, PolicyParams, ProbesParams,
                            PurifyParams)
-from harden.records import (Chain, FoldRecord, MetricsRecord, ParityRecord, Provenance, PurifyRecord,
-                            Registration, ReportRecord, attempt_word, canonical_sha256, check_chain, tree_sha256)
+from harden.records import (Attempt, Chain, FoldRecord, MetricsRecord, ParityRecord, Provenance, PurifyRecord,
+                            Registration, ReportRecord, canonical_sha256, check_chain, tree_sha256)
 from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
                              strip_credentials)
 from harden.report import ReportFiles, TriggerView, write_report
@@ -343,12 +343,11 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     assert best is not None  # the first attempt always runs (the budget is positive)
     _, chosen, result, config = best
     defense = plan[chosen][0]
-    for i, row in enumerate(attempts):
-        row["chosen"] = i == chosen
     inputs = {"candidate": chain.digest("candidate"), "clean": chain.digest("clean"),
               "params": canonical_sha256(params_digest)}
     common = {"inputs": inputs, "defense": defense, "clean_samples": len(train), "seed": base.seed,
-              "versions": library_versions(), "attempts": attempts,
+              "versions": library_versions(),
+              "attempts": [Attempt(**row, chosen=i == chosen) for i, row in enumerate(attempts)],
               "holdout_samples": len(holdout) if holdout is not None else None}
     if defense == "nft":
         meta = {"placement": config.placement, "skip_first": config.skip_first,
@@ -661,7 +660,7 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
             "hardening.data.clean_sha256": chain.digest("clean"), "hardening.data.test_sha256": chain.digest("test"),
             "hardening.params_sha256": params_sha256(params), "hardening.code_version": code_version(),
             "hardening.defense": purified.defense, "hardening.seed": str(purified.seed),
-            "hardening.attempts": ", ".join(attempt_word(a) for a in purified.attempts) or purified.defense,
+            "hardening.attempts": ", ".join(a.word for a in purified.attempts) or purified.defense,
             "hardening.blessing_sha256": chain.digest("blessing"),
             "hardening.torch_version": torch.__version__, "hardening.onnx_provider": parity.provider,
             "hardening.versions": json.dumps(library_versions(), sort_keys=True)}

@@ -9,7 +9,8 @@ from harden.stages import library_versions, make_demo_candidate
 def test_disabled_demo_candidate_registers_nothing(tmp_path):
     registry = tmp_path / "mlflow.db"
     params = parse_params({"base": {"tracking_uri": f"sqlite:///{registry}"},
-                           "candidate": {"model": "models:/mine@candidate", "demo": {"enabled": False}}})
+                           "candidate": {"model": "models:/mine@candidate", "demo": {"enabled": False}},
+                           "purify": {"method": "nft"}})
     summary = make_demo_candidate(params, tmp_path / "candidate")
     assert "skipped" in summary
     assert json.loads((tmp_path / "candidate" / "candidate.json").read_text()) == summary
