@@ -282,6 +282,10 @@ def fold(model: nn.Module, kinds: Collection[str] | None = None) -> nn.Module:
     (folding would silently merge something this package does not know). All parameters of the model become
     trainable again, as in a freshly built one. Returns ``model``.
 
+    Never fold a ``copy.deepcopy`` of a reparametrized model while the original is still used (or the reverse):
+    the copy shares torch's injected ``Parametrized*`` class, and removing a parametrization deletes the tensor's
+    property from that class, breaking the other model. Re-attach on a fresh copy instead (:func:`reattach`).
+
     Raises:
         ValueError: an unknown kind in ``kinds``, or an unknown or stacked parametrization on a tensor to fold.
     """
