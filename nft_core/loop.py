@@ -158,11 +158,12 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load(checkpoint: PhaseCheckpoint, device: torch.device) -> dict[str, Any] | None:
+def _load(checkpoint: PhaseCheckpoint) -> dict[str, Any] | None:
     """The checkpoint's state if it exists and matches ``checkpoint.key``; None for a fresh start."""
     if not checkpoint.path.exists():
         return None
-    state: dict[str, Any] = torch.load(checkpoint.path, map_location=device, weights_only=True)
+    # on the CPU: RNG states must be CPU byte tensors; the model and optimisers copy theirs to their device
+    state: dict[str, Any] = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") == checkpoint.key:
         return state
     message = (f"checkpoint {checkpoint.path} was written for another candidate, clean set or config "
@@ -198,7 +199,7 @@ def train_epochs(model: nn.Module, batches: DeviceBatches, step: StepFn, epochs:
     device = batches.device
     history: list[dict[str, float]] = []
     start, previous = 0, 0.0
-    state = _load(checkpoint, device) if checkpoint is not None else None
+    state = _load(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and state is not None:
         model.load_state_dict(state["model"])
         for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):

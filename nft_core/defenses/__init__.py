@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from nft_core.config import NFTConfig
+from nft_core.config import DefenseConfig, NFTConfig
 from nft_core.defenses import anp, fip, fp, ft, ft_sam, nft, pbe
 from nft_core.defenses._common import DefenseResult
 from nft_core.defenses.anp import ANPConfig
@@ -47,7 +47,7 @@ from nft_core.loop import Checkpoint, StaleCheckpoint, StalePolicy
 class Defense:
     """A registered purifier: its config class and its ``run(model, clean_data, config, checkpoint)`` function."""
 
-    config_class: type
+    config_class: type[NFTConfig] | type[DefenseConfig]
     run: Callable[[nn.Module, Dataset, Any, Checkpoint | None], DefenseResult]
     summary: str
 
