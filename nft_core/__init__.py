@@ -5,7 +5,8 @@
     hardened = fold_masks(result.model)                  # a plain model of the candidate's architecture
 
 The defense registry (:func:`run_defense`, :data:`DEFENSES`) runs NFT or any baseline (FT, FP, ANP, FT-SAM, PBE,
-FIP) by name with its own config. Names are imported on first use (PEP 562), so ``import nft_core.config`` stays
+FIP) by name with its own config; every one of them trains through one loop (:mod:`nft_core.loop`) and resumes
+from a checkpoint. Names are imported on first use (PEP 562), so ``import nft_core.config`` stays
 free of torch.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 _EXPORTS = {
     "NFTConfig": "nft_core.config", "purify": "nft_core.purify", "PurifyResult": "nft_core.purify",
-    "StaleCheckpoint": "nft_core.purify", "fold_masks": "nft_core.fold", "attach_masks": "nft_core.masks",
+    "StaleCheckpoint": "nft_core.loop", "remove_checkpoint": "nft_core.loop", "fold_masks": "nft_core.fold", "attach_masks": "nft_core.masks",
     "mask_state": "nft_core.masks", "load_mask_state": "nft_core.masks", "DEFENSES": "nft_core.defenses",
     "DefenseResult": "nft_core.defenses", "default_config": "nft_core.defenses", "run_defense": "nft_core.defenses",
 }

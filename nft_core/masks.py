@@ -9,7 +9,8 @@ Two placements (NFT paper Eq. 8 vs. the authors' released code):
 
 Layers are numbered l = 1..L in the order a forward pass reaches them; the first one is skipped by default
 (the paper leaves the first layer alone). Masks start at 1, so attaching them does not change the output.
-:func:`nft_core.fold.fold_masks` multiplies them into the weights and removes the parametrizations.
+:func:`nft_core.fold.fold_masks` multiplies them into the weights and removes the parametrizations. Attaching and
+folding go through :mod:`nft_core.reparam` (the :class:`~nft_core.reparam.NeuronMask` kind), like ANP's and FIP's.
 """
 
 from __future__ import annotations
@@ -18,28 +19,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+
+from nft_core.reparam import NeuronMask, attach
 
 WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-
-
-class NeuronMask(nn.Module):
-    """Parametrization ``W -> m * W`` with one scalar per slice along dim 0.
-
-    Attributes:
-        mask: the trainable mask, shape ``(n,)``, initialised to 1.
-        layer_index: 1-based position of the layer among masked layers, in forward order.
-    """
-
-    def __init__(self, n: int, ndim: int, layer_index: int, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.mask = nn.Parameter(torch.ones(n, device=device))
-        self.layer_index = layer_index
-        self._view = (n,) + (1,) * (ndim - 1)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask.view(self._view).to(weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -102,18 +86,8 @@ def attach_masks(model: nn.Module, placement: str, example_input: torch.Tensor, 
         raise ValueError(f"model has no layers to mask with placement={placement!r} "
                          f"({'norm layers with an affine scale' if placement == 'norm' else 'Conv/Linear layers'})")
     modules = dict(model.named_modules())
-    layers: list[MaskedLayer] = []
-    try:
-        for index, name in enumerate(order, start=1):
-            module = modules[name]
-            weight = module.weight
-            parametrize.register_parametrization(module, "weight", NeuronMask(weight.shape[0], weight.dim(), index,
-                                                                                weight.device))
-            layers.append(MaskedLayer(index, name, type(module).__name__, weight.shape[0]))
-    except Exception:
-        for layer in layers:  # roll back the half-attached state
-            parametrize.remove_parametrizations(modules[layer.name], "weight", leave_parametrized=False)
-        raise
+    attached = attach(model, "neuron_mask", "weight", order)
+    layers = [MaskedLayer(r.layer_index, r.module, type(modules[r.module]).__name__, r.size) for r in attached]
     mask_ids = {id(p) for p in mask_parameters(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in mask_ids)
@@ -121,7 +95,8 @@ def attach_masks(model: nn.Module, placement: str, example_input: torch.Tensor, 
 
 
 def mask_modules(model: nn.Module) -> list[tuple[str, NeuronMask]]:
-    """``(owner module path, NeuronMask)`` pairs, sorted by layer index."""
+    """``(owner module path, NeuronMask)`` pairs (ANP's :class:`~nft_core.reparam.PerturbedMask` included),
+    sorted by layer index."""
     found = [(name.removesuffix(".parametrizations.weight.0"), m) for name, m in model.named_modules()
              if isinstance(m, NeuronMask)]
     return sorted(found, key=lambda item: item[1].layer_index)

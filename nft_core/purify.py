@@ -14,36 +14,33 @@ Algorithm (one call of :func:`purify`):
    (:mod:`nft_core.schedule`).
 5. Return the masked model; :func:`nft_core.fold.fold_masks` folds the masks into the weights.
 
-With ``checkpoint=path`` the full training state (model incl. masks and BN statistics, optimiser, scheduler,
-RNG states, history) is written atomically after every epoch, and a rerun with the same path resumes from
-it and ends with the same masks as an uninterrupted run. The checkpoint is bound to what it was made from by a
-fingerprint (sha256 of the candidate's weights, the clean images and labels, and the config): a checkpoint of
-another candidate, clean set or config is never resumed (:class:`StaleCheckpoint`, or a fresh start with
-``stale_checkpoint="restart"``).
+Training runs through :func:`nft_core.loop.train_epochs`, as every baseline's. With ``checkpoint=path`` the full
+training state (model incl. masks and BN statistics, optimiser, scheduler, RNG states, batch stream, history) is
+written atomically to ``path`` after every epoch, and a rerun with the same path resumes from it and ends with
+the same masks as an uninterrupted run. The checkpoint is bound to what it was made from by
+:func:`~nft_core.loop.fingerprint` (sha256 of the candidate's weights, the clean images and labels, and the
+config): a checkpoint of another candidate, clean set or config is never resumed (:class:`StaleCheckpoint`, or a
+fresh start with ``stale_checkpoint="restart"``).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
-import math
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from nft_core.adversarial import pgd_untargeted
 from nft_core.augment import make_mixer, soft_cross_entropy
 from nft_core.batches import CROP_PADDING, DeviceBatches, conv_layout
 from nft_core.config import NFTConfig
+from nft_core.loop import (CHECKPOINT_FORMAT, Checkpoint, StaleCheckpoint, StalePolicy, fingerprint, set_norm_mode,
+                           train_epochs)
 from nft_core.masks import MaskedLayer, attach_masks, clamp_masks, mask_l1_distance, mask_modules, mask_parameters
 from nft_core.schedule import mask_lower_bounds
 
@@ -94,15 +91,6 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)  # type: ignore[arg-type]
 
 
-def set_norm_mode(model: nn.Module, bn_mode: str) -> None:
-    """Model in eval mode, then BatchNorm layers in train mode when ``bn_mode == "train"``."""
-    model.eval()
-    if bn_mode == "train":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-
-
 def _mask_stats(model: nn.Module, lower_bounds: list[float]) -> dict[str, float]:
     masks = mask_modules(model)
     values = torch.cat([m.mask.detach().float().cpu() for _, m in masks])
@@ -111,45 +99,9 @@ def _mask_stats(model: nn.Module, lower_bounds: list[float]) -> dict[str, float]
             "frac_at_lower_bound": at_lb.float().mean().item()}
 
 
-#: the layout of a checkpoint's training state; part of the fingerprint, so a checkpoint written by a version
-#: that saved another state (2: the batch stream of :class:`~nft_core.batches.DeviceBatches`) is never resumed
-CHECKPOINT_FORMAT = 2
-
-
-class StaleCheckpoint(ValueError):
-    """A checkpoint written for another candidate, clean set or config."""
-
-
-def fingerprint(model: nn.Module, clean_data: Dataset, config: NFTConfig) -> str:
-    """sha256 binding a checkpoint to its inputs: the model's state (weights and buffers, by name), every clean
-    image and label in order, the config (without ``progress``, which changes nothing) and
-    :data:`CHECKPOINT_FORMAT`."""
-    settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
-    digest = hashlib.sha256(json.dumps({**settings, "checkpoint_format": CHECKPOINT_FORMAT},
-                                       sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    tensors = getattr(clean_data, "tensors", None)
-    samples = [tensors] if tensors is not None else (clean_data[i] for i in range(len(clean_data)))  # type: ignore[arg-type]
-    for sample in samples:
-        for part in sample:
-            t = torch.as_tensor(part).detach().cpu().contiguous()
-            digest.update(str(t.dtype).encode())
-            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(), *,
            num_classes: int | None = None, checkpoint: str | Path | None = None,
-           stale_checkpoint: Literal["error", "restart"] = "error") -> PurifyResult:
+           stale_checkpoint: StalePolicy = "error") -> PurifyResult:
     """Purify ``model`` with NFT on ``clean_data``; ``model`` itself is not modified.
 
     Args:
@@ -169,8 +121,8 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
         raise ValueError("clean_data is empty: NFT needs at least one clean sample per class")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    key = fingerprint(model, clean_data, config) if ckpt_path is not None else None
+    phase = (Checkpoint(Path(checkpoint), config, stale_checkpoint).phase("train", model, clean_data)
+             if checkpoint is not None else None)
     model = copy.deepcopy(model).to(device)
     example = clean_data[0][0].unsqueeze(0).to(device)
     with torch.no_grad():
@@ -204,70 +156,34 @@ def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(
     memory_format = conv_layout(device)  # the model goes back to the standard layout at the end
     model.to(memory_format=memory_format)
 
-    history: list[dict[str, float]] = []
-    start_epoch, previous_time = 0, 0.0
-    state = None
-    if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("fingerprint") != key:
-            message = (f"checkpoint {ckpt_path} was written for another candidate, clean set or config "
-                       f"(fingerprint {str(state.get('fingerprint'))[:12]}, this run {str(key)[:12]})")
-            if stale_checkpoint == "error":
-                raise StaleCheckpoint(f"{message}; delete it to start over")
-            log.warning("NFT: %s; not resuming it, starting over", message)
-            state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        loader.load_state_dict(state["batches"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        history, start_epoch, previous_time = state["history"], state["epoch"], state["wall_time_s"]
-        log.info("NFT: resumed from %s at epoch %d/%d", ckpt_path, start_epoch, config.epochs)
+    def adversarial(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_adv = round(config.adv_share * len(x))
+        if n_adv:
+            x = torch.cat([pgd_untargeted(model, x[:n_adv], y[:n_adv], config.adv_eps, config.adv_steps), x[n_adv:]])
+        return x, y
 
-    t0 = time.perf_counter()
-    bar = tqdm(range(start_epoch, config.epochs), desc="NFT", unit="epoch", disable=not config.progress,
-               initial=start_epoch, total=config.epochs)
-    for epoch in bar:
-        set_norm_mode(model, config.bn_mode)
-        sums = torch.zeros(3, device=device)  # loss, ce, reg: summed on the device, read once per epoch
-        for x, y in loader:
-            n_adv = round(config.adv_share * len(x))
-            if n_adv:
-                x = torch.cat([pgd_untargeted(model, x[:n_adv], y[:n_adv], config.adv_eps, config.adv_steps), x[n_adv:]])
-                set_norm_mode(model, config.bn_mode)
-            x, y_soft = mixer(x, y)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x.contiguous(memory_format=memory_format))
-            ce = soft_cross_entropy(logits, y_soft)
-            reg = mask_l1_distance(model)
-            loss = ce + eta * reg
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            clamp_masks(model, bounds)
-            sums += torch.stack([loss, ce, reg]).detach()
-        means = (sums / len(loader)).tolist()
-        row = {"epoch": epoch + 1, "loss": means[0], "ce": means[1], "reg": means[2],
-               "lr": optimizer.param_groups[0]["lr"], **_mask_stats(model, bounds)}
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"NFT loss became {row['loss']} at epoch {epoch + 1}; lower the learning rate")
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", mask_mean=f"{row['mask_mean']:.3f}")
-        if ckpt_path is not None:
-            _atomic_save({"epoch": epoch + 1, "fingerprint": key, "config": config.to_dict(), "n_clean": len(labels),
-                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                          "batches": loader.state_dict(),
-                          "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                          "history": history, "wall_time_s": previous_time + time.perf_counter() - t0}, ckpt_path)
-    wall = previous_time + time.perf_counter() - t0
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, y_soft = mixer(x, y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.contiguous(memory_format=memory_format))
+        ce = soft_cross_entropy(logits, y_soft)
+        reg = mask_l1_distance(model)
+        loss = ce + eta * reg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        clamp_masks(model, bounds)
+        return {"loss": loss.detach(), "ce": ce.detach(), "reg": reg.detach()}
 
-    model.eval()
+    trained = train_epochs(model, loader, step, config.epochs, optimizers=[optimizer], schedulers=[scheduler],
+                           bn_mode=config.bn_mode, desc="NFT", progress=config.progress,
+                           batch_hook=adversarial if config.adv_share > 0 else None,
+                           epoch_hook=lambda m: _mask_stats(m, bounds), checkpoint=phase)
     model.to(memory_format=torch.contiguous_format)
-    return PurifyResult(model=model.cpu(), history=history, layers=layers, lower_bounds=bounds, eta=eta,
+    return PurifyResult(model=model.cpu(), history=trained.history, layers=layers, lower_bounds=bounds, eta=eta,
                         samples_per_class=samples_per_class, trainable_params=trainable, total_params=total,
-                        wall_time_s=wall, device=str(device))
+                        wall_time_s=trained.wall_time_s, device=str(device))
+
+
+__all__ = ["CHECKPOINT_FORMAT", "PurifyResult", "StaleCheckpoint", "dataset_labels", "fingerprint", "purify",
+           "resolve_device", "set_norm_mode"]

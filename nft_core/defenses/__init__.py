@@ -1,9 +1,11 @@
 """Backdoor purifiers behind one interface, selectable by name.
 
-``run_defense(name, model, clean_data, config=None, **overrides)`` runs one of :data:`DEFENSES` on a copy of
-``model`` (never the caller's) and returns a :class:`DefenseResult` whose ``model`` is a plain module of the
-candidate's architecture with the candidate's exact state-dict keys and shapes (masks and parametrizations
-folded), so the rest of the pipeline does not care which purifier ran.
+``run_defense(name, model, clean_data, config=None, *, checkpoint=None, stale_checkpoint="error", **overrides)``
+runs one of :data:`DEFENSES` on a copy of ``model`` (never the caller's) and returns a :class:`DefenseResult`
+whose ``model`` is a plain module of the candidate's architecture with the candidate's exact state-dict keys and
+shapes (masks and parametrizations folded), so the rest of the pipeline does not care which purifier ran. Every
+purifier trains through :func:`nft_core.loop.train_epochs`, so with ``checkpoint`` every one of them resumes a
+killed run where its last epoch ended (see :mod:`nft_core.loop` for the files and the fingerprint).
 
 =========  ================================================  =====================================
 name       method                                            config
@@ -23,12 +25,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from nft_core.config import NFTConfig
+from nft_core.config import DefenseConfig, NFTConfig
 from nft_core.defenses import anp, fip, fp, ft, ft_sam, nft, pbe
 from nft_core.defenses._common import DefenseResult
 from nft_core.defenses.anp import ANPConfig
@@ -37,14 +40,15 @@ from nft_core.defenses.fp import FPConfig
 from nft_core.defenses.ft import FTConfig
 from nft_core.defenses.ft_sam import FTSAMConfig
 from nft_core.defenses.pbe import PBEConfig, rank_clean_samples
+from nft_core.loop import Checkpoint, StaleCheckpoint, StalePolicy
 
 
 @dataclass(frozen=True)
 class Defense:
-    """A registered purifier: its config class and its ``run(model, clean_data, config)`` function."""
+    """A registered purifier: its config class and its ``run(model, clean_data, config, checkpoint)`` function."""
 
-    config_class: type
-    run: Callable[[nn.Module, Dataset, Any], DefenseResult]
+    config_class: type[NFTConfig] | type[DefenseConfig]
+    run: Callable[[nn.Module, Dataset, Any, Checkpoint | None], DefenseResult]
     summary: str
 
 
@@ -74,7 +78,8 @@ def default_config(name: str) -> Any:
     return _lookup(name).config_class()
 
 
-def run_defense(name: str, model: nn.Module, clean_data: Dataset, config: Any | None = None,
+def run_defense(name: str, model: nn.Module, clean_data: Dataset, config: Any | None = None, *,
+                checkpoint: str | Path | None = None, stale_checkpoint: StalePolicy = "error",
                 **overrides: Any) -> DefenseResult:
     """Purify a copy of ``model`` with defense ``name`` on ``clean_data``.
 
@@ -83,11 +88,17 @@ def run_defense(name: str, model: nn.Module, clean_data: Dataset, config: Any | 
         model: the candidate, taking images in [0, 1]; it is not modified.
         clean_data: ``(image CHW float in [0, 1], label)`` dataset (PBE progressive mode: the training set).
         config: that defense's config; default :func:`default_config`.
+        checkpoint: file to write the training state to after every epoch and to resume from if present (a
+            multi-phase method adds ``<checkpoint>.<phase>`` files; :func:`nft_core.loop.remove_checkpoint`
+            deletes them all).
+        stale_checkpoint: what to do with a checkpoint of another candidate, clean set or config: raise
+            :class:`~nft_core.loop.StaleCheckpoint` (``"error"``) or discard it and start over (``"restart"``).
         **overrides: fields to change on the config (validated).
 
     Raises:
         ValueError: unknown name, invalid field value, or bad data.
         TypeError: a config of another defense, or an unknown override field.
+        StaleCheckpoint: a checkpoint of something else, with ``stale_checkpoint="error"``.
     """
     defense = _lookup(name)
     config = defense.config_class() if config is None else config
@@ -95,7 +106,8 @@ def run_defense(name: str, model: nn.Module, clean_data: Dataset, config: Any | 
         raise TypeError(f"defense {name!r} takes a {defense.config_class.__name__}, got {type(config).__name__}")
     if overrides:
         config = config.replace(**overrides)
-    result = defense.run(model, clean_data, config)
+    ckpt = Checkpoint(Path(checkpoint), config, stale_checkpoint) if checkpoint is not None else None
+    result = defense.run(model, clean_data, config, ckpt)
     result.model = as_candidate(model, result.model)
     return result
 
@@ -113,4 +125,5 @@ def as_candidate(candidate: nn.Module, purified: nn.Module) -> nn.Module:
 
 
 __all__ = ["DEFENSES", "ANPConfig", "Defense", "DefenseResult", "FIPConfig", "FPConfig", "FTConfig", "FTSAMConfig",
-           "NFTConfig", "PBEConfig", "as_candidate", "default_config", "rank_clean_samples", "run_defense"]
+           "NFTConfig", "PBEConfig", "StaleCheckpoint", "as_candidate", "default_config", "rank_clean_samples",
+           "run_defense"]

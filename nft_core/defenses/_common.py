@@ -1,13 +1,12 @@
-"""Shared pieces of the weight fine-tuning purifiers: config base and validation, data loading, one small
-epoch loop, evaluation. Every baseline (FT, FP, FT-SAM, PBE, FIP) trains through :func:`run_epochs`; they
-differ only in the step function and what they do before/after.
+"""Shared pieces of the baseline purifiers: the working copy, data loading, SGD, plain fine-tuning, evaluation
+and the result type. Every baseline trains through :func:`nft_core.loop.train_epochs` (FT, FP, PBE and FIP via
+:func:`fine_tune`), as NFT does; they differ only in the step function and what they do before/after.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from nft_core.batches import CROP_PADDING, DeviceBatches
 from nft_core.config import TrainSettings
-from nft_core.purify import dataset_labels, resolve_device, set_norm_mode
+from nft_core.loop import BatchHook, Checkpoint, PhaseCheckpoint, StepFn, train_epochs
+from nft_core.purify import dataset_labels, resolve_device
 
-#: one optimisation step on a batch (model, images, labels) -> scalar logs, as 0-d tensors left on the device
-#: (:func:`run_epochs` reads them once per epoch, so the step loop never waits for the device)
-StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
+#: a loss ``(model, images, labels) -> 0-d tensor``
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -59,6 +57,12 @@ def prepare(model: nn.Module, data: Dataset, device: str, seed: int) -> Prepared
     return Prepared(work, dev, example, num_classes, labels)
 
 
+def phase_checkpoint(checkpoint: Checkpoint | None, phase: str, start: nn.Module, data: Dataset, *,
+                     own_file: bool = False) -> PhaseCheckpoint | None:
+    """:meth:`Checkpoint.phase <nft_core.loop.Checkpoint.phase>`, or None without a checkpoint."""
+    return checkpoint.phase(phase, start, data, own_file=own_file) if checkpoint is not None else None
+
+
 def make_loader(data: Dataset, batch_size: int, seed: int, augment: bool, device: torch.device) -> DeviceBatches:
     """Batches of ``data`` on ``device``, reshuffled every epoch (seeded), with per-sample random crop (padding 4)
     and horizontal flip when ``augment``."""
@@ -75,11 +79,10 @@ def make_sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_
     return opt, sched
 
 
-def sgd_step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-             after_step: Callable[[], None] | None = None) -> StepFn:
+def sgd_step(optimizer: torch.optim.Optimizer, loss_fn: LossFn, after_step: Callable[[], None] | None = None) -> StepFn:
     """A step function: ``loss_fn(model, x, y)``, backward, optimiser step, then ``after_step()``."""
 
-    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         loss = loss_fn(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,54 +98,19 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return F.cross_entropy(model(x).float(), y)
 
 
-def run_epochs(model: nn.Module, loader: DeviceBatches, step: StepFn, epochs: int, *, bn_mode: str = "train",
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-               desc: str = "train", progress: bool = True,
-               batch_hook: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-               ) -> list[dict[str, float]]:
-    """The one training loop: ``epochs`` passes of ``step`` over ``loader``; returns per-epoch mean logs.
-
-    Args:
-        batch_hook: optional ``(x, y) -> (x, y)`` applied to each batch on the device (e.g. PGD examples).
-
-    Raises:
-        FloatingPointError: a non-finite loss.
-    """
-    history: list[dict[str, float]] = []
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress):
-        set_norm_mode(model, bn_mode)
-        sums: dict[str, torch.Tensor] = {}
-        for x, y in loader:
-            if batch_hook is not None:
-                x, y = batch_hook(x, y)
-                set_norm_mode(model, bn_mode)
-            for k, v in step(model, x, y).items():
-                sums[k] = sums[k] + v if k in sums else v.detach().float().clone()
-            if scheduler is not None:
-                scheduler.step()
-        means = (torch.stack(list(sums.values())) / len(loader)).tolist() if sums else []
-        row = {"epoch": float(epoch + 1), **dict(zip(sums, means, strict=True))}
-        if scheduler is not None:
-            row["lr"] = scheduler.get_last_lr()[0]
-        if not all(math.isfinite(v) for v in row.values()):
-            raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch + 1} ({row}); lower the learning rate")
-        history.append(row)
-    model.eval()
-    return history
-
-
 def fine_tune(model: nn.Module, data: Dataset, cfg: TrainSettings, device: torch.device, *,
-              loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss,
-              after_step: Callable[[], None] | None = None, desc: str = "FT",
-              batch_hook: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-              epochs: int | None = None) -> list[dict[str, float]]:
-    """Plain SGD fine-tuning of all trainable parameters of ``model`` in place with ``cfg``'s settings."""
+              loss_fn: LossFn = cross_entropy_loss, after_step: Callable[[], None] | None = None, desc: str = "FT",
+              batch_hook: BatchHook | None = None, epochs: int | None = None,
+              checkpoint: PhaseCheckpoint | None = None) -> list[dict[str, float]]:
+    """Plain SGD fine-tuning of all trainable parameters of ``model`` in place with ``cfg``'s settings, one
+    phase of :func:`~nft_core.loop.train_epochs` (checkpointed after every epoch with ``checkpoint``)."""
     epochs = cfg.epochs if epochs is None else epochs
     loader = make_loader(data, cfg.batch_size, cfg.seed, cfg.crop_flip, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_sgd(params, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_schedule, epochs * len(loader))
-    return run_epochs(model, loader, sgd_step(opt, loss_fn, after_step), epochs, bn_mode=cfg.bn_mode,
-                      scheduler=sched, desc=desc, progress=cfg.progress, batch_hook=batch_hook)
+    return train_epochs(model, loader, sgd_step(opt, loss_fn, after_step), epochs, optimizers=[opt],
+                        schedulers=[sched], bn_mode=cfg.bn_mode, desc=desc, progress=cfg.progress,
+                        batch_hook=batch_hook, checkpoint=checkpoint).history
 
 
 @torch.no_grad()
@@ -165,11 +133,14 @@ class DefenseResult:
         model: a plain module of the candidate's architecture with its exact state-dict keys and shapes (masks
             or parametrizations folded), on the CPU, eval mode.
         wall_time_s: seconds the purification took (setup to folded model, evaluation excluded).
-        history: per-epoch (or per-iteration) logs.
+        history: per-epoch logs.
         extra: method-specific facts (pruned neurons, selected samples, ...).
+        unfolded: the model as trained, its reparametrizations still attached (NFT: the masked model, CPU, eval
+            mode; :func:`nft_core.reparam.describe` lists them), or None for a method that ends folded.
     """
 
     model: nn.Module
     wall_time_s: float
     history: list[dict[str, float]]
     extra: dict[str, Any]
+    unfolded: nn.Module | None = None

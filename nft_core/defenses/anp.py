@@ -4,10 +4,13 @@ Backdoor neurons are the ones whose small multiplicative perturbation changes th
 mask m in [0, 1] per neuron (channel of every normalisation layer, as in the authors' code) under adversarial
 neuron perturbations, and prunes the neurons whose mask ends low.
 
-1. Copy the candidate and attach, with ``torch.nn.utils.parametrize`` (no model code copied), to every norm
-   layer's scale gamma the parametrization gamma * (m + delta) and to its shift beta the parametrization
-   beta * (1 + xi); m starts at 1, delta and xi are the neuron perturbations, active only when switched on.
-2. For each clean batch (``iterations`` batches in total, model in train mode as in the authors' code):
+1. Copy the candidate and attach, with ``torch.nn.utils.parametrize`` through :mod:`nft_core.reparam` (no model
+   code copied), to every norm layer's scale gamma the parametrization gamma * (m + delta)
+   (:class:`~nft_core.reparam.PerturbedMask`) and to its shift beta the parametrization beta * (1 + xi)
+   (:class:`~nft_core.reparam.ShiftNoise`); m starts at 1, delta and xi are the neuron perturbations, active
+   only when switched on.
+2. For each clean batch (``iterations`` rounded up to whole passes over the clean set, model in train mode as in
+   the authors' code):
    a. perturbation: draw delta, xi ~ U(-eps, eps), then take ``pgd_steps`` SGD ascent steps of size
       eps / steps on CE(f_{m, delta, xi}(x), y), clipping delta, xi to [-eps, eps];
    b. mask: minimise alpha * CE(f_m(x), y) + (1 - alpha) * CE(f_{m, delta, xi}(x), y) w.r.t. m with SGD
@@ -19,6 +22,10 @@ neuron perturbations, and prunes the neurons whose mask ends low.
 Paper settings: eps 0.4, one perturbation step, alpha 0.2, mask lr 0.2, 2000 iterations of batch 128 (the NFT
 supplement's "500 epochs" of a 500-sample clean set at batch 128 is the same 2000 iterations; it quotes
 lr 0.02, the ANP code uses 0.2).
+
+Checkpoints: the mask optimisation runs as epochs of one pass over the clean set (``ceil(iterations / batches
+per pass)`` of them) through :func:`nft_core.loop.train_epochs`, so it is checkpointed, and resumed, at the end of
+every pass, never inside one; the pruning of step 3 is recomputed from the restored masks.
 """
 
 from __future__ import annotations
@@ -30,41 +37,18 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from nft_core.config import ANPConfig
-from nft_core.defenses._common import DefenseResult, make_loader, prepare, run_epochs
-from nft_core.masks import NeuronMask, clamp_masks, forward_order, mask_modules, mask_parameters
-
-
-class PerturbedMask(NeuronMask):
-    """gamma -> gamma * (m + delta) when ``perturbed``, else gamma * m (ANP's NoisyBatchNorm scale)."""
-
-    def __init__(self, n: int, ndim: int, layer_index: int, device: torch.device | str | None = None) -> None:
-        super().__init__(n, ndim, layer_index, device)
-        self.noise = nn.Parameter(torch.zeros(n, device=device))
-        self.perturbed = False
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        scale = self.mask + self.noise if self.perturbed else self.mask
-        return weight * scale.view(self._view).to(weight.dtype)
-
-
-class ShiftNoise(nn.Module):
-    """beta -> beta * (1 + xi) when ``perturbed``, else beta."""
-
-    def __init__(self, n: int, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.noise = nn.Parameter(torch.zeros(n, device=device))
-        self.perturbed = False
-
-    def forward(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias * (1 + self.noise.to(bias.dtype)) if self.perturbed else bias
+from nft_core.defenses._common import DefenseResult, make_loader, phase_checkpoint, prepare
+from nft_core.loop import Checkpoint, StepFn, train_epochs
+from nft_core.masks import clamp_masks, forward_order, mask_modules, mask_parameters
+from nft_core.reparam import PerturbedMask, ShiftNoise, attach, detach
 
 
 def attach_perturbations(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Attach :class:`PerturbedMask` / :class:`ShiftNoise` to every affine norm layer; freeze all else.
+    """Attach :class:`~nft_core.reparam.PerturbedMask` / :class:`~nft_core.reparam.ShiftNoise` to every affine norm
+    layer (all or none); freeze all else.
 
     Returns:
         The names of the perturbed layers, in forward order.
@@ -76,12 +60,13 @@ def attach_perturbations(model: nn.Module, example: torch.Tensor) -> list[str]:
     if not names:
         raise ValueError("ANP needs normalisation layers with an affine scale (BatchNorm/LayerNorm/GroupNorm)")
     modules = dict(model.named_modules())
-    for index, name in enumerate(names, start=1):
-        module = modules[name]
-        parametrize.register_parametrization(module, "weight", PerturbedMask(module.weight.shape[0], 1, index,
-                                                                                   module.weight.device))
-        if getattr(module, "bias", None) is not None:
-            parametrize.register_parametrization(module, "bias", ShiftNoise(module.bias.shape[0], module.bias.device))
+    scales = attach(model, "perturbed_mask", "weight", names)
+    with_shift = [(r.module, r.layer_index) for r in scales if getattr(modules[r.module], "bias", None) is not None]
+    try:
+        attach(model, "shift_noise", "bias", [n for n, _ in with_shift], layer_indices=[i for _, i in with_shift])
+    except Exception:
+        detach(model, scales)
+        raise
     trainable = {id(p) for m in model.modules() if isinstance(m, (PerturbedMask, ShiftNoise)) for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -92,14 +77,14 @@ def _perturbations(model: nn.Module) -> list[PerturbedMask | ShiftNoise]:
     return [m for m in model.modules() if isinstance(m, (PerturbedMask, ShiftNoise))]
 
 
-def anp_step(config: ANPConfig, mask_opt: torch.optim.Optimizer, noise_opt: torch.optim.Optimizer):
+def anp_step(config: ANPConfig, mask_opt: torch.optim.Optimizer, noise_opt: torch.optim.Optimizer) -> StepFn:
     """A step function doing steps 2a-2b of the module docstring on one batch."""
 
     def set_perturbed(model: nn.Module, on: bool) -> None:
         for m in _perturbations(model):
             m.perturbed = on
 
-    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         rob = torch.zeros((), device=x.device)
         if config.eps > 0:
             with torch.no_grad():
@@ -127,8 +112,9 @@ def anp_step(config: ANPConfig, mask_opt: torch.optim.Optimizer, noise_opt: torc
     return step
 
 
-def run(model: nn.Module, clean_data: Dataset, config: ANPConfig) -> DefenseResult:
-    """ANP on a copy of ``model`` (see module docstring)."""
+def run(model: nn.Module, clean_data: Dataset, config: ANPConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+    """ANP on a copy of ``model`` (see module docstring); the mask optimisation is checkpointed as phase
+    ``"masks"`` after every pass over the clean set."""
     t0 = time.perf_counter()
     prep = prepare(model, clean_data, config.device, config.seed)
     work = copy.deepcopy(prep.model)
@@ -139,8 +125,10 @@ def run(model: nn.Module, clean_data: Dataset, config: ANPConfig) -> DefenseResu
     noise_opt = torch.optim.SGD(noises, lr=config.eps / config.pgd_steps if config.eps > 0 else 1.0)
     loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.device)
     epochs = math.ceil(config.iterations / len(loader))
-    history = run_epochs(work, loader, anp_step(config, mask_opt, noise_opt), epochs,
-                         bn_mode=config.bn_mode, desc="ANP", progress=config.progress)
+    history = train_epochs(work, loader, anp_step(config, mask_opt, noise_opt), epochs,
+                           optimizers=[mask_opt, noise_opt], bn_mode=config.bn_mode, desc="ANP",
+                           progress=config.progress,
+                           checkpoint=phase_checkpoint(checkpoint, "masks", work, clean_data)).history
 
     values = {name: m.mask.detach().cpu() for name, (_, m) in zip(names, mask_modules(work))}
     flat = torch.cat(list(values.values()))

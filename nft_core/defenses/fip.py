@@ -18,10 +18,11 @@ with standard estimators, and names every choice:
    minimised with SGD (the FT recipe: lr 0.01, momentum 0.9, cosine schedule). The retention term is an
    EWC-style quadratic (Kirkpatrick et al., 2017): parameters important for the clean task move least.
 4. Fast FIP (``variant="fast"``): every Conv/Linear weight after the stem is reparametrised with
-   ``torch.nn.utils.parametrize`` as W = W0 + U diag(s - s0) V^T (SVD of W0 reshaped to out x in*k*k) and only
-   the singular values s are trained (with the same objective, restricted to s); the parametrizations are
-   folded at the end (W <- U diag(s) V^T), so the candidate's architecture and keys come back. Trainable
-   parameters drop from all weights to sum_l min(out_l, in_l k_l^2).
+   ``torch.nn.utils.parametrize`` (:class:`~nft_core.reparam.SpectralDelta`, through :mod:`nft_core.reparam`) as
+   W = W0 + U diag(s - s0) V^T (SVD of W0 reshaped to out x in*k*k) and only the singular values s are trained
+   (with the same objective, restricted to s); the parametrizations are folded at the end (W <- U diag(s) V^T),
+   so the candidate's architecture and keys come back. Trainable parameters drop from all weights to
+   sum_l min(out_l, in_l k_l^2).
 
 Defaults (epochs 100, like NFT; eta_f 0.01, eta_r 0.1; fast_lr) are this implementation's, not the paper's.
 """
@@ -33,38 +34,22 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from nft_core.config import FIPConfig
-from nft_core.defenses._common import DefenseResult, fine_tune, prepare
+from nft_core.defenses._common import DefenseResult, LossFn, fine_tune, phase_checkpoint, prepare
+from nft_core.loop import Checkpoint
 from nft_core.masks import forward_order
-
-
-class SpectralDelta(nn.Module):
-    """Parametrization W -> W + U diag(s - s0) V^T with U, s0, V^T from the SVD of the initial W."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        u, s, vh = torch.linalg.svd(weight.detach().flatten(1).float(), full_matrices=False)
-        self.register_buffer("u", u)
-        self.register_buffer("vh", vh)
-        self.register_buffer("s0", s.clone())
-        self.s = nn.Parameter(s.clone())
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = (self.u * (self.s - self.s0)) @ self.vh
-        return weight + delta.view_as(weight).to(weight.dtype)
+from nft_core.reparam import SpectralDelta, attach, fold
 
 
 def attach_spectral(model: nn.Module, example: torch.Tensor) -> list[nn.Parameter]:
-    """Reparametrise every Conv/Linear weight after the first; freeze everything but the singular values."""
-    modules = dict(model.named_modules())
+    """Reparametrise every Conv/Linear weight after the first with a :class:`~nft_core.reparam.SpectralDelta`
+    (all or none); freeze everything but the singular values, which it returns."""
     names = forward_order(model, "weight", example)[1:]
     if not names:
         raise ValueError("Fast FIP needs Conv/Linear layers after the stem")
-    for name in names:
-        parametrize.register_parametrization(modules[name], "weight", SpectralDelta(modules[name].weight))
+    attach(model, "spectral_delta", "weight", names)
     trainable = [m.s for m in model.modules() if isinstance(m, SpectralDelta)]
     ids = {id(p) for p in trainable}
     for p in model.parameters():
@@ -73,14 +58,13 @@ def attach_spectral(model: nn.Module, example: torch.Tensor) -> list[nn.Paramete
 
 
 def fold_spectral(model: nn.Module) -> nn.Module:
-    """Fold every :class:`SpectralDelta` into its weight and remove it (in place); all params trainable again."""
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module, "weight") and any(
-                isinstance(p, SpectralDelta) for p in module.parametrizations["weight"]):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    """Fold every :class:`~nft_core.reparam.SpectralDelta` into its weight and remove it (in place); all params
+    trainable again.
+
+    Raises:
+        ValueError: a reparametrized weight also carries another parametrization.
+    """
+    return fold(model, kinds=("spectral_delta",))
 
 
 def diagonal_fisher(model: nn.Module, params: list[nn.Parameter], data: Dataset, samples: int,
@@ -101,7 +85,7 @@ def diagonal_fisher(model: nn.Module, params: list[nn.Parameter], data: Dataset,
 
 
 def fip_loss(params: list[nn.Parameter], anchors: list[torch.Tensor], fisher: list[torch.Tensor],
-             eta_f: float, eta_r: float):
+             eta_f: float, eta_r: float) -> LossFn:
     """The FIP objective of step 3 as a ``loss_fn(model, x, y)``."""
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -117,8 +101,9 @@ def fip_loss(params: list[nn.Parameter], anchors: list[torch.Tensor], fisher: li
     return loss_fn
 
 
-def run(model: nn.Module, clean_data: Dataset, config: FIPConfig) -> DefenseResult:
-    """FIP / Fast FIP on a copy of ``model`` (see module docstring)."""
+def run(model: nn.Module, clean_data: Dataset, config: FIPConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+    """FIP / Fast FIP on a copy of ``model`` (see module docstring). The fine-tuning is checkpointed after every
+    epoch as phase ``"train"``; the candidate's Fisher (step 1) is recomputed on a rerun."""
     t0 = time.perf_counter()
     prep = prepare(model, clean_data, config.device, config.seed)
     if config.variant == "fast":
@@ -133,7 +118,8 @@ def run(model: nn.Module, clean_data: Dataset, config: FIPConfig) -> DefenseResu
     fisher = diagonal_fisher(prep.model, params, clean_data, config.fisher_samples, prep.device, config.seed)
     history = fine_tune(prep.model, clean_data, train_cfg, prep.device,
                         loss_fn=fip_loss(params, anchors, fisher, config.eta_f, config.eta_r),
-                        desc=f"FIP-{config.variant}")
+                        desc=f"FIP-{config.variant}",
+                        checkpoint=phase_checkpoint(checkpoint, "train", prep.model, clean_data))
     trainable = sum(p.numel() for p in params)
     if config.variant == "fast":
         fold_spectral(prep.model)

@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from nft_core.config import FPConfig
-from nft_core.defenses._common import DefenseResult, fine_tune, prepare
+from nft_core.defenses._common import DefenseResult, fine_tune, phase_checkpoint, prepare
+from nft_core.loop import Checkpoint
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -89,8 +90,9 @@ def prune_order_and_count(features: torch.Tensor, labels: torch.Tensor, head: nn
     return order, k, curve
 
 
-def run(model: nn.Module, clean_data: Dataset, config: FPConfig) -> DefenseResult:
-    """Fine-Pruning on a copy of ``model`` (see module docstring)."""
+def run(model: nn.Module, clean_data: Dataset, config: FPConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+    """Fine-Pruning on a copy of ``model`` (see module docstring). The fine-tuning of step 4 is checkpointed after
+    every epoch as phase ``"train"``; the pruning (steps 1-3, deterministic) is recomputed on a rerun."""
     t0 = time.perf_counter()
     prep = prepare(model, clean_data, config.device, config.seed)
     name, head = last_linear(prep.model)
@@ -105,7 +107,8 @@ def run(model: nn.Module, clean_data: Dataset, config: FPConfig) -> DefenseResul
     zero_pruned()
     for p in prep.model.parameters():
         p.requires_grad_(True)
-    history = fine_tune(prep.model, clean_data, config, prep.device, after_step=zero_pruned, desc="FP")
+    history = fine_tune(prep.model, clean_data, config, prep.device, after_step=zero_pruned, desc="FP",
+                        checkpoint=phase_checkpoint(checkpoint, "train", prep.model, clean_data))
     extra = {"head": name, "channels": int(features.shape[1]), "pruned": int(k),
              "pruned_channels": pruned.cpu().tolist(), "clean_acc_before_prune": curve[0],
              "clean_acc_after_prune": curve[-1]}

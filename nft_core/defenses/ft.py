@@ -14,14 +14,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from nft_core.config import FTConfig
-from nft_core.defenses._common import DefenseResult, fine_tune, prepare
+from nft_core.defenses._common import DefenseResult, fine_tune, phase_checkpoint, prepare
+from nft_core.loop import Checkpoint
 
 
-def run(model: nn.Module, clean_data: Dataset, config: FTConfig) -> DefenseResult:
-    """Fine-tune a copy of ``model`` on ``clean_data`` (see module docstring)."""
+def run(model: nn.Module, clean_data: Dataset, config: FTConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+    """Fine-tune a copy of ``model`` on ``clean_data`` (see module docstring), checkpointed after every epoch as
+    phase ``"train"``."""
     t0 = time.perf_counter()
     prep = prepare(model, clean_data, config.device, config.seed)
     for p in prep.model.parameters():
         p.requires_grad_(True)
-    history = fine_tune(prep.model, clean_data, config, prep.device, desc="FT")
+    history = fine_tune(prep.model, clean_data, config, prep.device, desc="FT",
+                        checkpoint=phase_checkpoint(checkpoint, "train", prep.model, clean_data))
     return DefenseResult(prep.model.cpu().eval(), time.perf_counter() - t0, history, {})

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from nft_core.config import FTSAMConfig
-from nft_core.defenses._common import DefenseResult, make_loader, make_sgd, prepare, run_epochs
+from nft_core.defenses._common import DefenseResult, make_loader, make_sgd, phase_checkpoint, prepare
+from nft_core.loop import Checkpoint, StepFn, train_epochs
 
 
 def _bn_momentum(model: nn.Module, frozen: bool) -> None:
@@ -37,13 +38,13 @@ def _bn_momentum(model: nn.Module, frozen: bool) -> None:
 
 
 def sam_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], rho: float, adaptive: bool,
-             label_smoothing: float):
+             label_smoothing: float) -> StepFn:
     """A step function doing one SAM update (see module docstring) with ``optimizer`` as the base optimiser."""
 
     def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
 
-    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of(model, x, y)
         loss.backward()
@@ -70,8 +71,8 @@ def sam_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], rho: 
     return step
 
 
-def run(model: nn.Module, clean_data: Dataset, config: FTSAMConfig) -> DefenseResult:
-    """FT-SAM on a copy of ``model`` (see module docstring)."""
+def run(model: nn.Module, clean_data: Dataset, config: FTSAMConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+    """FT-SAM on a copy of ``model`` (see module docstring), checkpointed after every epoch as phase ``"train"``."""
     t0 = time.perf_counter()
     prep = prepare(model, clean_data, config.device, config.seed)
     params = list(prep.model.parameters())
@@ -81,6 +82,7 @@ def run(model: nn.Module, clean_data: Dataset, config: FTSAMConfig) -> DefenseRe
     opt, sched = make_sgd(params, config.lr, config.momentum, config.weight_decay, config.lr_schedule,
                           config.epochs * len(loader))
     step = sam_step(opt, params, config.rho, config.adaptive, config.label_smoothing)
-    history = run_epochs(prep.model, loader, step, config.epochs, bn_mode=config.bn_mode,
-                         scheduler=sched, desc="FT-SAM", progress=config.progress)
+    history = train_epochs(prep.model, loader, step, config.epochs, optimizers=[opt], schedulers=[sched],
+                           bn_mode=config.bn_mode, desc="FT-SAM", progress=config.progress,
+                           checkpoint=phase_checkpoint(checkpoint, "train", prep.model, clean_data)).history
     return DefenseResult(prep.model.cpu().eval(), time.perf_counter() - t0, history, {})

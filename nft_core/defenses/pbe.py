@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from nft_core.adversarial import pgd_untargeted
 from nft_core.config import PBEConfig
-from nft_core.defenses._common import DefenseResult, fine_tune, prepare
+from nft_core.defenses._common import DefenseResult, fine_tune, phase_checkpoint, prepare
+from nft_core.loop import Checkpoint
 from nft_core.metrics import predict_logits
 
 
@@ -62,27 +63,36 @@ def _dataset_scores(original: nn.Module, purified: nn.Module, data: Dataset, bat
                       for x, _ in DataLoader(data, batch_size=batch_size)])
 
 
-def _purify_once(model: nn.Module, data: Dataset, config: PBEConfig, device: torch.device,
-                 tag: str) -> list[dict[str, float]]:
-    """Steps 1 and 2 on ``data``, in place."""
+def _purify_once(model: nn.Module, data: Dataset, config: PBEConfig, device: torch.device, tag: str,
+                 checkpoint: Checkpoint | None, first: bool) -> list[dict[str, float]]:
+    """Steps 1 and 2 on ``data``, in place; phases ``adv<tag>`` and ``clean<tag>`` (``first``: the adversarial
+    phase is the method's first and writes the checkpoint path itself)."""
 
     def adversarial(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pgd_untargeted(model, x, y, config.adv_eps, config.adv_steps, config.adv_step_size), y
 
     hist = fine_tune(model, data, config, device, batch_hook=adversarial, epochs=config.adv_epochs,
-                     desc=f"PBE adv{tag}")
-    hist += fine_tune(model, data, config, device, desc=f"PBE clean{tag}")
+                     desc=f"PBE adv{tag}",
+                     checkpoint=phase_checkpoint(checkpoint, f"adv{tag}", model, data, own_file=not first))
+    hist += fine_tune(model, data, config, device, desc=f"PBE clean{tag}",
+                      checkpoint=phase_checkpoint(checkpoint, f"clean{tag}", model, data, own_file=True))
     return hist
 
 
-def run(model: nn.Module, clean_data: Dataset, config: PBEConfig) -> DefenseResult:
-    """PBE on a copy of ``model`` (see module docstring)."""
+def run(model: nn.Module, clean_data: Dataset, config: PBEConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+    """PBE on a copy of ``model`` (see module docstring).
+
+    Every fine-tuning is a checkpointed phase (after every epoch): ``"adv"`` and ``"clean"`` in clean mode,
+    ``"adv-t"`` and ``"clean-t"`` for round t = 1..T in progressive mode. The first writes the checkpoint path,
+    each later one ``<path>.<phase>`` (:func:`nft_core.loop.checkpoint_files`); the sample ranking between rounds
+    is recomputed on a rerun from the restored weights.
+    """
     t0 = time.perf_counter()
     prep = prepare(model, clean_data, config.device, config.seed)
     for p in prep.model.parameters():
         p.requires_grad_(True)
     if config.mode == "clean":
-        history = _purify_once(prep.model, clean_data, config, prep.device, "")
+        history = _purify_once(prep.model, clean_data, config, prep.device, "", checkpoint, first=True)
         return DefenseResult(prep.model.cpu().eval(), time.perf_counter() - t0, history, {"mode": "clean"})
 
     original = prep.model
@@ -94,7 +104,7 @@ def run(model: nn.Module, clean_data: Dataset, config: PBEConfig) -> DefenseResu
     rounds: list[dict[str, float]] = []
     for t in range(config.iterations):
         subset = Subset(clean_data, selected.tolist())
-        for row in _purify_once(current, subset, config, prep.device, f" {t + 1}/{config.iterations}"):
+        for row in _purify_once(current, subset, config, prep.device, f"-{t + 1}", checkpoint, first=t == 0):
             history.append({**row, "iteration": float(t + 1)})
         scores = _dataset_scores(original, current, clean_data)
         progress = min(t + 1, config.iterations - 1) / max(config.iterations - 1, 1)
