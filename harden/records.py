@@ -89,9 +89,35 @@ class Provenance(Record):
     pulled_at: str
 
 
+class ReparamEntry(BaseModel):
+    """One reparametrized tensor of the purified model (``nft_core.reparam.Reparam``; its ``kind`` is checked
+    against that module's allow-list when the model is rebuilt)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    module: str
+    tensor: str
+    kind: str
+    size: int
+    layer_index: int
+
+
+class MaskedLayerEntry(BaseModel):
+    """One layer carrying neuron masks: forward-order ``index``, module ``name``, module ``kind``, mask ``size`` and
+    the masks' lower bound mu(l)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index: int
+    name: str
+    kind: str
+    size: int
+    lower_bound: float
+
+
 class PurifyRecord(Record):
-    """What purification did (``purify.json``). ``outputs``: sha256 of each file it wrote beside the record
-    (masks and buffers for NFT, the package's tree digest for the other defenses)."""
+    """What purification did (``purify.json``), whatever the method: the purified model is the candidate's
+    architecture with ``reparametrizations`` attached (none for methods that change weights directly), its
+    state in ``outputs`` (sha256 of each file written beside the record). ``masked_layers`` lists the layers
+    that carry neuron masks (NFT), for the mask statistics and plots."""
 
     FILE: ClassVar[str] = "purify.json"
     defense: str
@@ -102,6 +128,8 @@ class PurifyRecord(Record):
     history: list[dict[str, float]]
     outputs: dict[str, str]
     versions: dict[str, str]
+    reparametrizations: list[ReparamEntry] = []
+    masked_layers: list[MaskedLayerEntry] = []
     device: str | None = None
     eta: float | None = None
     samples_per_class: float | None = None

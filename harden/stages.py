@@ -33,25 +33,24 @@ from harden.onnx_export import check_parity, export_onnx
 from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import (BaseParams, CandidateParams, DataParams, ExportParams, Params, PolicyParams, ProbesParams,
                            PurifyParams)
-from harden.records import (Attempt, Chain, FoldRecord, MetricsRecord, ParityRecord, Provenance, PurifyRecord,
-                            Registration, ReportRecord, canonical_sha256, check_chain, tree_sha256)
+from harden.records import (Attempt, Chain, FoldRecord, MaskedLayerEntry, MetricsRecord, ParityRecord, Provenance,
+                            PurifyRecord, Registration, ReparamEntry, ReportRecord, canonical_sha256, check_chain, tree_sha256)
 from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
                              strip_credentials)
 from harden.report import ReportFiles, TriggerView, write_report
 from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.data.npz import load_npz
-from nft_core.fold import fold_masks
-from nft_core.masks import MaskedLayer, attach_masks, load_mask_state, mask_state
-from nft_core.purify import purify
+from nft_core.defenses import run_defense
+from nft_core.loop import remove_checkpoint
+from nft_core.masks import MaskedLayer, mask_state
+from nft_core.reparam import Reparam, describe, fold, reattach
 
 log = logging.getLogger(__name__)
 
 PACKAGE = "package"
 PROVENANCE = Provenance.FILE
 CANDIDATE = "candidate.json"
-MASKS = "masks.safetensors"
-BUFFERS = "buffers.safetensors"
-MASKS_META = "masks.json"
+PURIFIED = "purified.safetensors"
 PURIFY = PurifyRecord.FILE
 FOLD = FoldRecord.FILE
 ONNX = "model.onnx"
@@ -244,14 +243,6 @@ JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "
                    "inverted/clean_rate")
 
 
-def _run_attempt(defense: str, config: Any, model: torch.nn.Module, clean: ImageData, checkpoint: Path) -> Any:
-    if defense == "nft":
-        return purify(model, clean.dataset(), config, checkpoint=checkpoint, stale_checkpoint="restart")
-    from nft_core.defenses import run_defense
-
-    return run_defense(defense, model, clean.dataset(), config)
-
-
 def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> Blessing:
     """The gate's checks that held-out clean data can answer, on the candidate's and the attempt's metrics."""
     checks = [c for c in gate.metrics if c.metric.startswith(JUDGED_PREFIXES)]
@@ -283,10 +274,12 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     (highest held-out accuracy among those). No attempt starts after ``policy.budget_s`` seconds. Every attempt,
     winner or not, is in the record. The test set is never touched here.
 
-    NFT writes its masks (``masks.safetensors``), the model's buffers (BatchNorm statistics updated in BN train
-    mode) and ``masks.json``; other defenses write a complete package. A checkpoint beside ``out_dir`` lets a
-    killed NFT run resume where it stopped; it is bound to the candidate, the clean set and the config (a
-    checkpoint of anything else is discarded, never resumed) and removed when the stage completes.
+    Every method writes the same artifact: the purified model's state (``purified.safetensors``) as it trained,
+    its reparametrizations still attached (NFT's neuron masks; none for methods that change the weights), which
+    the record lists, so the fold stage rebuilds and folds it without asking which method ran. Each attempt
+    checkpoints after every epoch beside ``out_dir``, so a killed run resumes where it stopped (an attempt that
+    had finished returns at once); a checkpoint is bound to the candidate, the clean set and the config (one of
+    anything else is discarded, never resumed), and all are removed when the stage completes.
     """
     check_device(base.device)
     policy = policy or PolicyParams()
@@ -297,7 +290,7 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     check_clean_set(clean)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir.with_name(f".{out_dir.name}.ckpt")
+    checkpoints = [out_dir.with_name(f".{out_dir.name}.{index}.ckpt") for index in range(1 + len(policy.fallbacks))]
     plan = [(a.method, a.config(base.seed, base.device, progress)) for a in [purify_params, *policy.fallbacks]]
     judged = len(plan) > 1
     params_digest = {"purify": purify_params.model_dump(mode="json"), "seed": base.seed}
@@ -322,7 +315,8 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
             continue
         if judged:
             log.info("policy attempt %d/%d: %s", index + 1, len(plan), defense)
-        result = _run_attempt(defense, config, model, train, checkpoint)
+        result = run_defense(defense, model, train.dataset(), config, checkpoint=checkpoints[index],
+                             stale_checkpoint="restart")
         elapsed += result.wall_time_s
         row: dict[str, Any] = {"defense": defense, "config": config.to_dict(), "wall_time_s": result.wall_time_s}
         if not judged:
@@ -349,71 +343,68 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
               "versions": library_versions(),
               "attempts": [Attempt(**row, chosen=i == chosen) for i, row in enumerate(attempts)],
               "holdout_samples": len(holdout) if holdout is not None else None}
-    if defense == "nft":
-        meta = {"placement": config.placement, "skip_first": config.skip_first,
-                "layers": [{"index": l.index, "name": l.name, "kind": l.kind, "size": l.size,
-                            "lower_bound": result.lower_bounds[l.index - 1]} for l in result.layers]}
-        buffers = {k: v.contiguous() for k, v in result.model.state_dict().items()
-                   if k in dict(result.model.named_buffers())}
-        with atomic_dir(out_dir) as tmp:
-            save_file(mask_state(result.model), str(tmp / MASKS))
-            save_file(buffers, str(tmp / BUFFERS))
-            write_json_atomic(tmp / MASKS_META, meta)
-            record = PurifyRecord(**common, config=config.to_dict(), wall_time_s=result.wall_time_s,
-                                  device=result.device, eta=result.eta, samples_per_class=result.samples_per_class,
-                                  trainable_params=result.trainable_params, total_params=result.total_params,
-                                  history=result.history,
-                                  outputs={name: sha256_file(tmp / name) for name in (MASKS, BUFFERS, MASKS_META)})
-            record.write(tmp)
-    else:
-        with atomic_dir(out_dir) as tmp:
-            save_package(result.model, spec, tmp / PACKAGE)
-            record = PurifyRecord(**common, config=config.to_dict(), wall_time_s=result.wall_time_s,
-                                  history=result.history, outputs={PACKAGE: tree_sha256(tmp / PACKAGE)})
-            record.write(tmp)
-    checkpoint.unlink(missing_ok=True)
+    trained = result.unfolded if result.unfolded is not None else result.model
+    extra = result.extra
+    masked = [MaskedLayerEntry(**layer, lower_bound=extra["lower_bounds"][layer["index"] - 1])
+              for layer in extra.get("layers", [])]
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp / PURIFIED))
+        record = PurifyRecord(**common, config=config.to_dict(), wall_time_s=result.wall_time_s,
+                              history=result.history, outputs={PURIFIED: sha256_file(tmp / PURIFIED)},
+                              reparametrizations=[ReparamEntry(**r.to_dict()) for r in describe(trained)],
+                              masked_layers=masked, device=extra.get("device"), eta=extra.get("eta"),
+                              samples_per_class=extra.get("samples_per_class"),
+                              trainable_params=extra.get("trainable_params"), total_params=extra.get("total_params"))
+        record.write(tmp)
+    for checkpoint in checkpoints:
+        remove_checkpoint(checkpoint)
     return record
 
 
-def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: Path) -> FoldRecord:
-    """Fold NFT masks into the candidate's weights and check the result.
+def _purified_model(candidate_dir: Path, purify_dir: Path, purified: PurifyRecord) -> tuple[torch.nn.Module, ModelSpec]:
+    """The purified model as it trained: the candidate's architecture, the recorded reparametrizations
+    re-attached (their kinds from :data:`nft_core.reparam.KINDS` only), the saved state loaded strictly."""
+    model, spec = _load_model(Path(candidate_dir) / PACKAGE)
+    try:
+        reattach(model, [Reparam.from_dict(r.model_dump()) for r in purified.reparametrizations])
+        model.load_state_dict(load_file(str(Path(purify_dir) / PURIFIED)), strict=True)
+    except (ValueError, RuntimeError) as err:
+        raise ChainError(f"{purify_dir} does not rebuild on this candidate: {err}") from err
+    return model.eval(), spec
 
-    The fold check compares the masked and the folded model on clean images (max |logit difference| <=
-    :data:`FOLD_ATOL`) and the folded state dict against the candidate's keys, shapes and dtypes. A failed check
-    is recorded in ``fold.json`` (the gate refuses the model), not raised. Defenses without masks already
-    produced a plain package, which is passed through. The purification must have been made from this
-    candidate and clean set (:class:`~harden.errors.ChainError` otherwise).
+
+def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: Path) -> FoldRecord:
+    """Fold the purified model's reparametrizations into its weights and check the result.
+
+    The purified model is rebuilt from the candidate, its recorded reparametrizations and its saved state, and
+    folded; the fold check compares it before and after on clean images (max |logit difference| <=
+    :data:`FOLD_ATOL`; exactly 0 when nothing was reparametrized) and the folded state dict against the
+    candidate's keys, shapes and dtypes. A failed check is recorded in ``fold.json`` (the gate refuses the model),
+    not raised. The purification must have been made from this candidate and clean set
+    (:class:`~harden.errors.ChainError` otherwise).
     """
     chain = check_chain(pull=Path(candidate_dir), purify=Path(purify_dir), clean=Path(clean_npz))
     purified: PurifyRecord = chain.record("purify")
-    model, spec = _load_model(Path(candidate_dir) / PACKAGE)
-    reference = {k: (tuple(v.shape), v.dtype) for k, v in model.net.state_dict().items()}
-    purify_dir = Path(purify_dir)
+    candidate, spec = _load_model(Path(candidate_dir) / PACKAGE)
+    reference = {k: (tuple(v.shape), v.dtype) for k, v in candidate.net.state_dict().items()}
+    model, _ = _purified_model(Path(candidate_dir), Path(purify_dir), purified)
     x = read_npz(clean_npz).images()[:256]
-    if MASKS in purified.outputs:
-        meta = read_json(purify_dir / MASKS_META)
-        model.load_state_dict(load_file(str(purify_dir / BUFFERS)), strict=False)
-        attach_masks(model, meta["placement"], x[:1], skip_first=meta["skip_first"])
-        load_mask_state(model, load_file(str(purify_dir / MASKS)))
-        model.eval()
-        with torch.no_grad():
-            masked = model(x)
-            folded = fold_masks(model).eval()(x)
-        diff = (masked - folded).abs().max().item()
-        net = model.net
-    else:
-        net, _ = load_package(purify_dir / PACKAGE)
-        diff = None
+    with torch.no_grad():
+        before = model(x)
+        after = fold(model).eval()(x)
+    diff = (before - after).abs().max().item()
+    net = model.net
     state = net.state_dict()
     keys_match = {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == reference
     finite = all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    passed = bool(keys_match and finite and (diff is None or diff <= FOLD_ATOL))
+    passed = bool(keys_match and finite and diff <= FOLD_ATOL)
     with atomic_dir(out_dir) as tmp:
         save_package(net, spec, tmp / PACKAGE)
         record = FoldRecord(inputs={"candidate": chain.digest("candidate"), "purify": chain.digest("purify"),
                                     "clean": chain.digest("clean")},
-                            passed=passed, masks_folded=diff is not None, max_abs_diff=diff, atol=FOLD_ATOL,
-                            keys_match=keys_match, finite=bool(finite), hardened_sha256=tree_sha256(tmp / PACKAGE))
+                            passed=passed, masks_folded=bool(purified.reparametrizations), max_abs_diff=diff,
+                            atol=FOLD_ATOL, keys_match=keys_match, finite=bool(finite),
+                            hardened_sha256=tree_sha256(tmp / PACKAGE))
         record.write(tmp)
     if not passed:
         log.error("fold check failed: %s", record.model_dump(exclude={"inputs"}))
@@ -444,12 +435,13 @@ def export_stage(export: ExportParams, seed: int, hardened_dir: Path, clean_npz:
     return record
 
 
-def _layer_masks(purify_dir: Path) -> list[LayerMasks] | None:
-    if not (purify_dir / MASKS).exists():
+def _layer_masks(candidate_dir: Path, purify_dir: Path, purified: PurifyRecord) -> list[LayerMasks] | None:
+    """Neuron masks by layer, for the statistics and plots; None when the purification has none."""
+    if not purified.masked_layers:
         return None
-    meta = read_json(purify_dir / MASKS_META)
-    layers = [MaskedLayer(l["index"], l["name"], l["kind"], l["size"]) for l in meta["layers"]]
-    return layer_masks(load_file(str(purify_dir / MASKS)), layers, [l["lower_bound"] for l in meta["layers"]])
+    model, _ = _purified_model(candidate_dir, purify_dir, purified)
+    layers = [MaskedLayer(l.index, l.name, l.kind, l.size) for l in purified.masked_layers]
+    return layer_masks(mask_state(model), layers, [l.lower_bound for l in purified.masked_layers])
 
 
 def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_dir: Path, fold_dir: Path,
@@ -484,7 +476,7 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
                 metrics["scan/backdoor_score"] = backdoor_score(metrics)
     inversion = _save_triggers(triggers, Path(out_dir))  # empty without the inversion: no stale file survives
     purified: PurifyRecord = chain.record("purify")
-    layers = _layer_masks(Path(purify_dir))
+    layers = _layer_masks(Path(candidate_dir), Path(purify_dir), purified)
     inputs = {name: chain.digest(name) for name in ("candidate", "purify", "fold", "parity", "onnx", "test")}
     inputs["params"] = canonical_sha256({"probes": probes.model_dump(mode="json"), "seed": seed})
     record = MetricsRecord(inputs=inputs, candidate=before, hardened=after, compare=compare(before, after),
@@ -598,7 +590,7 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
     with atomic_dir(out_dir) as tmp:
         files = write_report(tmp, identity=_identity(params, chain.record("provenance"), purified),
                              before=metrics.candidate, after=metrics.hardened, blessing=blessing,
-                             masks=_layer_masks(Path(purify_dir)), history=purified.history,
+                             masks=_layer_masks(Path(pull_dir), Path(purify_dir), purified), history=purified.history,
                              purification=purification, attempts=purified.attempts,
                              holdout=purified.holdout_samples, inversion=read_triggers(Path(evaluate_dir), metrics))
         outputs = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -533,16 +533,16 @@ def test_failed_fold_check_is_never_promoted(ws: Workspace, monkeypatch):
 
 
 def _nan_masks(ws: Workspace) -> None:
-    masks = load_file(str(ws.runs / "purify" / "masks.safetensors"))
-    first = next(iter(masks))
-    masks[first][0] = float("nan")
-    save_file(masks, str(ws.runs / "purify" / "masks.safetensors"))
+    state = load_file(str(ws.runs / "purify" / "purified.safetensors"))
+    first = next(k for k in state if k.endswith(".mask"))  # a neuron mask of the purified model
+    state[first][0] = float("nan")
+    save_file(state, str(ws.runs / "purify" / "purified.safetensors"))
 
 
 def test_masks_changed_after_purification_are_refused_by_the_fold(ws: Workspace):
     _nan_masks(ws)
     before = ws.state()
-    expect_exit(ws.cli("fold"), 7, "masks.safetensors is sha256", "its stage recorded")
+    expect_exit(ws.cli("fold"), 7, "purified.safetensors is sha256", "its stage recorded")
     assert ws.state() == before
 
 
@@ -550,7 +550,7 @@ def test_non_finite_masks_stop_the_fold_and_keep_the_previous_fold(ws: Workspace
     _nan_masks(ws)  # as if purification itself had produced them: the recorded hash matches
     record_path = ws.runs / "purify" / "purify.json"
     record = json.loads(record_path.read_text())
-    record["outputs"]["masks.safetensors"] = sha256_file(ws.runs / "purify" / "masks.safetensors")
+    record["outputs"]["purified.safetensors"] = sha256_file(ws.runs / "purify" / "purified.safetensors")
     record_path.write_text(json.dumps(record))
     before = ws.state()
     expect_exit(ws.cli("fold"), 3, "non-finite")
@@ -565,7 +565,7 @@ def test_cli_killed_purify_keeps_previous_output_and_resumes_to_the_same_masks(w
     epochs = 100  # the kill comes at epoch >= 3; enough epochs that a loaded machine cannot finish first
     ws.set_params({"purify": {"epochs": epochs}})
     before = ws.state()
-    checkpoint = ws.runs / ".purify.ckpt"
+    checkpoint = ws.runs / ".purify.0.ckpt"  # the first (here the only) attempt's
     cmd = [str(Path(sys.executable).parent / "nft-harden"), "purify", "--no-progress", "--params",
            str(ws.root / "params.yaml"), "--runs", str(ws.runs), "--data", str(ws.data)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -582,9 +582,9 @@ def test_cli_killed_purify_keeps_previous_output_and_resumes_to_the_same_masks(w
     done = torch.load(checkpoint, weights_only=True)["epoch"]
     assert 3 <= done < epochs, "the run finished before it could be killed; raise `epochs`"
     after_kill = ws.state()
-    after_kill.pop("runs/.purify.ckpt")
+    after_kill.pop("runs/.purify.0.ckpt")
     # a kill that lands inside a checkpoint write leaves its temporary beside it; the next save replaces it
-    after_kill.pop("runs/.purify.ckpt.tmp", None)
+    after_kill.pop("runs/.purify.0.ckpt.tmp", None)
     assert after_kill == before, "a killed purify must leave the previous output and no half-written one"
 
     expect_exit(ws.cli("purify", "--no-progress"), 0)
@@ -592,8 +592,8 @@ def test_cli_killed_purify_keeps_previous_output_and_resumes_to_the_same_masks(w
     p = load_params(ws.root / "params.yaml")
     stages.purify_stage(p.purify, p.base, ws.runs / "pull", ws.data / "clean.npz", tmp_path / "uninterrupted",
                         progress=False)
-    resumed = load_file(str(ws.runs / "purify" / "masks.safetensors"))
-    uninterrupted = load_file(str(tmp_path / "uninterrupted" / "masks.safetensors"))
+    resumed = load_file(str(ws.runs / "purify" / "purified.safetensors"))
+    uninterrupted = load_file(str(tmp_path / "uninterrupted" / "purified.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
@@ -965,8 +965,7 @@ def test_same_inputs_and_seed_give_identical_masks_and_metrics(base: Base, tmp_p
     stages.export_stage(p.export, p.base.seed, out / "fold", data / "clean.npz", out / "export")
     stages.evaluate_stage(p.probes, p.base.seed, runs / "pull", out / "purify", out / "fold", out / "export",
                           data / "test.npz", out / "evaluate")
-    for name in ("masks.safetensors", "buffers.safetensors", "masks.json"):
-        assert sha256_file(out / "purify" / name) == sha256_file(runs / "purify" / name), name
+    assert sha256_file(out / "purify" / "purified.safetensors") == sha256_file(runs / "purify" / "purified.safetensors")
     assert sha256_file(out / "fold" / "package" / "model.safetensors") == \
         sha256_file(runs / "fold" / "package" / "model.safetensors")
 
@@ -1007,15 +1006,16 @@ def test_a_checkpoint_of_the_previous_candidate_is_never_resumed(ws: Workspace, 
     p = load_params(ws.root / "params.yaml")
     old, _ = stages._load_model(ws.runs / "pull" / "package")
     clean = stages.read_npz(ws.data / "clean.npz")
-    purify(old, clean.dataset(), p.purify.config(p.base.seed, p.base.device, False), checkpoint=ws.runs / ".purify.ckpt")
-    assert torch.load(ws.runs / ".purify.ckpt", weights_only=True)["epoch"] == p.purify.epochs  # A's finished state
+    purify(old, clean.dataset(), p.purify.config(p.base.seed, p.base.device, False), checkpoint=ws.runs / ".purify.0.ckpt")
+    assert torch.load(ws.runs / ".purify.0.ckpt", weights_only=True)["epoch"] == p.purify.epochs  # A's finished state
     name = _other_candidate(ws, tmp_path)
     expect_exit(ws.cli("pull"), 0)
     with caplog.at_level("WARNING"):
         expect_exit(ws.cli("purify", "--no-progress"), 0)
     assert "starting over" in caplog.text and "resumed" not in caplog.text
     stages.purify_stage(p.purify, p.base, ws.runs / "pull", ws.data / "clean.npz", tmp_path / "fresh", progress=False)
-    assert sha256_file(ws.runs / "purify" / "masks.safetensors") == sha256_file(tmp_path / "fresh" / "masks.safetensors")
+    assert sha256_file(ws.runs / "purify" / "purified.safetensors") == \
+        sha256_file(tmp_path / "fresh" / "purified.safetensors")
     for stage in ("fold", "export", "evaluate", "gate", "report", "promote"):
         expect_exit(ws.cli(stage), 0)
     mv = MlflowClient(ws.uri, ws.uri).get_model_version(ws.name, "1")
