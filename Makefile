@@ -23,6 +23,9 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	# strict on the library and the params schema; torch types nn.Module.__call__ as Any, hence --no-warn-return-any
+	$(VENV)/bin/mypy --strict --no-warn-return-any nft_core harden/params.py
+	$(VENV)/bin/mypy harden components pipeline
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 test-fast: install

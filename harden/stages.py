@@ -43,6 +43,7 @@ from nft_core.data.npz import load_npz
 from nft_core.defenses import run_defense
 from nft_core.loop import remove_checkpoint
 from nft_core.masks import MaskedLayer, mask_state
+from nft_core.models import Normalized
 from nft_core.reparam import Reparam, describe, fold, reattach
 
 log = logging.getLogger(__name__)
@@ -190,16 +191,17 @@ def make_demo_candidate(params: Params, out_dir: Path, *, progress: bool = True)
                          "alias (models:/NAME@ALIAS), not a fixed version")
     demo = params.candidate.demo
     if not demo.enabled:
-        summary = {"name": name, "alias": alias, "skipped": "candidate.demo.enabled is false: nothing registered"}
+        summary: dict[str, Any] = {"name": name, "alias": alias,
+                                   "skipped": "candidate.demo.enabled is false: nothing registered"}
         with atomic_dir(out_dir) as tmp:
             write_json_atomic(tmp / CANDIDATE, summary)
         return summary
     train = _load(params.data.train, train=True, download=params.data.download)
+    c, h, w = (int(n) for n in train.x.shape[1:])
     attack = make_attack(demo.attack, target=demo.target, mode=demo.mode, num_classes=train.num_classes,
-                         image_shape=tuple(train.x.shape[1:]), seed=params.base.seed)
+                         image_shape=(c, h, w), seed=params.base.seed)
     model, info = make_backdoored_candidate(train, attack, builder=demo.builder, poison_rate=demo.poison_rate,
                                             epochs=demo.epochs, seed=params.base.seed, progress=progress)
-    c, h, w = train.x.shape[1:]
     spec = ModelSpec(builder=demo.builder, num_classes=train.num_classes,
                      input=InputSpec(channels=c, height=h, width=w, mean=model.mean.flatten().tolist(),
                                      std=model.std.flatten().tolist()),
@@ -233,7 +235,7 @@ def check_device(device: str) -> None:
         raise ParamsError(f"base.device={device!r}: this machine has {count} CUDA device(s); use 'auto' or 'cpu'")
 
 
-def _load_model(pkg_dir: Path):
+def _load_model(pkg_dir: Path) -> tuple[Normalized, ModelSpec]:
     net, spec = load_package(pkg_dir)
     return spec.wrap(net).eval(), spec
 
@@ -361,7 +363,7 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     return record
 
 
-def _purified_model(candidate_dir: Path, purify_dir: Path, purified: PurifyRecord) -> tuple[torch.nn.Module, ModelSpec]:
+def _purified_model(candidate_dir: Path, purify_dir: Path, purified: PurifyRecord) -> tuple[Normalized, ModelSpec]:
     """The purified model as it trained: the candidate's architecture, the recorded reparametrizations
     re-attached (their kinds from :data:`nft_core.reparam.KINDS` only), the saved state loaded strictly."""
     model, spec = _load_model(Path(candidate_dir) / PACKAGE)
@@ -456,7 +458,7 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
     candidate, spec = _load_model(Path(candidate_dir) / PACKAGE)
     test = read_npz(test_npz)
     check_compatible(spec, test, f"test set {test_npz}")
-    hardened = _load_model(Path(fold_dir) / PACKAGE)[0] if probes.scan.enabled or probes.inversion.enabled else None
+    hardened = _load_model(Path(fold_dir) / PACKAGE)[0]  # the folded PyTorch twin of the ONNX file
     triggers: dict[str, InvertedTrigger] = {}
     if probes.inversion.enabled:
         settings = probes.inversion.model_dump(exclude={"enabled"})  # samples + reconstruct_triggers' settings
@@ -466,9 +468,9 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
     before = evaluate_torch(candidate, test, probes.attacks, trigger=trigger)
     after = evaluate_onnx(Path(export_dir) / ONNX, test, probes.attacks, trigger=trigger)
     if probes.scan.enabled:
-        kwargs = {"samples": probes.scan.samples, "eps": probes.scan.eps, "steps": probes.scan.steps, "seed": seed}
-        before.update(scan_metrics(candidate, test, **kwargs))
-        after.update(scan_metrics(hardened, test, **kwargs))
+        scan = probes.scan
+        before.update(scan_metrics(candidate, test, samples=scan.samples, eps=scan.eps, steps=scan.steps, seed=seed))
+        after.update(scan_metrics(hardened, test, samples=scan.samples, eps=scan.eps, steps=scan.steps, seed=seed))
     for side, metrics in (("candidate", before), ("hardened", after)):
         if triggers:
             metrics.update(triggers[side].metrics())
