@@ -36,7 +36,7 @@ def conv_layout(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_tensors(data: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` of a ``(image, label)`` dataset as two tensors (a TensorDataset's own, else stacked)."""
     tensors = getattr(data, "tensors", None)
     if tensors is not None and len(tensors) == 2:
@@ -61,7 +61,7 @@ class DeviceBatches:
         resident_bytes: sets larger than this stay in host memory (batches are copied over one by one).
     """
 
-    def __init__(self, data: Dataset, batch_size: int, *, device: torch.device | str = "cpu", seed: int = 0,
+    def __init__(self, data: Dataset[Any], batch_size: int, *, device: torch.device | str = "cpu", seed: int = 0,
                  padding: int = 0, flip: bool = False, steps_per_epoch: int | None = None,
                  resident_bytes: int = RESIDENT_BYTES) -> None:
         if batch_size < 1:

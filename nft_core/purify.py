@@ -83,7 +83,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def dataset_labels(dataset: Dataset) -> torch.Tensor:
+def dataset_labels(dataset: Dataset[Any]) -> torch.Tensor:
     """All labels of a ``(image, label)`` dataset (read directly from a TensorDataset)."""
     tensors = getattr(dataset, "tensors", None)
     if tensors is not None:
@@ -99,7 +99,7 @@ def _mask_stats(model: nn.Module, lower_bounds: list[float]) -> dict[str, float]
             "frac_at_lower_bound": at_lb.float().mean().item()}
 
 
-def purify(model: nn.Module, clean_data: Dataset, config: NFTConfig = NFTConfig(), *,
+def purify(model: nn.Module, clean_data: Dataset[Any], config: NFTConfig = NFTConfig(), *,
            num_classes: int | None = None, checkpoint: str | Path | None = None,
            stale_checkpoint: StalePolicy = "error") -> PurifyResult:
     """Purify ``model`` with NFT on ``clean_data``; ``model`` itself is not modified.

@@ -79,7 +79,8 @@ def train_classifier(model: nn.Module, data: ImageData, *, epochs: int, lr: floa
     torch.manual_seed(seed)
     batches = DeviceBatches(data.dataset(), batch_size, device=dev, seed=seed, padding=CROP_PADDING if augment else 0,
                             flip=augment and flip)
-    model.to(dev, memory_format=conv_layout(dev))
+    # torch's Module.to overloads omit memory_format beside a device; at runtime _parse_to takes both together
+    model.to(dev, memory_format=conv_layout(dev))  # type: ignore[call-overload]
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(batches),
                                                     pct_start=0.25)
@@ -88,10 +89,10 @@ def train_classifier(model: nn.Module, data: ImageData, *, epochs: int, lr: floa
     for epoch in bar:
         start = time.perf_counter()
         stats = train_one_epoch(model, batches, optimizer, scheduler)
-        history.append({"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0],
+        history.append({"epoch": epoch + 1, **stats, "lr": float(scheduler.get_last_lr()[0]),
                         "time_s": time.perf_counter() - start})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
-    model.to("cpu", memory_format=torch.contiguous_format).eval()
+    model.to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # as above
     return history
 
 

@@ -31,15 +31,11 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from nft_core.config import DefenseConfig, NFTConfig
+from nft_core.config import (ANPConfig, DefenseConfig, FIPConfig, FPConfig, FTConfig, FTSAMConfig, NFTConfig,
+                             PBEConfig)
 from nft_core.defenses import anp, fip, fp, ft, ft_sam, nft, pbe
 from nft_core.defenses._common import DefenseResult
-from nft_core.defenses.anp import ANPConfig
-from nft_core.defenses.fip import FIPConfig
-from nft_core.defenses.fp import FPConfig
-from nft_core.defenses.ft import FTConfig
-from nft_core.defenses.ft_sam import FTSAMConfig
-from nft_core.defenses.pbe import PBEConfig, rank_clean_samples
+from nft_core.defenses.pbe import rank_clean_samples
 from nft_core.loop import Checkpoint, StaleCheckpoint, StalePolicy
 
 
@@ -48,7 +44,7 @@ class Defense:
     """A registered purifier: its config class and its ``run(model, clean_data, config, checkpoint)`` function."""
 
     config_class: type[NFTConfig] | type[DefenseConfig]
-    run: Callable[[nn.Module, Dataset, Any, Checkpoint | None], DefenseResult]
+    run: Callable[[nn.Module, Dataset[Any], Any, Checkpoint | None], DefenseResult]
     summary: str
 
 
@@ -78,7 +74,7 @@ def default_config(name: str) -> Any:
     return _lookup(name).config_class()
 
 
-def run_defense(name: str, model: nn.Module, clean_data: Dataset, config: Any | None = None, *,
+def run_defense(name: str, model: nn.Module, clean_data: Dataset[Any], config: Any | None = None, *,
                 checkpoint: str | Path | None = None, stale_checkpoint: StalePolicy = "error",
                 **overrides: Any) -> DefenseResult:
     """Purify a copy of ``model`` with defense ``name`` on ``clean_data``.

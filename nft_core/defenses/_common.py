@@ -35,7 +35,7 @@ class Prepared:
     labels: torch.Tensor
 
 
-def prepare(model: nn.Module, data: Dataset, device: str, seed: int) -> Prepared:
+def prepare(model: nn.Module, data: Dataset[Any], device: str, seed: int) -> Prepared:
     """Deep-copy ``model`` to the device, seed torch, read num_classes from the model's output and check labels.
 
     Raises:
@@ -57,13 +57,13 @@ def prepare(model: nn.Module, data: Dataset, device: str, seed: int) -> Prepared
     return Prepared(work, dev, example, num_classes, labels)
 
 
-def phase_checkpoint(checkpoint: Checkpoint | None, phase: str, start: nn.Module, data: Dataset, *,
+def phase_checkpoint(checkpoint: Checkpoint | None, phase: str, start: nn.Module, data: Dataset[Any], *,
                      own_file: bool = False) -> PhaseCheckpoint | None:
     """:meth:`Checkpoint.phase <nft_core.loop.Checkpoint.phase>`, or None without a checkpoint."""
     return checkpoint.phase(phase, start, data, own_file=own_file) if checkpoint is not None else None
 
 
-def make_loader(data: Dataset, batch_size: int, seed: int, augment: bool, device: torch.device) -> DeviceBatches:
+def make_loader(data: Dataset[Any], batch_size: int, seed: int, augment: bool, device: torch.device) -> DeviceBatches:
     """Batches of ``data`` on ``device``, reshuffled every epoch (seeded), with per-sample random crop (padding 4)
     and horizontal flip when ``augment``."""
     return DeviceBatches(data, batch_size, device=device, seed=seed, padding=CROP_PADDING if augment else 0,
@@ -98,7 +98,7 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return F.cross_entropy(model(x).float(), y)
 
 
-def fine_tune(model: nn.Module, data: Dataset, cfg: TrainSettings, device: torch.device, *,
+def fine_tune(model: nn.Module, data: Dataset[Any], cfg: TrainSettings, device: torch.device, *,
               loss_fn: LossFn = cross_entropy_loss, after_step: Callable[[], None] | None = None, desc: str = "FT",
               batch_hook: BatchHook | None = None, epochs: int | None = None,
               checkpoint: PhaseCheckpoint | None = None) -> list[dict[str, float]]:
@@ -114,7 +114,7 @@ def fine_tune(model: nn.Module, data: Dataset, cfg: TrainSettings, device: torch
 
 
 @torch.no_grad()
-def clean_accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 256) -> float:
+def clean_accuracy(model: nn.Module, data: Dataset[Any], device: torch.device, batch_size: int = 256) -> float:
     """Accuracy of ``model`` (eval mode) on a ``(image, label)`` dataset."""
     model.eval()
     loader = DataLoader(data, batch_size=batch_size)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +113,8 @@ def anp_step(config: ANPConfig, mask_opt: torch.optim.Optimizer, noise_opt: torc
     return step
 
 
-def run(model: nn.Module, clean_data: Dataset, config: ANPConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+def run(model: nn.Module, clean_data: Dataset[Any], config: ANPConfig,
+        checkpoint: Checkpoint | None = None) -> DefenseResult:
     """ANP on a copy of ``model`` (see module docstring); the mask optimisation is checkpointed as phase
     ``"masks"`` after every pass over the clean set."""
     t0 = time.perf_counter()

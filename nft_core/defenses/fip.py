@@ -30,6 +30,7 @@ Defaults (epochs 100, like NFT; eta_f 0.01, eta_r 0.1; fast_lr) are this impleme
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ def fold_spectral(model: nn.Module) -> nn.Module:
     return fold(model, kinds=("spectral_delta",))
 
 
-def diagonal_fisher(model: nn.Module, params: list[nn.Parameter], data: Dataset, samples: int,
+def diagonal_fisher(model: nn.Module, params: list[nn.Parameter], data: Dataset[Any], samples: int,
                     device: torch.device, seed: int) -> list[torch.Tensor]:
     """Diagonal empirical Fisher E[(dCE/dtheta)^2] over ``samples`` random clean samples (eval mode), mean 1."""
     model.eval()
@@ -101,7 +102,8 @@ def fip_loss(params: list[nn.Parameter], anchors: list[torch.Tensor], fisher: li
     return loss_fn
 
 
-def run(model: nn.Module, clean_data: Dataset, config: FIPConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+def run(model: nn.Module, clean_data: Dataset[Any], config: FIPConfig,
+        checkpoint: Checkpoint | None = None) -> DefenseResult:
     """FIP / Fast FIP on a copy of ``model`` (see module docstring). The fine-tuning is checkpointed after every
     epoch as phase ``"train"``; the candidate's Fisher (step 1) is recomputed on a rerun."""
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ Keras implementation); defaults: 20 epochs at lr 0.01 with the FT recipe.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 @torch.no_grad()
-def head_features(model: nn.Module, head: nn.Linear, data: Dataset, device: torch.device,
+def head_features(model: nn.Module, head: nn.Linear, data: Dataset[Any], device: torch.device,
                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs of ``head`` (N x channels) for every sample of ``data``, and the labels."""
     feats: list[torch.Tensor] = []
@@ -90,7 +91,8 @@ def prune_order_and_count(features: torch.Tensor, labels: torch.Tensor, head: nn
     return order, k, curve
 
 
-def run(model: nn.Module, clean_data: Dataset, config: FPConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+def run(model: nn.Module, clean_data: Dataset[Any], config: FPConfig,
+        checkpoint: Checkpoint | None = None) -> DefenseResult:
     """Fine-Pruning on a copy of ``model`` (see module docstring). The fine-tuning of step 4 is checkpointed after
     every epoch as phase ``"train"``; the pruning (steps 1-3, deterministic) is recomputed on a rerun."""
     t0 = time.perf_counter()

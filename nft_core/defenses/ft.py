@@ -9,6 +9,7 @@ NFT comparison (NFT supplementary Sec. 2.3: learning rate 0.01, 125 epochs, 1% c
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -18,7 +19,8 @@ from nft_core.defenses._common import DefenseResult, fine_tune, phase_checkpoint
 from nft_core.loop import Checkpoint
 
 
-def run(model: nn.Module, clean_data: Dataset, config: FTConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+def run(model: nn.Module, clean_data: Dataset[Any], config: FTConfig,
+        checkpoint: Checkpoint | None = None) -> DefenseResult:
     """Fine-tune a copy of ``model`` on ``clean_data`` (see module docstring), checkpointed after every epoch as
     phase ``"train"``."""
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ backdoor region), non-adaptive. Each step costs two forward/backward passes, hen
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +28,20 @@ from nft_core.defenses._common import DefenseResult, make_loader, make_sgd, phas
 from nft_core.loop import Checkpoint, StepFn, train_epochs
 
 
-def _bn_momentum(model: nn.Module, frozen: bool) -> None:
+def _freeze_bn_momentum(model: nn.Module) -> list[tuple[nn.modules.batchnorm._BatchNorm, float | None]]:
+    """Set every batch-norm's momentum to 0 (running statistics untouched); returns what
+    :func:`_restore_bn_momentum` puts back."""
+    saved: list[tuple[nn.modules.batchnorm._BatchNorm, float | None]] = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if frozen:
-                m._sam_momentum, m.momentum = m.momentum, 0.0  # type: ignore[assignment]
-            elif hasattr(m, "_sam_momentum"):
-                m.momentum = m._sam_momentum
-                del m._sam_momentum
+            saved.append((m, m.momentum))
+            m.momentum = 0.0
+    return saved
+
+
+def _restore_bn_momentum(saved: list[tuple[nn.modules.batchnorm._BatchNorm, float | None]]) -> None:
+    for m, momentum in saved:
+        m.momentum = momentum
 
 
 def sam_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], rho: float, adaptive: bool,
@@ -50,18 +57,19 @@ def sam_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], rho: 
         loss.backward()
         with torch.no_grad():
             live = [p for p in params if p.grad is not None]
-            scaled = [(p.abs() * p.grad if adaptive else p.grad) for p in live]
+            # the filter repeats live's so that the checker sees each gradient as a tensor
+            scaled = [(p.abs() * g if adaptive else g) for p in live if (g := p.grad) is not None]
             norm = torch.norm(torch.stack([s.norm() for s in scaled])) + 1e-12
             perturbations = [(p.abs() if adaptive else 1.0) * s * (rho / norm) for p, s in zip(live, scaled)]
             for p, e in zip(live, perturbations):
                 p.add_(e)
         optimizer.zero_grad(set_to_none=True)
-        _bn_momentum(model, frozen=True)
+        frozen = _freeze_bn_momentum(model)
         try:
             sharp_loss = loss_of(model, x, y)
             sharp_loss.backward()
         finally:
-            _bn_momentum(model, frozen=False)
+            _restore_bn_momentum(frozen)
             with torch.no_grad():
                 for p, e in zip(live, perturbations):
                     p.sub_(e)
@@ -71,7 +79,8 @@ def sam_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], rho: 
     return step
 
 
-def run(model: nn.Module, clean_data: Dataset, config: FTSAMConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+def run(model: nn.Module, clean_data: Dataset[Any], config: FTSAMConfig,
+        checkpoint: Checkpoint | None = None) -> DefenseResult:
     """FT-SAM on a copy of ``model`` (see module docstring), checkpointed after every epoch as phase ``"train"``."""
     t0 = time.perf_counter()
     prep = prepare(model, clean_data, config.device, config.seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -18,7 +19,8 @@ from nft_core.purify import purify
 from nft_core.reparam import describe, reattach
 
 
-def run(model: nn.Module, clean_data: Dataset, config: NFTConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+def run(model: nn.Module, clean_data: Dataset[Any], config: NFTConfig,
+        checkpoint: Checkpoint | None = None) -> DefenseResult:
     """Purify a copy of ``model`` with NFT; ``unfolded`` is a fresh copy of ``model`` with the masks re-attached
     (:func:`nft_core.reparam.reattach`) and the trained state loaded, ``model`` the masked model folded.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +59,13 @@ def rank_clean_samples(original: nn.Module, purified: nn.Module, x: torch.Tensor
     return F.cosine_similarity(a, b, dim=1)
 
 
-def _dataset_scores(original: nn.Module, purified: nn.Module, data: Dataset, batch_size: int = 512) -> torch.Tensor:
+def _dataset_scores(original: nn.Module, purified: nn.Module, data: Dataset[Any],
+                    batch_size: int = 512) -> torch.Tensor:
     return torch.cat([rank_clean_samples(original, purified, x, batch_size)
                       for x, _ in DataLoader(data, batch_size=batch_size)])
 
 
-def _purify_once(model: nn.Module, data: Dataset, config: PBEConfig, device: torch.device, tag: str,
+def _purify_once(model: nn.Module, data: Dataset[Any], config: PBEConfig, device: torch.device, tag: str,
                  checkpoint: Checkpoint | None, first: bool) -> list[dict[str, float]]:
     """Steps 1 and 2 on ``data``, in place; phases ``adv<tag>`` and ``clean<tag>`` (``first``: the adversarial
     phase is the method's first and writes the checkpoint path itself)."""
@@ -79,7 +81,8 @@ def _purify_once(model: nn.Module, data: Dataset, config: PBEConfig, device: tor
     return hist
 
 
-def run(model: nn.Module, clean_data: Dataset, config: PBEConfig, checkpoint: Checkpoint | None = None) -> DefenseResult:
+def run(model: nn.Module, clean_data: Dataset[Any], config: PBEConfig,
+        checkpoint: Checkpoint | None = None) -> DefenseResult:
     """PBE on a copy of ``model`` (see module docstring).
 
     Every fine-tuning is a checkpointed phase (after every epoch): ``"adv"`` and ``"clean"`` in clean mode,
@@ -100,7 +103,7 @@ def run(model: nn.Module, clean_data: Dataset, config: PBEConfig, checkpoint: Ch
     n = len(clean_data)  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(config.seed)
     selected = torch.randperm(n, generator=generator)[: max(1, round(config.first_fraction * n))]
-    history: list[dict[str, float]] = []
+    history = []
     rounds: list[dict[str, float]] = []
     for t in range(config.iterations):
         subset = Subset(clean_data, selected.tolist())
