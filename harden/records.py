@@ -197,6 +197,28 @@ class ParityRecord(Record):
     onnx_sha256: str
 
 
+class ModelTriggers(BaseModel):
+    """One model's reconstructed triggers, as ``metrics.json`` summarises them (the masks and patterns are in the
+    inversion file): the suspected ``target``, and per class the stamp's L1 ``norms``, MAD ``anomaly`` index and
+    ``success`` rate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target: int
+    norms: list[float]
+    anomaly: list[float]
+    success: list[float]
+
+
+class InversionSummary(BaseModel):
+    """The evaluation's trigger reconstruction: its ``file`` beside ``metrics.json`` and that file's ``sha256``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str
+    sha256: str
+    candidate: ModelTriggers
+    hardened: ModelTriggers
+
+
 class MetricsRecord(Record):
     """The evaluation (``metrics.json``): flat-or-nested metric trees of the candidate and the hardened model."""
 
@@ -207,7 +229,7 @@ class MetricsRecord(Record):
     purify: dict[str, Any]
     versions: dict[str, str]
     masks: Any = None
-    inversion: dict[str, Any] | None = None
+    inversion: InversionSummary | None = None
 
 
 class ReportRecord(Record):

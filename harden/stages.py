@@ -33,8 +33,9 @@ from harden.onnx_export import check_parity, export_onnx
 from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import (BaseParams, CandidateParams, DataParams, ExportParams, Params, PolicyParams, ProbesParams,
                            PurifyParams)
-from harden.records import (Attempt, Chain, FoldRecord, MaskedLayerEntry, MetricsRecord, ParityRecord, Provenance,
-                            PurifyRecord, Registration, ReparamEntry, ReportRecord, canonical_sha256, check_chain, tree_sha256)
+from harden.records import (Attempt, Chain, FoldRecord, InversionSummary, MaskedLayerEntry, MetricsRecord,
+                            ModelTriggers, ParityRecord, Provenance, PurifyRecord, Registration, ReparamEntry,
+                            ReportRecord, canonical_sha256, check_chain, tree_sha256)
 from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
                              strip_credentials)
 from harden.report import ReportFiles, TriggerView, write_report
@@ -490,7 +491,7 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
     return record
 
 
-def _save_triggers(triggers: dict[str, InvertedTrigger], out_dir: Path) -> dict[str, Any] | None:
+def _save_triggers(triggers: dict[str, InvertedTrigger], out_dir: Path) -> InversionSummary | None:
     """Write every class's reconstructed mask and pattern per model; return what the record keeps of them."""
     tensors = {f"{side}.{kind}": getattr(t.inversion, kind).contiguous()
                for side, t in triggers.items() for kind in ("masks", "patterns")}
@@ -498,9 +499,10 @@ def _save_triggers(triggers: dict[str, InvertedTrigger], out_dir: Path) -> dict[
         save_file(tensors, str(tmp))
     if not triggers:
         return None
-    return {"file": INVERSION, "sha256": sha256_file(out_dir / INVERSION),
-            **{side: {"target": t.target, "norms": t.inversion.norms, "anomaly": t.inversion.anomaly,
-                      "success": t.inversion.success} for side, t in triggers.items()}}
+    return InversionSummary(file=INVERSION, sha256=sha256_file(out_dir / INVERSION),
+                            **{side: ModelTriggers(target=t.target, norms=t.inversion.norms,
+                                                   anomaly=t.inversion.anomaly, success=t.inversion.success)
+                               for side, t in triggers.items()})
 
 
 def read_triggers(evaluate_dir: Path, record: MetricsRecord) -> dict[str, TriggerView] | None:
@@ -511,17 +513,15 @@ def read_triggers(evaluate_dir: Path, record: MetricsRecord) -> dict[str, Trigge
     """
     if record.inversion is None:
         return None
-    path = Path(evaluate_dir) / record.inversion["file"]
-    if not path.is_file() or sha256_file(path) != record.inversion["sha256"]:
+    path = Path(evaluate_dir) / record.inversion.file
+    if not path.is_file() or sha256_file(path) != record.inversion.sha256:
         raise ChainError(f"{path}: missing or not the file the evaluation wrote (sha256 differs from metrics.json)")
     tensors = load_file(str(path))
     views = {}
-    for side in ("candidate", "hardened"):
-        info = record.inversion[side]
-        target = info["target"]
-        views[side] = TriggerView(mask=tensors[f"{side}.masks"][target].numpy(),
-                                  pattern=tensors[f"{side}.patterns"][target].numpy(), target=target,
-                                  anomaly_index=info["anomaly"][target], norms=info["norms"])
+    for side, info in (("candidate", record.inversion.candidate), ("hardened", record.inversion.hardened)):
+        views[side] = TriggerView(mask=tensors[f"{side}.masks"][info.target].numpy(),
+                                  pattern=tensors[f"{side}.patterns"][info.target].numpy(), target=info.target,
+                                  anomaly_index=info.anomaly[info.target], norms=info.norms)
     return views
 
 
