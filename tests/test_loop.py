@@ -3,12 +3,8 @@ weights and history of an uninterrupted one, never resumes a checkpoint of somet
 reparametrizations of NFT, ANP and FIP attach, describe, re-attach and fold through one mechanism."""
 
 import copy
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import TensorDataset
 
+from kill import sigkill_after_checkpoint
 from nft_core import loop
 from nft_core.batches import DeviceBatches
 from nft_core.config import FTConfig
@@ -135,16 +132,7 @@ CHILD = textwrap.dedent("""
 def test_sigkilled_baseline_resumes_to_the_uninterrupted_result(tmp_path):
     epochs = 300
     ckpt = tmp_path / "ft_sam.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ckpt), str(epochs)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None and not ckpt.exists():
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    done = torch.load(ckpt, weights_only=True)["epoch"]
+    done = sigkill_after_checkpoint([sys.executable, "-c", CHILD, str(ckpt), str(epochs)], ckpt)
     assert 1 <= done < epochs, "the child finished before it could be killed; raise `epochs`"
 
     model, data = _tiny()

@@ -1,17 +1,14 @@
 """The NFT training loop: bounds, what it may change, determinism, resume after a kill."""
 
 import copy
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from kill import sigkill_after_checkpoint
 from nft_core.config import NFTConfig
 from nft_core.fold import fold_masks
 from nft_core.masks import mask_modules
@@ -134,17 +131,7 @@ CHILD = textwrap.dedent("""
 def test_killed_run_resumes_from_checkpoint_to_the_same_masks(tmp_path):
     epochs = 60
     ckpt = tmp_path / "nft.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ckpt), str(epochs)], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 3:
-                break
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    done = torch.load(ckpt, weights_only=True)["epoch"]
+    done = sigkill_after_checkpoint([sys.executable, "-c", CHILD, str(ckpt), str(epochs)], ckpt, min_epoch=3)
     assert 3 <= done < epochs, "the child finished before it could be killed; raise `epochs`"
 
     model, data = _setup()

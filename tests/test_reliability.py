@@ -44,6 +44,7 @@ from mlflow.exceptions import MlflowException
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from kill import sigkill_after_checkpoint
 from harden import stages
 from pipeline.cli import app
 from harden.integrity import sha256_file
@@ -568,18 +569,7 @@ def test_cli_killed_purify_keeps_previous_output_and_resumes_to_the_same_masks(w
     checkpoint = ws.runs / ".purify.0.ckpt"  # the first (here the only) attempt's
     cmd = [str(Path(sys.executable).parent / "nft-harden"), "purify", "--no-progress", "--params",
            str(ws.root / "params.yaml"), "--runs", str(ws.runs), "--data", str(ws.data)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 3:
-                break
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done = torch.load(checkpoint, weights_only=True)["epoch"]
+    done = sigkill_after_checkpoint(cmd, checkpoint, min_epoch=3, quiet=True)
     assert 3 <= done < epochs, "the run finished before it could be killed; raise `epochs`"
     after_kill = ws.state()
     after_kill.pop("runs/.purify.0.ckpt")
