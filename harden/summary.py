@@ -10,6 +10,16 @@ from mlflow import MlflowClient
 STATUS_TAG = "hardening.status"
 REASONS_TAG = "hardening.reasons"
 
+#: After a rejection: for a failed check on this metric family (as its reason names it), the parameters to look at.
+HINTS = {
+    "acc ": "clean accuracy fell: purify.lr or purify.epochs lower, or more clean data (data.clean_fraction)",
+    "asr_lift/": "a probe's backdoor survived: purify.epochs or purify.adv_share higher, or policy.fallbacks",
+    "scan/backdoor_score": "the hardened model still looks backdoored: another purify.method or policy.fallbacks",
+    "inverted/": "the reconstructed trigger still works: another purify.method or policy.fallbacks",
+    "fold_check": "folding changed the outputs or left non-finite weights: purify.lr lower (runs/fold/fold.json)",
+    "onnx_parity": "ONNX Runtime disagrees with PyTorch: export.opset or export.atol (runs/export/parity.json)",
+}
+
 #: Rows printed as plain numbers rather than percentages.
 PLAIN = frozenset({"scan/backdoor_score"})
 
@@ -62,10 +72,17 @@ def render(s: VersionSummary, tracking_uri: str) -> str:
     for metric, before, after in s.rows:
         lines.append(f"{metric:<28}{fmt(before, metric):>12}{fmt(after, metric):>12}")
     verdict = "BLESSED" if s.status == "blessed" else s.status.upper()
-    lines += ["", f"gate: {verdict}" + (f" ({s.reasons})" if s.reasons else ""),
-              f"registered: models:/{s.name}/{s.version}",
+    lines += ["", f"gate: {verdict}" + (f" ({s.reasons})" if s.reasons else "")]
+    hints = [hint for family, hint in HINTS.items() if family in s.reasons]
+    if s.status != "blessed" and hints:
+        lines.append("what to look at: " + "; ".join(hints))
+    lines += [f"registered: models:/{s.name}/{s.version}",
               f"alias: @{s.alias} -> " + (f"version {s.alias_version}" if s.alias_version else "(not set)"),
               f"report: {s.report_uri}", f"registry: {tracking_uri}"]
+    page = f"#/models/{s.name}/versions/{s.version}"
     if tracking_uri.startswith("sqlite:///"):
-        lines.append(f"open it with: mlflow ui --backend-store-uri {tracking_uri}")
+        lines += [f"open it with: mlflow ui --backend-store-uri {tracking_uri}",
+                  f"version page: http://127.0.0.1:5000/{page}"]
+    else:
+        lines.append(f"version page: {tracking_uri.rstrip('/')}/{page}")
     return "\n".join(lines)

@@ -24,6 +24,9 @@ pipeline_app = typer.Typer(help="Kubeflow Pipelines: compile the pipeline, or ru
                            no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 
+#: Where the local pipeline run's component output goes, inside the pipeline root.
+PIPELINE_LOG = "pipeline.log"
+
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
 RunsOpt = Annotated[Path, typer.Option("--runs", help="directory of the stage outputs")]
 DataOpt = Annotated[Path, typer.Option("--data", help="directory of the clean/test npz files")]
@@ -130,8 +133,10 @@ def demo(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), 
     typer.secho("== 1/2 training a backdoored demo candidate and registering it", bold=True)
     c = make_demo_candidate(p, layout.stage("candidate"))
     typer.echo(f"registered {c['name']} version {c['version']} as @{c['alias']} ({c['attack']} backdoor)")
-    typer.secho("== 2/2 running the Kubeflow pipeline locally (kfp.local, one subprocess per component)", bold=True)
-    run_local(params.read_text(), layout.stage("kfp"))
+    log = layout.stage("kfp") / PIPELINE_LOG
+    typer.secho(f"== 2/2 running the Kubeflow pipeline locally (kfp.local, one subprocess per component; "
+                f"their output: {log})", bold=True)
+    run_local(params.read_text(), layout.stage("kfp"), log=log)
     typer.echo("")
     typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
     typer.echo(f"pipeline outputs: {layout.stage('kfp')}   (total {time.perf_counter() - t0:.0f}s)")
@@ -169,7 +174,9 @@ def pipeline_run_local(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = 
     from pipeline.harden_pipeline import run_local
 
     p = load_params(params)
-    blessed = run_local(params.read_text(), runs / "kfp")
+    log = runs / "kfp" / PIPELINE_LOG
+    typer.echo(f"running the pipeline with kfp.local; the components' output goes to {log}")
+    blessed = run_local(params.read_text(), runs / "kfp", log=log)
     typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
     if strict and not blessed:
         raise GateRejected("the gate rejected the hardened model (see the registered version's reasons)")

@@ -105,13 +105,20 @@ def compile_pipeline(out: str | Path, image: str = DEFAULT_IMAGE, gpu: GpuPlacem
     return out
 
 
-def run_local(params_yaml: str, pipeline_root: str | Path) -> bool:
+def run_local(params_yaml: str, pipeline_root: str | Path, *, log: str | Path | None = None) -> bool:
     """Run the whole pipeline with ``kfp.local`` (each component a subprocess of this Python environment).
 
-    Returns whether the gate blessed the hardened model. Resource requests (GPU) are ignored locally.
+    With ``log``, the components' output goes to that file and the terminal shows one line per finished task
+    (:func:`pipeline.terminal.tasks_to_log`). Returns whether the gate blessed the hardened model. Resource
+    requests (GPU) are ignored locally.
     """
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve()),
                raise_on_error=True)
-    return bool(build_pipeline()(params_yaml=params_yaml).output)
+    if log is None:
+        return bool(build_pipeline()(params_yaml=params_yaml).output)
+    from pipeline.terminal import tasks_to_log
+
+    with tasks_to_log(Path(log)):
+        return bool(build_pipeline()(params_yaml=params_yaml).output)

@@ -4,6 +4,7 @@ compile`` command, and the whole pipeline run with ``kfp.local`` against a real 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def test_compile_cli(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")
-def test_run_local_moves_alias_only_when_blessed(tmp_path: Path) -> None:
+def test_run_local_moves_alias_only_when_blessed(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     uri = sqlite_uri(tmp_path)
     candidate, hardened, alias = "kfp-tiny", "kfp-tiny-hardened", "champion"
     assert register_random_candidate(tmp_path, uri, candidate) == 1
@@ -158,8 +159,17 @@ def test_run_local_moves_alias_only_when_blessed(tmp_path: Path) -> None:
     assert client(uri).get_model_version(hardened, "1").tags["hardening.status"] == "blessed"
     assert alias_version(uri, hardened, alias) == 1, "the dsl.If branch (move-alias) did not run"
 
-    # strict gate: rejected, registered as such, alias untouched
-    assert run_local(params(REJECTING_GATE), tmp_path / "root-rejected") is False
+    # strict gate: rejected, registered as such, alias untouched; run as the CLI runs it, components' output
+    # in a log file and one line per task on the terminal
+    capfd.readouterr()
+    log = tmp_path / "root-rejected" / "pipeline.log"
+    assert run_local(params(REJECTING_GATE), tmp_path / "root-rejected", log=log) is False
+    terminal = capfd.readouterr()
+    rows = [line.split() for line in terminal.out.splitlines() if re.fullmatch(r"  \S+ +\w+ +[0-9.]+s", line)]
+    tasks = [row[0] for row in rows]
+    assert tasks[:1] == ["validate-params-op"] and tasks[-1:] == ["register-op"] and "purify-op" in tasks, terminal
+    assert {row[1] for row in rows} == {"SUCCESS"}, terminal.out
+    assert "executor_input" not in terminal.out + terminal.err and "executor_input" in log.read_text()
     assert [int(v.version) for v in versions(uri, hardened)] == [1, 2]
     rejected = client(uri).get_model_version(hardened, "2").tags
     assert rejected["hardening.status"] == "rejected" and rejected["hardening.reasons"]

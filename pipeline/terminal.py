@@ -1,0 +1,92 @@
+"""What a person running the pipeline locally sees: one line per task with its status and duration, while every
+component's own output (executor input dumps, runner warnings, library logs) goes to a log file.
+
+``kfp.local`` runs each component as a subprocess that inherits this process's stdout and stderr and logs the task
+boundaries itself ("Executing task 'X'", "Task 'X' finished with status S"). :func:`tasks_to_log` points both file
+descriptors at the log (so the subprocesses write there too) and follows the log from a thread, printing a line
+on the real terminal for each task that finishes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import TextIO
+
+#: kfp.local's task-boundary lines, once its ANSI colours are stripped.
+TASK_STARTED = re.compile(r"Executing task '(?P<task>[^']+)'")
+TASK_FINISHED = re.compile(r"Task '(?P<task>[^']+)' finished with status (?P<status>\w+)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _Follower(threading.Thread):
+    """Reads ``log`` from ``offset`` as it grows; prints a line to ``out`` for every task that finishes."""
+
+    def __init__(self, log: Path, offset: int, out: TextIO) -> None:
+        super().__init__(daemon=True)
+        self.log, self.offset, self.out = log, offset, out
+        self.done = threading.Event()
+        self.started: dict[str, float] = {}
+
+    def run(self) -> None:
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            f.seek(self.offset)
+            pending = ""
+            while True:
+                chunk = f.read()
+                if chunk:
+                    *lines, pending = (pending + chunk).split("\n")
+                    for line in lines:
+                        self.handle(ANSI.sub("", line))
+                elif self.done.is_set():
+                    break
+                else:
+                    time.sleep(0.1)
+
+    def handle(self, line: str) -> None:
+        if started := TASK_STARTED.search(line):
+            self.started[started["task"]] = time.monotonic()
+        elif finished := TASK_FINISHED.search(line):
+            task = finished["task"]
+            took = time.monotonic() - self.started.get(task, time.monotonic())
+            self.out.write(f"  {task:<20} {finished['status']:<8} {took:7.1f}s\n")
+            self.out.flush()
+
+
+@contextmanager
+def tasks_to_log(log: Path) -> Iterator[None]:
+    """Inside the block, this process's stdout and stderr (the file descriptors, so every subprocess's too, and
+    the ``sys`` streams) append to ``log``, and each finished kfp.local task is announced on the terminal in one
+    line. Restored on exit, also after an error."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[0]), "w", encoding="utf-8")
+    with open(log, "ab") as sink:
+        offset = sink.tell()
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    follower = _Follower(log, offset, terminal)
+    follower.start()
+    # Python-level writers too: kfp.local's log handler takes whatever ``sys.stdout`` is when the run starts
+    stream = open(log, "a", encoding="utf-8", buffering=1)
+    try:
+        with stream, redirect_stdout(stream), redirect_stderr(stream):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        follower.done.set()
+        follower.join()
+        terminal.close()
