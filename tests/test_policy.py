@@ -1,0 +1,144 @@
+"""The hardening policy's paths the end-to-end CLI test does not take (issue 14), at the stage level.
+
+``stages.purify_stage`` is called directly on a tiny candidate (a 16x16 ``small_cnn`` fitted for a few full-batch
+steps to images of ten noisy class prototypes, so its held-out accuracy is well above chance and a wrecking
+learning rate shows), a pull directory made by hand (the package and its ``provenance.json``, all
+``check_chain(pull=...)`` reads; no registry) and a clean npz. The attempts are cheap ``ft`` runs (0 or 1 epoch).
+Covered: no attempt passes (the one failing fewest checks is kept, ties broken by the higher held-out accuracy),
+the time budget (attempts after it are recorded as skipped), and a ``policy.holdout`` that leaves an empty part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydantic import TypeAdapter
+
+from harden import stages
+from harden.errors import DataError
+from harden.gate import GateConfig
+from harden.package import InputSpec, ModelSpec, save_package
+from harden.params import BaseParams, PolicyParams, ProbesParams, Purify
+from harden.records import PACKAGE, Provenance, tree_sha256
+
+SIZE = 16
+CLASSES = 10
+
+#: A gate no attempt passes (acc is never 1 on these noisy images) with a check the wrecked attempts pass and the
+#: accurate ones fail (a ceiling on acc), so the number of failed checks ranks the attempts against their accuracy.
+GATE = GateConfig(metrics=[{"metric": "acc", "min": 1.0}, {"metric": "acc", "max": 0.5}], required_facts=[],
+                  allow_no_probes=True)
+PROBES = ProbesParams()  # no attack probes, no reconstructed trigger: the gate above needs neither
+BASE = BaseParams(device="cpu", seed=0)
+
+
+def purify(**fields: Any) -> Any:
+    """One ``purify`` section / fallback as ``params.yaml`` writes it, validated by the discriminated union."""
+    return TypeAdapter(Purify).validate_python(fields)
+
+
+def _images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` noisy copies of each class's fixed random prototype (uint8 N x H x W x 3) and their labels."""
+    prototypes = np.random.default_rng(0).integers(0, 256, size=(CLASSES, SIZE, SIZE, 3))
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(CLASSES), per_class)
+    x = np.clip(prototypes[y] + rng.normal(0, 90, size=(len(y), SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    return x, y
+
+
+@dataclass
+class Setup:
+    pull: Path
+    clean: Path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    """A pulled candidate (package + provenance) that learned the prototypes a little, and 10 clean images per class."""
+    root = tmp_path_factory.mktemp("policy")
+    spec = ModelSpec(builder="small_cnn", kwargs={"width": 8}, num_classes=CLASSES,
+                     input=InputSpec(channels=3, height=SIZE, width=SIZE, mean=[0.5] * 3, std=[0.25] * 3))
+    torch.manual_seed(0)
+    net = spec.build()
+    model = spec.wrap(net)
+    x, y = _images(10, seed=1)
+    images, labels = torch.tensor(x).permute(0, 3, 1, 2).float() / 255, torch.tensor(y)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+    pull = root / "pull"
+    save_package(net.eval(), spec, pull / PACKAGE)
+    Provenance(inputs={}, model_name="policy-test", version=1, run_id=None, source_uri="local", aliases=[],
+               tracking_uri="none", files_sha256={}, package_sha256=tree_sha256(pull / PACKAGE),
+               pulled_at=datetime.now(timezone.utc).isoformat(timespec="seconds")).write(pull)
+    clean = root / "clean.npz"
+    x, y = _images(10, seed=2)
+    np.savez(clean, x=x, y=y)
+    return Setup(pull=pull, clean=clean)
+
+
+def test_when_no_attempt_passes_the_one_failing_fewest_checks_is_kept_then_the_most_accurate(setup: Setup,
+                                                                                             tmp_path: Path):
+    plan = [purify(method="ft", epochs=1, lr=1.0, batch_size=16),   # wrecks it: passes the ceiling, acc 0.100
+            purify(method="ft", epochs=1, lr=5.0, batch_size=16),   # wrecks it: passes the ceiling, acc 0.125
+            purify(method="ft", epochs=0)]                          # unchanged: acc 0.675, fails both checks
+    policy = PolicyParams(fallbacks=plan[1:], holdout=0.4)
+    record = stages.purify_stage(plan[0], BASE, setup.pull, setup.clean, tmp_path / "purify", policy=policy,
+                                 probes=PROBES, gate=GATE, progress=False)
+    attempts = record.attempts
+    assert [a.config["lr"] for a in attempts] == [1.0, 5.0, plan[2].lr]
+    assert [a.config["epochs"] for a in attempts] == [1, 1, 0]
+    assert all(a.skipped is None and a.wall_time_s is not None and a.passed is False for a in attempts)
+    assert [a.verdict for a in attempts] == ["failed"] * 3
+    assert [len(a.failed) for a in attempts] == [1, 1, 2], [a.failed for a in attempts]
+    accs = [a.holdout["acc"] for a in attempts]
+    assert accs == pytest.approx([0.100, 0.125, 0.675], abs=1e-6)  # the unchanged candidate is the most accurate
+    # fewest failed checks wins over accuracy (not the third), the higher accuracy breaks the tie (not the first)
+    assert [a.chosen for a in attempts] == [False, True, False]
+    assert [a.word for a in attempts] == ["ft failed", "ft failed (chosen)", "ft failed"]
+    assert record.defense == "ft" and record.config == attempts[1].config
+    assert record.wall_time_s == attempts[1].wall_time_s
+    assert record.holdout_samples == 40 and record.clean_samples == 60
+
+
+def test_no_attempt_starts_once_the_time_budget_is_spent(setup: Setup, tmp_path: Path):
+    first = purify(method="ft", epochs=1, lr=1e-6, batch_size=16)
+    policy = PolicyParams(fallbacks=[purify(method="ft", epochs=1, lr=1.0, batch_size=16),
+                                     purify(method="ft", epochs=0)], holdout=0.4, budget_s=1e-9)
+    record = stages.purify_stage(first, BASE, setup.pull, setup.clean, tmp_path / "purify", policy=policy,
+                                 probes=PROBES, gate=GATE, progress=False)
+    ran, *skipped = record.attempts
+    assert ran.skipped is None and ran.wall_time_s is not None and ran.wall_time_s > 1e-9
+    assert ran.passed is False and ran.verdict == "failed" and ran.chosen  # the only one, kept though it failed
+    assert len(skipped) == 2
+    for attempt, fallback in zip(skipped, policy.fallbacks):
+        assert attempt.skipped == "time budget spent"
+        assert attempt.wall_time_s is None and attempt.passed is None and attempt.failed == []
+        assert attempt.holdout == {} and not attempt.chosen
+        assert attempt.verdict == "skipped" and attempt.word == "ft skipped"
+        assert attempt.config["lr"] == fallback.lr and attempt.config["epochs"] == fallback.epochs
+    assert record.config == ran.config and record.wall_time_s == ran.wall_time_s
+
+
+@pytest.mark.parametrize("per_class, holdout", [(1, 0.2), (2, 0.2), (4, 0.1)])
+def test_a_holdout_that_leaves_an_empty_part_is_refused(setup: Setup, tmp_path: Path, per_class: int,
+                                                        holdout: float):
+    """The split keeps round((1 - holdout) * n) of each class's n images, at least one, for purification; when
+    that is all of every class, nothing is held out to judge the attempts."""
+    clean = tmp_path / "clean.npz"
+    x, y = _images(per_class, seed=3)
+    np.savez(clean, x=x, y=y)
+    policy = PolicyParams(fallbacks=[purify(method="ft", epochs=0)], holdout=holdout)
+    with pytest.raises(DataError, match=rf"policy\.holdout={holdout} of {per_class * CLASSES} clean images "
+                                        r"leaves an empty part"):
+        stages.purify_stage(purify(method="ft", epochs=0), BASE, setup.pull, clean, tmp_path / "purify",
+                            policy=policy, probes=PROBES, gate=GATE, progress=False)
+    assert not (tmp_path / "purify").exists()
