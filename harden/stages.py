@@ -274,8 +274,10 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     With fallbacks, ``policy.holdout`` of the clean set (stratified) is kept out of purification. Each attempt
     purifies on the rest and is judged on the held-out images (clean accuracy and every probe, stamped on them)
     by the gate's checks those can answer; the first that passes wins, else the one failing fewest checks
-    (highest held-out accuracy among those). No attempt starts after ``policy.budget_s`` seconds. Every attempt,
-    winner or not, is in the record. The test set is never touched here.
+    (highest held-out accuracy among those). An attempt whose training diverges (non-finite loss) fails and the
+    next one runs; when every attempt that ran diverged, :class:`~harden.errors.ParamsError` (exit 2). No attempt
+    starts after ``policy.budget_s`` seconds. Every attempt, winner or not, is in the record. The test set is
+    never touched here.
 
     Every method writes the same artifact: the purified model's state (``purified.safetensors``) as it trained,
     its reparametrizations still attached (NFT's neuron masks; none for methods that change the weights), which
@@ -318,8 +320,14 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
             continue
         if judged:
             log.info("policy attempt %d/%d: %s", index + 1, len(plan), defense)
-        result = run_defense(defense, model, train.dataset(), config, checkpoint=checkpoints[index],
-                             stale_checkpoint="restart")
+        try:
+            result = run_defense(defense, model, train.dataset(), config, checkpoint=checkpoints[index],
+                                 stale_checkpoint="restart")
+        except FloatingPointError as err:  # the training diverged: this attempt has no model, the next may
+            log.warning("policy attempt %d/%d (%s) diverged: %s", index + 1, len(plan), defense, err)
+            attempts.append({"defense": defense, "config": config.to_dict(), "passed": False,
+                             "failed": [f"its training diverged ({err})"]})
+            continue
         elapsed += result.wall_time_s
         row: dict[str, Any] = {"defense": defense, "config": config.to_dict(), "wall_time_s": result.wall_time_s}
         if not judged:
@@ -337,7 +345,9 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
             best = (rank, index, result, config)
         if verdict.blessed:
             break
-    assert best is not None  # the first attempt always runs (the budget is positive)
+    if best is None:  # the first attempt always runs (the budget is positive), so every one that ran diverged
+        raise ParamsError("purification diverged: " + "; ".join(f"{a['defense']}: {a['failed'][0]}"
+                                                                 for a in attempts if a.get("failed")))
     _, chosen, result, config = best
     defense = plan[chosen][0]
     inputs = {"candidate": chain.digest("candidate"), "clean": chain.digest("clean"),

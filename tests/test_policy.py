@@ -21,7 +21,7 @@ import torch
 from pydantic import TypeAdapter
 
 from harden import stages
-from harden.errors import DataError
+from harden.errors import DataError, ParamsError
 from harden.gate import GateConfig
 from harden.package import InputSpec, ModelSpec, save_package
 from harden.params import BaseParams, PolicyParams, ProbesParams, Purify
@@ -141,4 +141,21 @@ def test_a_holdout_that_leaves_an_empty_part_is_refused(setup: Setup, tmp_path: 
                                         r"leaves an empty part"):
         stages.purify_stage(purify(method="ft", epochs=0), BASE, setup.pull, clean, tmp_path / "purify",
                             policy=policy, probes=PROBES, gate=GATE, progress=False)
+    assert not (tmp_path / "purify").exists()
+
+
+def test_an_attempt_whose_training_diverges_fails_and_the_next_one_runs(setup: Setup, tmp_path: Path):
+    diverging = purify(method="ft", epochs=2, lr=1e12, batch_size=16)
+    policy = PolicyParams(fallbacks=[purify(method="ft", epochs=0)], holdout=0.4)
+    record = stages.purify_stage(diverging, BASE, setup.pull, setup.clean, tmp_path / "purify", policy=policy,
+                                 probes=PROBES, gate=GATE, progress=False)
+    first, second = record.attempts
+    assert first.passed is False and "diverged" in first.failed[0] and first.wall_time_s is None
+    assert not first.chosen and second.chosen and record.config == second.config
+
+
+def test_a_purification_whose_every_attempt_diverges_is_refused(setup: Setup, tmp_path: Path):
+    with pytest.raises(ParamsError, match="purification diverged: ft: its training diverged"):
+        stages.purify_stage(purify(method="ft", epochs=2, lr=1e12, batch_size=16), BASE, setup.pull, setup.clean,
+                            tmp_path / "purify", progress=False)
     assert not (tmp_path / "purify").exists()
