@@ -23,6 +23,8 @@ from typing import TextIO
 TASK_STARTED = re.compile(r"Executing task '(?P<task>[^']+)'")
 TASK_FINISHED = re.compile(r"Task '(?P<task>[^']+)' finished with status (?P<status>\w+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: kfp.local's timestamp at the start of its own log lines (HH:MM:SS.mmm)
+STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d(?:\.\d+)?) ")
 
 
 class _Follower(threading.Thread):
@@ -51,12 +53,20 @@ class _Follower(threading.Thread):
 
     def handle(self, line: str) -> None:
         if started := TASK_STARTED.search(line):
-            self.started[started["task"]] = time.monotonic()
+            self.started[started["task"]] = _when(line)
         elif finished := TASK_FINISHED.search(line):
             task = finished["task"]
-            took = time.monotonic() - self.started.get(task, time.monotonic())
+            took = (_when(line) - self.started.get(task, _when(line))) % 86400  # a run may pass midnight
             self.out.write(f"  {task:<20} {finished['status']:<8} {took:7.1f}s\n")
             self.out.flush()
+
+
+def _when(line: str) -> float:
+    """Seconds since midnight of kfp's timestamp on ``line`` (the time of reading when it has none)."""
+    if stamp := STAMP.match(line):
+        return 3600 * int(stamp[1]) + 60 * int(stamp[2]) + float(stamp[3])
+    now = time.localtime()
+    return 3600 * now.tm_hour + 60 * now.tm_min + now.tm_sec + time.time() % 1
 
 
 @contextmanager

@@ -175,3 +175,19 @@ def test_run_local_moves_alias_only_when_blessed(tmp_path: Path, capfd: pytest.C
     assert rejected["hardening.status"] == "rejected" and rejected["hardening.reasons"]
     assert alias_version(uri, hardened, alias) == 1, "a rejected version must never receive the serving alias"
     assert list((tmp_path / "root-rejected").rglob("blessing.json")), "the gate's blessing is a pipeline artifact"
+
+
+def test_task_lines_take_their_durations_from_kfps_own_timestamps() -> None:
+    import io
+
+    from pipeline.terminal import _Follower
+
+    out = io.StringIO()
+    follower = _Follower(Path("/dev/null"), 0, out)
+    for line in ("17:09:32.508 - INFO - Executing task 'report-op'", "    [KFP Executor ...]: Got executor_input:",
+                 "17:09:38.888 - INFO - Task 'report-op' finished with status SUCCESS",
+                 "23:59:59.000 - INFO - Executing task 'late-op'",
+                 "00:00:01.500 - INFO - Task 'late-op' finished with status FAILURE"):
+        follower.handle(line)
+    assert out.getvalue().splitlines() == ["  report-op            SUCCESS      6.4s",
+                                           "  late-op              FAILURE      2.5s"]
