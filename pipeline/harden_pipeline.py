@@ -120,5 +120,9 @@ def run_local(params_yaml: str, pipeline_root: str | Path, *, log: str | Path | 
         return bool(build_pipeline()(params_yaml=params_yaml).output)
     from pipeline.terminal import tasks_to_log
 
-    with tasks_to_log(Path(log)):
-        return bool(build_pipeline()(params_yaml=params_yaml).output)
+    try:
+        with tasks_to_log(Path(log)):
+            return bool(build_pipeline()(params_yaml=params_yaml).output)
+    except Exception as err:
+        err.add_note(f"the components' output, with the failed task's traceback, is in {log}")
+        raise
