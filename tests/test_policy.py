@@ -5,7 +5,8 @@ steps to images of ten noisy class prototypes, so its held-out accuracy is well 
 learning rate shows), a pull directory made by hand (the package and its ``provenance.json``, all
 ``check_chain(pull=...)`` reads; no registry) and a clean npz. The attempts are cheap ``ft`` runs (0 or 1 epoch).
 Covered: no attempt passes (the one failing fewest checks is kept, ties broken by the higher held-out accuracy),
-the time budget (attempts after it are recorded as skipped), and a ``policy.holdout`` that leaves an empty part.
+the time budget (attempts after it are recorded as skipped), a ``policy.holdout`` that leaves an empty part, and
+an attempt whose training diverges (it fails, the next one runs; when all diverge, the stage refuses).
 """
 
 from __future__ import annotations
