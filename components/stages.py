@@ -77,7 +77,7 @@ def fold_op(candidate: Input[Model], purified: Input[Artifact], clean: Input[Dat
     from harden.stages import fold_stage
 
     r = fold_stage(Path(candidate.path), Path(purified.path), Path(clean.path), Path(hardened.path))
-    fold_check.log_metric("fold_max_abs_diff", r.max_abs_diff if r.max_abs_diff is not None else 0.0)
+    fold_check.log_metric("fold_max_abs_diff", r.max_abs_diff)
     hardened.metadata.update({"fold_check": r.passed, "sha256": r.hardened_sha256})
     return r.passed
 

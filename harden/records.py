@@ -176,8 +176,10 @@ class FoldRecord(Record):
 
     FILE: ClassVar[str] = "fold.json"
     passed: bool
+    #: whether the purified model carried reparametrizations to fold (NFT's masks); without, it is passed through
     masks_folded: bool
-    max_abs_diff: float | None
+    #: max |logit difference| before and after folding (exactly 0 when there was nothing to fold)
+    max_abs_diff: float
     atol: float
     keys_match: bool
     finite: bool

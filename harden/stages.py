@@ -11,6 +11,7 @@ constants below; :class:`Layout` says where ``nft-harden run`` and ``dvc.yaml`` 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -374,16 +375,16 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     return record
 
 
-def _purified_model(candidate_dir: Path, purify_dir: Path, purified: PurifyRecord) -> tuple[Normalized, ModelSpec]:
-    """The purified model as it trained: the candidate's architecture, the recorded reparametrizations
-    re-attached (their kinds from :data:`nft_core.reparam.KINDS` only), the saved state loaded strictly."""
-    model, spec = _load_model(Path(candidate_dir) / PACKAGE)
+def _purified_model(candidate: Normalized, purify_dir: Path, purified: PurifyRecord) -> Normalized:
+    """The purified model as it trained: a copy of the (plain) candidate with the recorded reparametrizations
+    re-attached (their kinds from :data:`nft_core.reparam.KINDS` only) and the saved state loaded strictly."""
+    model = copy.deepcopy(candidate)
     try:
         reattach(model, [Reparam.from_dict(r.model_dump()) for r in purified.reparametrizations])
         model.load_state_dict(load_file(str(Path(purify_dir) / PURIFIED)), strict=True)
     except (ValueError, RuntimeError) as err:
         raise ChainError(f"{purify_dir} does not rebuild on this candidate: {err}") from err
-    return model.eval(), spec
+    return model.eval()
 
 
 def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: Path) -> FoldRecord:
@@ -400,7 +401,7 @@ def fold_stage(candidate_dir: Path, purify_dir: Path, clean_npz: Path, out_dir: 
     purified: PurifyRecord = chain.record("purify")
     candidate, spec = _load_model(Path(candidate_dir) / PACKAGE)
     reference = {k: (tuple(v.shape), v.dtype) for k, v in candidate.net.state_dict().items()}
-    model, _ = _purified_model(Path(candidate_dir), Path(purify_dir), purified)
+    model = _purified_model(candidate, Path(purify_dir), purified)
     x = read_npz(clean_npz).images()[:256]
     with torch.no_grad():
         before = model(x)
@@ -448,11 +449,9 @@ def export_stage(export: ExportParams, seed: int, hardened_dir: Path, clean_npz:
     return record
 
 
-def _layer_masks(candidate_dir: Path, purify_dir: Path, purified: PurifyRecord) -> list[LayerMasks] | None:
-    """Neuron masks by layer, for the statistics and plots; None when the purification has none."""
-    if not purified.masked_layers:
-        return None
-    model, _ = _purified_model(candidate_dir, purify_dir, purified)
+def _layer_masks(candidate: Normalized, purify_dir: Path, purified: PurifyRecord) -> list[LayerMasks]:
+    """Neuron masks by layer, for the statistics and plots (call when ``purified.masked_layers`` is not empty)."""
+    model = _purified_model(candidate, purify_dir, purified)
     layers = [MaskedLayer(l.index, l.name, l.kind, l.size) for l in purified.masked_layers]
     return layer_masks(mask_state(model), layers, [l.lower_bound for l in purified.masked_layers])
 
@@ -489,7 +488,7 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
                 metrics["scan/backdoor_score"] = backdoor_score(metrics)
     inversion = _save_triggers(triggers, Path(out_dir))  # empty without the inversion: no stale file survives
     purified: PurifyRecord = chain.record("purify")
-    layers = _layer_masks(Path(candidate_dir), Path(purify_dir), purified)
+    layers = _layer_masks(candidate, Path(purify_dir), purified) if purified.masked_layers else None
     inputs = {name: chain.digest(name) for name in ("candidate", "purify", "fold", "parity", "onnx", "test")}
     inputs["params"] = canonical_sha256({"probes": probes.model_dump(mode="json"), "seed": seed})
     record = MetricsRecord(inputs=inputs, candidate=before, hardened=after, compare=compare(before, after),
@@ -599,10 +598,12 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
                     "clean_samples": purified.clean_samples, "device": purified.device}
     if metrics.masks:
         purification["masks"] = metrics.masks
+    masks = (_layer_masks(_load_model(Path(pull_dir) / PACKAGE)[0], Path(purify_dir), purified)
+             if purified.masked_layers else None)
     with atomic_dir(out_dir) as tmp:
         files = write_report(tmp, identity=_identity(params, chain.record("provenance"), purified),
                              before=metrics.candidate, after=metrics.hardened, blessing=blessing,
-                             masks=_layer_masks(Path(pull_dir), Path(purify_dir), purified), history=purified.history,
+                             masks=masks, history=purified.history,
                              purification=purification, attempts=purified.attempts,
                              holdout=purified.holdout_samples, inversion=read_triggers(Path(evaluate_dir), metrics))
         outputs = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

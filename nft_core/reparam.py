@@ -19,6 +19,7 @@ the loader construct anything else.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -28,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 
-class Reparametrization(nn.Module):
+class Reparametrization(nn.Module, ABC):
     """Base of the reparametrizations :data:`KINDS` allows.
 
     Attributes:
@@ -39,14 +40,14 @@ class Reparametrization(nn.Module):
     layer_index: int
 
     @classmethod
+    @abstractmethod
     def for_tensor(cls, tensor: torch.Tensor, layer_index: int) -> Reparametrization:
         """The identity reparametrization of ``tensor`` (the model's output does not change when attached)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def size(self) -> int:
         """Number of values it trains per layer (masks, noises or singular values)."""
-        raise NotImplementedError
 
 
 class NeuronMask(Reparametrization):
