@@ -157,6 +157,7 @@ class TrainSettings(DefenseConfig):
     weight_decay: float = 5e-4  # L2 weight decay (common CIFAR setting; the papers do not state it)
     lr_schedule: LRSchedule = "cosine"  # per-step cosine decay to 0, or a constant learning rate
     crop_flip: bool = True  # RandomCrop(pad 4) + horizontal flip per sample
+    flip: bool = True  # the horizontal flip of crop_flip; off for classes that are not mirror-symmetric (road signs)
     bn_mode: BNMode = "train"  # "train": BN statistics follow the clean batches; "eval": frozen statistics
     seed: int = 0  # seeds data order, augmentation and random starts
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
@@ -205,6 +206,7 @@ class ANPConfig(DefenseConfig):
     threshold: float = 0.2  # prune neurons whose mask is below this (ANP code default 0.2; fixed a priori)
     prune_count: int | None = None  # if set, prune this many neurons with the smallest masks instead
     crop_flip: bool = True  # RandomCrop(pad 4) + flip, as the ANP code's clean loader
+    flip: bool = True  # the horizontal flip of crop_flip; off for classes that are not mirror-symmetric (road signs)
     bn_mode: BNMode = "train"  # BN mode during mask optimisation (ANP code: train); statistics are discarded
     seed: int = 0  # seeds data order and perturbation draws
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...

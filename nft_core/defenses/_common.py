@@ -63,11 +63,12 @@ def phase_checkpoint(checkpoint: Checkpoint | None, phase: str, start: nn.Module
     return checkpoint.phase(phase, start, data, own_file=own_file) if checkpoint is not None else None
 
 
-def make_loader(data: Dataset[Any], batch_size: int, seed: int, augment: bool, device: torch.device) -> DeviceBatches:
+def make_loader(data: Dataset[Any], batch_size: int, seed: int, augment: bool, device: torch.device, *,
+                flip: bool = True) -> DeviceBatches:
     """Batches of ``data`` on ``device``, reshuffled every epoch (seeded), with per-sample random crop (padding 4)
-    and horizontal flip when ``augment``."""
+    and, with ``flip``, horizontal flip when ``augment``."""
     return DeviceBatches(data, batch_size, device=device, seed=seed, padding=CROP_PADDING if augment else 0,
-                         flip=augment)
+                         flip=augment and flip)
 
 
 def make_sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
@@ -105,7 +106,7 @@ def fine_tune(model: nn.Module, data: Dataset[Any], cfg: TrainSettings, device: 
     """Plain SGD fine-tuning of all trainable parameters of ``model`` in place with ``cfg``'s settings, one
     phase of :func:`~nft_core.loop.train_epochs` (checkpointed after every epoch with ``checkpoint``)."""
     epochs = cfg.epochs if epochs is None else epochs
-    loader = make_loader(data, cfg.batch_size, cfg.seed, cfg.crop_flip, device)
+    loader = make_loader(data, cfg.batch_size, cfg.seed, cfg.crop_flip, device, flip=cfg.flip)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_sgd(params, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_schedule, epochs * len(loader))
     return train_epochs(model, loader, sgd_step(opt, loss_fn, after_step), epochs, optimizers=[opt],

@@ -125,7 +125,8 @@ def run(model: nn.Module, clean_data: Dataset[Any], config: ANPConfig,
     noises = [m.noise for m in _perturbations(work)]
     mask_opt = torch.optim.SGD(masks, lr=config.mask_lr, momentum=config.mask_momentum)
     noise_opt = torch.optim.SGD(noises, lr=config.eps / config.pgd_steps if config.eps > 0 else 1.0)
-    loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.device)
+    loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.device,
+                         flip=config.flip)
     epochs = math.ceil(config.iterations / len(loader))
     history = train_epochs(work, loader, anp_step(config, mask_opt, noise_opt), epochs,
                            optimizers=[mask_opt, noise_opt], bn_mode=config.bn_mode, desc="ANP",

@@ -87,7 +87,8 @@ def run(model: nn.Module, clean_data: Dataset[Any], config: FTSAMConfig,
     params = list(prep.model.parameters())
     for p in params:
         p.requires_grad_(True)
-    loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.device)
+    loader = make_loader(clean_data, config.batch_size, config.seed, config.crop_flip, prep.device,
+                         flip=config.flip)
     opt, sched = make_sgd(params, config.lr, config.momentum, config.weight_decay, config.lr_schedule,
                           config.epochs * len(loader))
     step = sam_step(opt, params, config.rho, config.adaptive, config.label_smoothing)
