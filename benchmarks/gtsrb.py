@@ -177,12 +177,19 @@ def poison_rate(attack: Attack, train: ImageData) -> float:
     return POISON_RATE
 
 
-def evaluate(model: torch.nn.Module, test: ImageData, probe: tuple) -> dict[str, float]:
-    """ACC on the clean test images; ASR and RA on ``probe`` = (triggered images, true labels, targets)."""
+def evaluate(model: torch.nn.Module, test: ImageData, probe: tuple, device: str) -> dict[str, float]:
+    """ACC on the clean test images; ASR and RA on ``probe`` = (triggered images, true labels, targets).
+
+    Runs on ``device`` (the purifiers hand back CPU models; scoring a width-64 network on the CPU takes
+    minutes) and leaves the model on the CPU."""
     x_trig, y_true, y_target = probe
-    pred = predict(model, x_trig, batch_size=1024)
-    return {"acc": accuracy(predict(model, test.images(), batch_size=1024), test.y),
-            "asr": attack_success_rate(pred, y_true, y_target), "ra": robust_accuracy(pred, y_true, y_target)}
+    model.to(resolve_device(device))
+    try:
+        pred = predict(model, x_trig, batch_size=1024)
+        acc = accuracy(predict(model, test.images(), batch_size=1024), test.y)
+    finally:
+        model.to("cpu")
+    return {"acc": acc, "asr": attack_success_rate(pred, y_true, y_target), "ra": robust_accuracy(pred, y_true, y_target)}
 
 
 def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, args: argparse.Namespace,
@@ -208,7 +215,7 @@ def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, ar
     model, info = make_backdoored_candidate(train, attack, builder=builder, builder_kwargs=kwargs,
                                             poison_rate=recipe["poison_rate"], epochs=epochs, lr=args.train_lr,
                                             mean=mean, std=std, flip=FLIP, progress=args.progress)
-    metrics = evaluate(model, test, probe)
+    metrics = evaluate(model, test, probe, args.device)
     record = {"recipe": recipe, "arch": arch, "attack": attack.name, "mode": attack.mode, "regime": regime,
               "train_images": len(train), "poisoned": info["poisoned"], "train_time_s": info["wall_time_s"],
               "final_train_acc": info["history"][-1]["train_acc"], **metrics}
@@ -256,7 +263,7 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
         t0 = time.perf_counter()
         result = run_defense(name, cand.model, clean.dataset(), config)
         wall = time.perf_counter() - t0
-    after = evaluate(result.model, test, probe)
+    after = evaluate(result.model, test, probe, args.device)
     row = {"key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
            "mode": cand.attack.mode, "regime": cand.regime, "clean": clean_name, "n_clean": len(clean),
            "method": label, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
