@@ -12,13 +12,30 @@ DEFAULT_IMAGE = "nft-harden:0.1.0"
 component = dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 
 
-@component
-def validate_params_op(params_yaml: str, params: Output[Artifact]):
-    """Validate params.yaml once, up front, and hand the resolved parameters to every other component."""
-    from harden.integrity import write_json_atomic
-    from harden.params import parse_params_text
+#: Default of a numeric run parameter left unset (KFP's local runner cannot take None defaults; bounds are >= 0).
+#: Component signatures write it out as -1.0: KFP ships a component's source alone, without this module.
+UNSET = -1.0
 
-    resolved = parse_params_text(params_yaml, "params_yaml")
+
+@component
+def validate_params_op(params_yaml: str, params: Output[Artifact], candidate_model: str = "", tracking_uri: str = "",
+                       promote_alias: str = "", purify_method: str = "", max_acc_drop: float = -1.0,
+                       max_asr_lift: float = -1.0):
+    """Validate params.yaml with the run's overrides (those not empty, bounds not negative) once, up front, and
+    hand the resolved parameters to every other component. Inside a cluster an sqlite registry is refused."""
+    import os
+
+    from harden.errors import ParamsError
+    from harden.integrity import write_json_atomic
+    from harden.params import local_tracking_uri, parse_params_with_overrides
+
+    given = {"candidate_model": candidate_model, "tracking_uri": tracking_uri, "promote_alias": promote_alias,
+             "purify_method": purify_method, "max_acc_drop": max_acc_drop, "max_asr_lift": max_asr_lift}
+    resolved = parse_params_with_overrides(params_yaml, "params_yaml", {
+        k: v for k, v in given.items() if v != "" and not (isinstance(v, float) and v < 0)})
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and local_tracking_uri(resolved.base.tracking_uri):
+        raise ParamsError(f"tracking_uri {resolved.base.tracking_uri!r} is a file inside this pod: every task "
+                          "would open its own empty registry; set tracking_uri to http(s)://HOST:PORT")
     write_json_atomic(params.path, resolved.model_dump(mode="json"))
     params.metadata.update({"defense": resolved.purify.method, "candidate": resolved.candidate.model})
 

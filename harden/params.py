@@ -9,6 +9,7 @@ checks), ``promote`` (registration). Unknown keys, wrong types and out-of-range 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import typing
@@ -356,3 +357,70 @@ def parse_params_text(text: str, source: str) -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{source} must be a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, source)
+
+
+#: Settings a pipeline run may override without editing the YAML: name -> what it sets (see :func:`apply_overrides`).
+OVERRIDES: dict[str, str] = {
+    "candidate_model": "candidate.model",
+    "tracking_uri": "base.tracking_uri",
+    "promote_alias": "promote.alias",
+    "purify_method": "purify.method (the method's paper defaults unless the YAML already names that method)",
+    "max_acc_drop": "gate.metrics: max_drop of the `acc` check",
+    "max_asr_lift": "gate.metrics: max of the `asr_lift/*` check",
+}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str = "overrides") -> dict[str, Any]:
+    """A copy of a parsed ``params.yaml`` mapping with the :data:`OVERRIDES` that are set (not ``None``) applied.
+
+    A gate threshold override needs its check in ``gate.metrics`` (it changes a bound, it never adds a check);
+    an unknown name raises :class:`ParamsError`. Validate the result with :func:`parse_params`.
+    """
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise ParamsError(f"{source}: unknown override(s) {unknown}; known: {sorted(OVERRIDES)}")
+    out = copy.deepcopy(raw)
+
+    def section(name: str) -> dict[str, Any]:
+        value = out.setdefault(name, {})
+        if not isinstance(value, dict):
+            raise ParamsError(f"{source}: cannot override inside `{name}`, which is not a mapping")
+        return value
+
+    set_ = {k: v for k, v in overrides.items() if v is not None}
+    if "candidate_model" in set_:
+        section("candidate")["model"] = set_["candidate_model"]
+    if "tracking_uri" in set_:
+        section("base")["tracking_uri"] = set_["tracking_uri"]
+    if "promote_alias" in set_:
+        section("promote")["alias"] = set_["promote_alias"]
+    if "purify_method" in set_ and section("purify").get("method") != set_["purify_method"]:
+        out["purify"] = {"method": set_["purify_method"]}
+    for name, metric, bound in (("max_acc_drop", "acc", "max_drop"), ("max_asr_lift", "asr_lift/*", "max")):
+        if name not in set_:
+            continue
+        checks = section("gate").get("metrics")
+        if checks is None:  # the gate's default checks, written out so that one bound can change
+            checks = section("gate")["metrics"] = [c.model_dump(exclude_defaults=True)
+                                                   for c in GateConfig().metrics]
+        matching = [c for c in checks if isinstance(c, dict) and c.get("metric") == metric]
+        if not matching:
+            raise ParamsError(f"{source}: {name} sets the {bound} of the gate's `{metric}` check, and gate.metrics "
+                              f"has no such check")
+        for check in matching:
+            check[bound] = set_[name]
+    return out
+
+
+def parse_params_with_overrides(text: str, source: str, overrides: dict[str, Any]) -> Params:
+    """:func:`parse_params_text` with :func:`apply_overrides` applied before validation."""
+    raw = load_yaml(text, source)
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{source} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(apply_overrides(raw or {}, overrides, source), source)
+
+
+def local_tracking_uri(uri: str) -> bool:
+    """Whether ``uri`` names a registry only the local machine sees (an sqlite file): each pod of a cluster
+    run would open its own empty one."""
+    return urlsplit(uri).scheme in ("sqlite", "file", "")

@@ -148,20 +148,37 @@ ImageOpt = Annotated[str, typer.Option(help="container image of every component 
 @pipeline_app.command("compile")
 @_command
 def pipeline_compile(out: Annotated[Path, typer.Option(help="IR YAML to write")] = Path("pipeline.yaml"),
+                     params: Annotated[Path, typer.Option("--params", "-p", help="params.yaml: the default of the "
+                                                          "run's params_yaml parameter")] = Path("params.yaml"),
+                     tracking_uri: Annotated[str | None, typer.Option(help="MLflow server the cluster reaches, "
+                                                                      "http(s)://HOST:PORT (default: params.yaml's; "
+                                                                      "an sqlite file is refused)")] = None,
                      image: ImageOpt = "nft-harden:0.1.0",
                      gpu: Annotated[str, typer.Option(help="accelerator resource for purify ('' = CPU)")] = "nvidia.com/gpu",
                      gpu_count: Annotated[int, typer.Option(min=1)] = 1,
                      node_selector: Annotated[list[str], typer.Option(help="KEY=VALUE node label for purify")] = [],
-                     no_default_toleration: Annotated[bool, typer.Option("--no-default-toleration", help="drop the nvidia.com/gpu:NoSchedule toleration")] = False) -> None:
+                     no_default_toleration: Annotated[bool, typer.Option("--no-default-toleration", help="drop the nvidia.com/gpu:NoSchedule toleration")] = False,
+                     mlflow_secret: Annotated[str | None, typer.Option(help="Kubernetes secret with MLFLOW_TRACKING_USERNAME "
+                                                                       "and MLFLOW_TRACKING_PASSWORD (registry tasks)")] = None,
+                     storage_secret: Annotated[str | None, typer.Option(help="Kubernetes secret with AWS_ACCESS_KEY_ID and "
+                                                                        "AWS_SECRET_ACCESS_KEY (tasks reading data or "
+                                                                        "registry artifacts)")] = None) -> None:
     """Compile the Kubeflow pipeline to IR YAML (submit it with the KFP UI or kfp.Client)."""
-    from pipeline.harden_pipeline import GpuPlacement, compile_pipeline
+    from harden.errors import ParamsError
+    from pipeline.harden_pipeline import GpuPlacement, Secrets, compile_pipeline
 
     bad = [s for s in node_selector if "=" not in s]
     if bad:
         raise typer.BadParameter(f"--node-selector needs KEY=VALUE, got {bad}")
     placement = GpuPlacement(accelerator=gpu, count=gpu_count, node_selector=dict(s.split("=", 1) for s in node_selector),
                              **({"tolerations": []} if no_default_toleration else {}))
-    typer.echo(f"wrote {compile_pipeline(out, image, placement)}")
+    try:
+        text = params.read_text()
+    except OSError as err:
+        raise ParamsError(f"cannot read {params}: {err.strerror or err}") from err
+    written = compile_pipeline(out, image, placement, params_yaml=text, tracking_uri=tracking_uri,
+                               secrets=Secrets(mlflow=mlflow_secret, storage=storage_secret))
+    typer.echo(f"wrote {written}")
 
 
 @pipeline_app.command("run-local")

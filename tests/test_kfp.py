@@ -1,6 +1,7 @@
-"""The Kubeflow pipeline: what the compiled IR YAML asks a cluster for (image, GPU on purify only, node
-placement, retries and no caching on registry steps, the gate condition on move-alias), the ``pipeline
-compile`` command, and the whole pipeline run with ``kfp.local`` against a real sqlite registry."""
+"""The Kubeflow pipeline: what the compiled IR YAML asks a cluster for (run parameters, image, CPU and memory
+on every task, GPU on purify only, node placement, secrets, retries and no caching on registry steps, the gate
+condition on move-alias), the ``pipeline compile`` command, and the whole pipeline run with ``kfp.local``
+against a real sqlite registry."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.harden_pipeline import GpuPlacement, compile_pipeline, run_local
-from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, alias_version, client, describe,
+from harden.errors import ParamsError
+from harden.params import OVERRIDES
+from pipeline.harden_pipeline import DEFAULT_RESOURCES, RESOURCES, GpuPlacement, Secrets, compile_pipeline, run_local
+from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, REPO, alias_version, client, describe,
                                register_random_candidate, run_cli, sqlite_uri, tiny_params, versions)
 
 IMAGE = "registry.example/nft-harden:1.2.3"
@@ -21,6 +24,9 @@ NODE_SELECTOR = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
 
 #: Tasks that talk to the registry (outside KFP's view): retried, never cached.
 REGISTRY_TASKS = ("pull-candidate", "register", "move-alias")
+PARAMS_TEXT = (REPO / "params.yaml").read_text()
+SERVER = "http://mlflow.example:5000"
+SECRETS = Secrets(mlflow="mlflow-creds", storage="store-creds")
 
 
 def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -50,8 +56,89 @@ def _executor(spec: dict[str, Any], task: dict[str, Any]) -> str:
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
     out = tmp_path_factory.mktemp("kfp") / "nested" / "pipeline.yaml"
     gpu = GpuPlacement(accelerator="nvidia.com/gpu", count=2, node_selector=NODE_SELECTOR, tolerations=[TOLERATION])
-    assert compile_pipeline(out, image=IMAGE, gpu=gpu) == out
+    assert compile_pipeline(out, image=IMAGE, gpu=gpu, params_yaml=PARAMS_TEXT, tracking_uri=SERVER,
+                            secrets=SECRETS) == out
     return _load(out)
+
+
+def test_run_parameters_the_form_shows(compiled) -> None:
+    """params_yaml comes pre-filled with the params.yaml it was compiled from (the run form is no empty box);
+    beside it, each override is optional, typed and described, the registry defaulting to the server given."""
+    spec, _ = compiled
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(inputs) == {"params_yaml", *OVERRIDES}
+    assert inputs["params_yaml"]["defaultValue"] == PARAMS_TEXT
+    assert inputs["tracking_uri"]["defaultValue"] == SERVER
+    assert inputs["max_acc_drop"]["parameterType"] == "NUMBER_DOUBLE" and inputs["candidate_model"]["parameterType"] == "STRING"
+    for name in OVERRIDES:
+        assert inputs[name]["isOptional"] and inputs[name]["description"], name
+    unset = {n: inputs[n]["defaultValue"] for n in OVERRIDES if n != "tracking_uri"}
+    assert unset == {n: -1.0 if n.startswith("max_") else "" for n in unset}, "unset: params_yaml decides"
+
+
+def test_every_task_requests_cpu_and_memory(compiled) -> None:
+    spec, _ = compiled
+    for display, (task, _) in _all_tasks(spec).items():
+        if display == "blessed":  # the dsl.If group, not a container
+            continue
+        want = RESOURCES.get(display, DEFAULT_RESOURCES)
+        res = spec["deploymentSpec"]["executors"][_executor(spec, task)]["container"]["resources"]
+        assert (res["resourceCpuRequest"], res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == \
+            (want.cpu, want.memory, want.memory), display
+    assert RESOURCES["purify"].memory == "16G"
+
+
+def test_secrets_reach_only_the_tasks_that_need_them(compiled) -> None:
+    spec, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    tasks = _all_tasks(spec)
+
+    def secrets_of(display: str) -> dict[str, set[str]]:
+        placed = executors.get(_executor(spec, tasks[display][0]), {})
+        return {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in placed.get("secretAsEnv", [])}
+
+    mlflow, store = set(SECRETS.mlflow_keys), set(SECRETS.storage_keys)
+    for display in set(tasks) - {"blessed"}:  # the dsl.If group is not a container
+        want = {}
+        if display in REGISTRY_TASKS:
+            want["mlflow-creds"] = mlflow
+        if display in (*REGISTRY_TASKS, "prepare-data"):
+            want["store-creds"] = store
+        assert secrets_of(display) == want, display
+
+
+def test_compiling_for_a_cluster_refuses_a_local_registry(tmp_path: Path) -> None:
+    """An sqlite registry is a file on one machine: every pod would open its own empty one."""
+    out = tmp_path / "pipeline.yaml"
+    with pytest.raises(ParamsError, match=r"sqlite:///mlflow.db.*every pod.*--tracking-uri"):
+        compile_pipeline(out, params_yaml=PARAMS_TEXT)
+    with pytest.raises(ParamsError, match=r"params_yaml is invalid"):
+        compile_pipeline(out, params_yaml="purify: {method: magic}\n", tracking_uri=SERVER)
+    assert not out.exists()
+    proc = run_cli(["pipeline", "compile", "--out", str(out), "--params", str(REPO / "params.yaml")], cwd=tmp_path)
+    assert proc.returncode == 2 and "every pod" in proc.stderr, describe(proc)
+    assert not out.exists()
+
+
+def test_validate_params_refuses_an_sqlite_registry_inside_a_pod(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run may override the compiled registry; inside a cluster (KUBERNETES_SERVICE_HOST is set in every
+    pod) the resolved one must still be a server."""
+    from types import SimpleNamespace
+
+    from components import validate_params_op
+
+    out = SimpleNamespace(path=str(tmp_path / "params.json"), metadata={})
+    run = validate_params_op.python_func
+    run(params_yaml=PARAMS_TEXT, params=out, tracking_uri="", max_acc_drop=0.02)  # empty: params_yaml's
+    resolved = yaml.safe_load(Path(out.path).read_text())
+    assert resolved["base"]["tracking_uri"] == "sqlite:///mlflow.db"
+    assert [c for c in resolved["gate"]["metrics"] if c["metric"] == "acc"][0]["max_drop"] == 0.02
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with pytest.raises(ParamsError, match=r"inside this pod"):
+        run(params_yaml=PARAMS_TEXT, params=out)
+    run(params_yaml=PARAMS_TEXT, params=out, tracking_uri=SERVER)
+    assert yaml.safe_load(Path(out.path).read_text())["base"]["tracking_uri"] == SERVER
 
 
 def test_every_executor_uses_the_image(compiled) -> None:
@@ -79,7 +166,8 @@ def test_node_selector_and_tolerations_on_purify_only(compiled) -> None:
     spec, platform = compiled
     purify = _executor(spec, _all_tasks(spec)["purify"][0])
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {purify}, "only purify is placed on the GPU pool"
+    placed = {name for name, e in executors.items() if "nodeSelector" in e or "tolerations" in e}
+    assert placed == {purify}, "only purify is placed on the GPU pool"
     assert executors[purify]["nodeSelector"]["labels"] == NODE_SELECTOR
     assert executors[purify]["tolerations"] == [TOLERATION]
 
@@ -126,7 +214,8 @@ def test_pipeline_output_is_the_gate_decision(compiled) -> None:
 def test_compile_cli(tmp_path: Path) -> None:
     out = tmp_path / "out" / "pipeline.yaml"
     proc = run_cli(["pipeline", "compile", "--out", str(out), "--image", IMAGE, "--node-selector", "a=b",
-                    "--gpu-count", "4"], cwd=tmp_path)
+                    "--gpu-count", "4", "--params", str(REPO / "params.yaml"), "--tracking-uri", SERVER,
+                    "--mlflow-secret", "mlflow-creds"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     spec, platform = _load(out)
     purify = _executor(spec, _all_tasks(spec)["purify"][0])
@@ -137,8 +226,9 @@ def test_compile_cli(tmp_path: Path) -> None:
     assert str(accelerator.get("resourceCount", accelerator.get("count"))) == "4"
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {IMAGE}
 
-    bad = run_cli(["pipeline", "compile", "--out", str(tmp_path / "bad.yaml"), "--node-selector", "no-equals"],
-                  cwd=tmp_path)
+    assert "mlflow-creds" in out.read_text()
+    bad = run_cli(["pipeline", "compile", "--out", str(tmp_path / "bad.yaml"), "--node-selector", "no-equals",
+                   "--params", str(REPO / "params.yaml"), "--tracking-uri", SERVER], cwd=tmp_path)
     assert bad.returncode == 2, describe(bad)
     assert not (tmp_path / "bad.yaml").exists()
 
@@ -147,17 +237,19 @@ def test_compile_cli(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")
 def test_run_local_moves_alias_only_when_blessed(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     uri = sqlite_uri(tmp_path)
-    candidate, hardened, alias = "kfp-tiny", "kfp-tiny-hardened", "champion"
+    candidate, hardened, alias = "kfp-tiny", "kfp-tiny-hardened", "served"  # params say champion; the run overrides
     assert register_random_candidate(tmp_path, uri, candidate) == 1
 
     def params(gate: dict[str, Any]) -> str:
         return yaml.safe_dump(tiny_params(uri, candidate=f"models:/{candidate}@candidate", promote=hardened, gate=gate))
 
     # lenient gate: blessed, registered by `register` (which never moves the alias), moved by the dsl.If branch
-    assert run_local(params(BLESSING_GATE), tmp_path / "root-blessed") is True
+    # to the alias the run parameter names
+    assert run_local(params(BLESSING_GATE), tmp_path / "root-blessed", overrides={"promote_alias": alias}) is True
     assert [int(v.version) for v in versions(uri, hardened)] == [1]
     assert client(uri).get_model_version(hardened, "1").tags["hardening.status"] == "blessed"
     assert alias_version(uri, hardened, alias) == 1, "the dsl.If branch (move-alias) did not run"
+    assert alias_version(uri, hardened, "champion") is None, "the promote_alias run parameter was not applied"
 
     # strict gate: rejected, registered as such, alias untouched; run as the CLI runs it, components' output
     # in a log file and one line per task on the terminal

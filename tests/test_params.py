@@ -201,3 +201,45 @@ def test_the_schema_and_the_cli_import_no_torch() -> None:
             "print(sorted(m for m in ('torch', 'onnxruntime', 'mlflow', 'torchvision', 'kfp') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_run_overrides_change_only_what_they_name(repo_params: dict[str, Any]) -> None:
+    """The pipeline's run parameters beside params_yaml (harden.params.OVERRIDES): each set one changes its
+    setting, None leaves it, a gate bound changes the existing check's bound and never adds a check."""
+    from harden.params import apply_overrides
+
+    before = copy.deepcopy(repo_params)
+    raw = apply_overrides(repo_params, {"candidate_model": "models:/other@staging", "tracking_uri": "http://mlflow:5000",
+                                        "promote_alias": "prod", "purify_method": "pbe", "max_acc_drop": 0.01,
+                                        "max_asr_lift": None})
+    assert repo_params == before, "the input mapping must not change"
+    p = parse_params(raw)
+    assert (p.candidate.model, p.base.tracking_uri, p.promote.alias) == ("models:/other@staging", "http://mlflow:5000", "prod")
+    assert p.purify.method == "pbe" and p.purify.config().to_dict() == CONFIGS["pbe"]().to_dict()
+    assert [(c.metric, c.max_drop, c.max) for c in p.gate.metrics] == [
+        (c.metric, 0.01 if c.metric == "acc" else c.max_drop, c.max) for c in parse_params(repo_params).gate.metrics]
+    same_method = parse_params(apply_overrides(repo_params, {"purify_method": repo_params["purify"]["method"]}))
+    assert same_method.purify == parse_params(repo_params).purify, "naming the YAML's own method keeps its settings"
+    assert parse_params(apply_overrides(repo_params, {})) == parse_params(repo_params)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"max_acc_drop": 0.01, "gate_typo": 1}, r"unknown override\(s\) \['gate_typo'\]"),
+    ({"max_asr_lift": 0.1}, r"max_asr_lift sets the max of the gate's `asr_lift/\*` check, and gate.metrics has no such check"),
+])
+def test_bad_run_overrides_are_refused(repo_params: dict[str, Any], overrides: dict[str, Any], pattern: str) -> None:
+    from harden.params import apply_overrides
+
+    raw = copy.deepcopy(repo_params)
+    raw["gate"]["metrics"] = [{"metric": "acc", "max_drop": 0.03}]
+    with pytest.raises(ParamsError, match=pattern):
+        apply_overrides(raw, overrides)
+
+
+def test_an_invalid_override_value_fails_validation_naming_the_key(repo_params: dict[str, Any]) -> None:
+    from harden.params import apply_overrides
+
+    with pytest.raises(ParamsError, match=r"promote.alias"):
+        parse_params(apply_overrides(repo_params, {"promote_alias": "no spaces allowed"}))
+    with pytest.raises(ParamsError, match=r"purify"):
+        parse_params(apply_overrides(repo_params, {"purify_method": "magic"}))
