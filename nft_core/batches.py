@@ -32,7 +32,12 @@ RESIDENT_BYTES = 2 << 30
 
 
 def conv_layout(device: torch.device) -> torch.memory_format:
-    """Channels-last on CUDA (what its convolution kernels and tensor cores prefer), the standard layout elsewhere."""
+    """Channels-last on CUDA (what its convolution kernels and tensor cores prefer), the standard layout elsewhere.
+
+    Not channels-last on the CPU: besides being no faster there, oneDNN's AVX-512 1x1 strided convolution
+    backward-weights kernel (torch 2.15, oneDNN 3.13) writes out of bounds on a channels-last input with fewer
+    input channels than its 16-wide block and an odd batch (e.g. 43 x 8 x 32 x 32, stride 2), killing the process
+    with a segmentation fault or a heap-corruption abort (oneDNN issue #6035)."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
@@ -52,7 +57,8 @@ class DeviceBatches:
     Args:
         data: ``(image CHW float, int label)`` dataset.
         batch_size: samples per batch; the last batch of an epoch may be smaller.
-        device: where batches are produced.
+        device: where batches are produced, in that device's :func:`conv_layout` (the crop's output is a
+            channels-last view, copied to the standard layout on the CPU).
         seed: seeds the order and the augmentation.
         padding: random crop of the image's own size after zero-padding each side by this much (0: no crop).
         flip: random horizontal flip (off for classes that are not mirror-symmetric, e.g. road signs).
@@ -95,6 +101,7 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, offsets, flips = self._epoch_plan()
         dev = self.device
+        layout = conv_layout(dev)
         order_x = order.to(self.x.device, non_blocking=True)
         offsets = offsets.to(dev, non_blocking=True) if offsets is not None else None
         flips = flips.to(dev, non_blocking=True) if flips is not None else None
@@ -106,7 +113,7 @@ class DeviceBatches:
                 x = random_crop_flip(x, self.padding,
                                      offsets[start:start + self.batch_size] if offsets is not None else None,
                                      flips[start:start + self.batch_size] if flips is not None else None)
-            yield x, y
+            yield x.contiguous(memory_format=layout), y
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state: restoring it continues the same stream of epochs."""

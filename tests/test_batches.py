@@ -99,3 +99,11 @@ def test_bad_arguments_are_refused():
         DeviceBatches(_data(), 0)
     with pytest.raises(ValueError, match="empty"):
         DeviceBatches(TensorDataset(torch.zeros(0, 3, 4, 4), torch.zeros(0, dtype=torch.long)), 4)
+
+
+def test_cpu_batches_are_in_the_standard_layout_even_when_cropped():
+    """The crop returns a channels-last view; on the CPU batches must come out in conv_layout's standard layout
+    (channels-last CPU convolutions reach a oneDNN out-of-bounds write, see test_defenses)."""
+    for padding, flip in [(0, False), (4, False), (4, True), (0, True)]:
+        for x, _ in DeviceBatches(_data(), 7, padding=padding, flip=flip):
+            assert x.is_contiguous()

@@ -2,6 +2,11 @@
 model alone, validates its config, and (slow) lowers the ASR of a backdoored SmallCNN; PBE's clean-image
 ranking puts poisoned training samples at the bottom."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -150,3 +155,33 @@ def test_pbe_ranking_puts_poisoned_samples_at_the_bottom(backdoored):
     recall = torch.isin(bottom, index).float().mean().item()
     assert auc > 0.7, f"a poisoned sample ranks below a clean one only {auc:.0%} of the time"
     assert recall > 2 * len(index) / len(scores), f"only {recall:.0%} of the bottom-ranked samples are poisoned"
+
+
+#: FP on the CPU with a 3-image clean set (one odd batch) and a width-8 PreActResNet-18, whose stride-2 1x1
+#: shortcut convolutions have 8 and 16 input channels; argv[1] is the candidate's memory layout
+_ONEDNN_CRASH_PROBE = """
+import sys, torch
+from torch.utils.data import TensorDataset
+from nft_core.defenses import run_defense
+from nft_core.models import Normalized, build_model
+torch.manual_seed(0)
+model = Normalized(build_model("preact_resnet18", num_classes=10, width=8), [0.5] * 3, [0.25] * 3)
+model.to(memory_format=getattr(torch, sys.argv[1]))
+data = TensorDataset(torch.rand(3, 3, 16, 16), torch.arange(3))
+run_defense("fp", model, data, progress=False, device="cpu", epochs=1, batch_size=128)
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("layout", ["contiguous_format", "channels_last"])
+def test_fp_fine_tuning_on_the_cpu_does_not_crash_in_onednn(layout):
+    """Regression: the crop made CPU batches channels-last, and oneDNN's AVX-512 1x1 stride-2 backward-weights
+    kernel writes out of bounds for a channels-last input with < 16 channels and an odd batch (segfault or
+    "free(): invalid next size"); a channels-last candidate reached it too. Run in a subprocess (2 threads: the
+    crash needs more than one) so that a crash fails the test instead of killing pytest."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _ONEDNN_CRASH_PROBE, layout], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from nft_core.batches import CROP_PADDING, DeviceBatches
+from nft_core.batches import CROP_PADDING, DeviceBatches, conv_layout
 from nft_core.config import TrainSettings
 from nft_core.loop import BatchHook, Checkpoint, PhaseCheckpoint, StepFn, train_epochs
 from nft_core.purify import dataset_labels, resolve_device
@@ -36,7 +36,9 @@ class Prepared:
 
 
 def prepare(model: nn.Module, data: Dataset[Any], device: str, seed: int) -> Prepared:
-    """Deep-copy ``model`` to the device, seed torch, read num_classes from the model's output and check labels.
+    """Deep-copy ``model`` to the device (in the standard memory layout where :func:`~nft_core.batches.conv_layout`
+    asks for it: a channels-last candidate would make the CPU convolutions channels-last, which oneDNN can crash
+    on), seed torch, read num_classes from the model's output and check labels.
 
     Raises:
         ValueError: empty data or labels outside the model's classes.
@@ -46,6 +48,8 @@ def prepare(model: nn.Module, data: Dataset[Any], device: str, seed: int) -> Pre
     dev = resolve_device(device)
     torch.manual_seed(seed)
     work = copy.deepcopy(model).to(dev)
+    if conv_layout(dev) == torch.contiguous_format:
+        work.to(memory_format=torch.contiguous_format)
     example = data[0][0].unsqueeze(0).to(dev)
     with torch.no_grad():
         work.eval()
