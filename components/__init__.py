@@ -10,6 +10,7 @@ pipeline sets the real one per task (``nft-harden pipeline compile --image ...``
 from components.stages import (
     evaluate_op,
     export_op,
+    fleet_summary_op,
     fold_op,
     gate_op,
     move_alias_op,
@@ -21,5 +22,5 @@ from components.stages import (
     validate_params_op,
 )
 
-__all__ = ["evaluate_op", "export_op", "fold_op", "gate_op", "move_alias_op", "prepare_data_op", "pull_op",
+__all__ = ["evaluate_op", "export_op", "fleet_summary_op", "fold_op", "gate_op", "move_alias_op", "prepare_data_op", "pull_op",
            "purify_op", "register_op", "report_op", "validate_params_op"]

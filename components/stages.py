@@ -3,6 +3,8 @@ source to the container on its own. No `from __future__ import annotations` here
 annotations as types."""
 
 
+from typing import List
+
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -19,8 +21,8 @@ UNSET = -1.0
 
 @component
 def validate_params_op(params_yaml: str, params: Output[Artifact], candidate_model: str = "", tracking_uri: str = "",
-                       promote_alias: str = "", purify_method: str = "", max_acc_drop: float = -1.0,
-                       max_asr_lift: float = -1.0):
+                       promote_name: str = "", promote_alias: str = "", purify_method: str = "",
+                       max_acc_drop: float = -1.0, max_asr_lift: float = -1.0):
     """Validate params.yaml with the run's overrides (those not empty, bounds not negative) once, up front, and
     hand the resolved parameters to every other component. Inside a cluster an sqlite registry is refused."""
     import os
@@ -29,7 +31,8 @@ def validate_params_op(params_yaml: str, params: Output[Artifact], candidate_mod
     from harden.integrity import write_json_atomic
     from harden.params import local_tracking_uri, parse_params_with_overrides
 
-    given = {"candidate_model": candidate_model, "tracking_uri": tracking_uri, "promote_alias": promote_alias,
+    given = {"candidate_model": candidate_model, "tracking_uri": tracking_uri, "promote_name": promote_name,
+             "promote_alias": promote_alias,
              "purify_method": purify_method, "max_acc_drop": max_acc_drop, "max_asr_lift": max_asr_lift}
     resolved = parse_params_with_overrides(params_yaml, "params_yaml", {
         k: v for k, v in given.items() if v != "" and not (isinstance(v, float) and v < 0)})
@@ -196,3 +199,18 @@ def move_alias_op(params: Input[Artifact], version: int) -> str:
     p = load_params(params.path)
     move_alias(p.promote.name, version, p.promote.alias, tracking_uri=p.base.tracking_uri)
     return f"models:/{p.promote.name}@{p.promote.alias} -> version {version}"
+
+
+@component
+def fleet_summary_op(models: list, blessed: List[bool], summary: Output[Markdown]) -> bool:
+    """The fleet pipeline's verdicts, one row per model (a Markdown table in the KFP UI); returns whether every
+    model was blessed."""
+    if len(models) != len(blessed):
+        raise ValueError(f"{len(models)} models but {len(blessed)} verdicts: the fleet's results are incomplete")
+    rows = ["| candidate | hardened model | verdict |", "|---|---|---|"]
+    rows += [f"| {m.get('candidate_model', '')} | {m.get('promote_name', '') or '(params_yaml)'} | "
+             f"{'blessed' if b else 'REJECTED'} |" for m, b in zip(models, blessed)]
+    with open(summary.path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    print(f"{len(models)} models: {sum(blessed)} blessed, {len(blessed) - sum(blessed)} rejected")
+    return all(blessed)

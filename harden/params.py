@@ -363,6 +363,7 @@ def parse_params_text(text: str, source: str) -> Params:
 OVERRIDES: dict[str, str] = {
     "candidate_model": "candidate.model",
     "tracking_uri": "base.tracking_uri",
+    "promote_name": "promote.name",
     "promote_alias": "promote.alias",
     "purify_method": "purify.method (the method's paper defaults unless the YAML already names that method)",
     "max_acc_drop": "gate.metrics: max_drop of the `acc` check",
@@ -392,6 +393,8 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str 
         section("candidate")["model"] = set_["candidate_model"]
     if "tracking_uri" in set_:
         section("base")["tracking_uri"] = set_["tracking_uri"]
+    if "promote_name" in set_:
+        section("promote")["name"] = set_["promote_name"]
     if "promote_alias" in set_:
         section("promote")["alias"] = set_["promote_alias"]
     if "purify_method" in set_ and section("purify").get("method") != set_["purify_method"]:

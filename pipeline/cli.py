@@ -143,6 +143,9 @@ def demo(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"), 
 
 
 ImageOpt = Annotated[str, typer.Option(help="container image of every component (see the Dockerfile)")]
+FleetOpt = Annotated[list[str], typer.Option("--fleet-model", help="REF[=HARDENED_NAME]: the fleet pipeline instead, "
+                                             "hardening each model given (repeat the option; the name defaults to "
+                                             "NAME-hardened)")]
 
 
 @pipeline_app.command("compile")
@@ -162,10 +165,11 @@ def pipeline_compile(out: Annotated[Path, typer.Option(help="IR YAML to write")]
                                                                        "and MLFLOW_TRACKING_PASSWORD (registry tasks)")] = None,
                      storage_secret: Annotated[str | None, typer.Option(help="Kubernetes secret with AWS_ACCESS_KEY_ID and "
                                                                         "AWS_SECRET_ACCESS_KEY (tasks reading data or "
-                                                                        "registry artifacts)")] = None) -> None:
+                                                                        "registry artifacts)")] = None,
+                     fleet_model: FleetOpt = []) -> None:
     """Compile the Kubeflow pipeline to IR YAML (submit it with the KFP UI or kfp.Client)."""
     from harden.errors import ParamsError
-    from pipeline.harden_pipeline import GpuPlacement, Secrets, compile_pipeline
+    from pipeline.harden_pipeline import GpuPlacement, Secrets, compile_pipeline, fleet_models
 
     bad = [s for s in node_selector if "=" not in s]
     if bad:
@@ -177,26 +181,30 @@ def pipeline_compile(out: Annotated[Path, typer.Option(help="IR YAML to write")]
     except OSError as err:
         raise ParamsError(f"cannot read {params}: {err.strerror or err}") from err
     written = compile_pipeline(out, image, placement, params_yaml=text, tracking_uri=tracking_uri,
-                               secrets=Secrets(mlflow=mlflow_secret, storage=storage_secret))
+                               secrets=Secrets(mlflow=mlflow_secret, storage=storage_secret),
+                               fleet=fleet_models(fleet_model) if fleet_model else None)
     typer.echo(f"wrote {written}")
 
 
 @pipeline_app.command("run-local")
 @_command
 def pipeline_run_local(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"),
-                       strict: StrictOpt = False) -> None:
-    """Run the whole pipeline with kfp.local against the registry in params.yaml."""
+                       strict: StrictOpt = False, fleet_model: FleetOpt = []) -> None:
+    """Run the whole pipeline with kfp.local against the registry in params.yaml (with --fleet-model, the fleet
+    pipeline over those models)."""
     from harden.params import load_params
     from harden.summary import latest_version_summary, render
-    from pipeline.harden_pipeline import run_local
+    from pipeline.harden_pipeline import fleet_models, run_local
 
     p = load_params(params)
+    fleet = fleet_models(fleet_model) if fleet_model else None
     log = runs / "kfp" / PIPELINE_LOG
-    typer.echo(f"running the pipeline with kfp.local; the components' output goes to {log}")
-    blessed = run_local(params.read_text(), runs / "kfp", log=log)
-    typer.echo(render(latest_version_summary(p.promote.name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
+    typer.echo(f"running the {'fleet ' if fleet else ''}pipeline with kfp.local; the components' output goes to {log}")
+    blessed = run_local(params.read_text(), runs / "kfp", log=log, fleet=fleet)
+    for name in [m["promote_name"] for m in fleet] if fleet else [p.promote.name]:
+        typer.echo(render(latest_version_summary(name, p.promote.alias, p.base.tracking_uri), p.base.tracking_uri))
     if strict and not blessed:
-        raise GateRejected("the gate rejected the hardened model (see the registered version's reasons)")
+        raise GateRejected("the gate rejected a hardened model (see the registered version's reasons)")
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from components import (evaluate_op, export_op, fold_op, gate_op, move_alias_op, prepare_data_op, pull_op, purify_op,
-                        register_op, report_op, validate_params_op)
+from components import (evaluate_op, export_op, fleet_summary_op, fold_op, gate_op, move_alias_op, prepare_data_op,
+                        pull_op, purify_op, register_op, report_op, validate_params_op)
 from components.stages import DEFAULT_IMAGE, UNSET
 from harden.integrity import write_bytes_atomic
 
@@ -103,14 +103,15 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(
     @dsl.pipeline(name="nft-harden", description="Purify a candidate classifier from the MLflow registry with NFT, "
                   "export ONNX, gate promotion on ASR/ACC evidence, register with lineage.")
     def harden_pipeline(params_yaml: str = params_yaml, candidate_model: str = "", tracking_uri: str = tracking_uri or "",
-                        promote_alias: str = "", purify_method: str = "", max_acc_drop: float = UNSET,
-                        max_asr_lift: float = UNSET) -> bool:
+                        promote_name: str = "", promote_alias: str = "", purify_method: str = "",
+                        max_acc_drop: float = UNSET, max_asr_lift: float = UNSET) -> bool:
         """Harden one candidate. Overrides left empty (a bound left negative) keep what params_yaml says.
 
         Args:
             params_yaml: the whole params.yaml (every stage's settings); the fields below override it.
             candidate_model: what to harden, models:/NAME@ALIAS or models:/NAME/VERSION (empty: params_yaml's).
             tracking_uri: MLflow tracking/registry URI, http(s)://HOST:PORT on a cluster (empty: params_yaml's).
+            promote_name: registered model receiving the hardened version (empty: params_yaml's).
             promote_alias: alias the hardened version gets when blessed (empty: params_yaml's).
             purify_method: nft, ft, fp, anp, ft_sam, pbe or fip at its defaults (empty: params_yaml's).
             max_acc_drop: largest clean-accuracy drop the gate accepts, e.g. 0.03 (negative: params_yaml's).
@@ -124,7 +125,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(
             return task
 
         checked = place(validate_params_op(params_yaml=params_yaml, candidate_model=candidate_model,
-                                           tracking_uri=tracking_uri, promote_alias=promote_alias,
+                                           tracking_uri=tracking_uri, promote_name=promote_name,
+                                           promote_alias=promote_alias,
                                            purify_method=purify_method, max_acc_drop=max_acc_drop,
                                            max_asr_lift=max_asr_lift), "validate-params")
         params = checked.outputs["params"]
@@ -176,10 +178,66 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(
     return harden_pipeline
 
 
+def build_fleet_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(), retries: int = 3, *,
+                         params_yaml: str = "", tracking_uri: str | None = None, secrets: Secrets = Secrets(),
+                         models: list[dict[str, str]] | None = None, parallelism: int = 2):
+    """The fleet pipeline: the hardening pipeline once per model, at most ``parallelism`` at a time
+    (``dsl.ParallelFor``), then a summary of every verdict.
+
+    ``models`` (the default of the run parameter of that name) lists ``{"candidate_model": REF,
+    "promote_name": NAME}``: each candidate's hardened versions go to their own registered model.
+    """
+    harden = build_pipeline(image, gpu, retries, params_yaml=params_yaml, tracking_uri=tracking_uri, secrets=secrets)
+
+    @dsl.pipeline(name="nft-harden-fleet", description="Harden several candidates from the MLflow registry, each "
+                  "with the nft-harden pipeline, and summarise the verdicts.")
+    def fleet_pipeline(models: list = list(models or []), params_yaml: str = params_yaml,
+                       tracking_uri: str = tracking_uri or "") -> bool:
+        """Harden every model of ``models``; the output says whether every one was blessed.
+
+        Args:
+            models: [{"candidate_model": "models:/NAME@ALIAS", "promote_name": "NAME-hardened"}, ...].
+            params_yaml: the whole params.yaml, shared by every model (its candidate and promote name are
+                replaced by each item's).
+            tracking_uri: MLflow tracking/registry URI, http(s)://HOST:PORT on a cluster (empty: params_yaml's).
+        """
+        with dsl.ParallelFor(items=models, parallelism=parallelism, name="each-model") as item:
+            one = harden(params_yaml=params_yaml, tracking_uri=tracking_uri, candidate_model=item.candidate_model,
+                         promote_name=item.promote_name)
+        summary = fleet_summary_op(models=models, blessed=dsl.Collected(one.output))
+        need = RESOURCES.get("fleet-summary", DEFAULT_RESOURCES)
+        summary.set_display_name("fleet-summary").set_container_image(image)
+        summary.set_cpu_request(need.cpu).set_memory_request(need.memory).set_memory_limit(need.memory)
+        return summary.outputs["Output"]
+
+    return fleet_pipeline
+
+
+def fleet_models(specs: list[str]) -> list[dict[str, str]]:
+    """``REF`` or ``REF=HARDENED_NAME`` strings as fleet items; the name defaults to the candidate's name plus
+    ``-hardened`` (``models:/fraud@candidate`` -> ``fraud-hardened``)."""
+    from harden.errors import ParamsError
+    from harden.params import MODEL_REF
+
+    items = []
+    for spec in specs:
+        ref, _, name = spec.partition("=")
+        match = MODEL_REF.match(ref)
+        if match is None:
+            raise ParamsError(f"fleet model {ref!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+        items.append({"candidate_model": ref, "promote_name": name or f"{match['name']}-hardened"})
+    names = [i["promote_name"] for i in items]
+    if len(set(names)) != len(names):
+        raise ParamsError(f"two fleet models would register into the same hardened model: {names}")
+    return items
+
+
 def compile_pipeline(out: str | Path, image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(), *,
-                     params_yaml: str, tracking_uri: str | None = None, secrets: Secrets = Secrets()) -> Path:
+                     params_yaml: str, tracking_uri: str | None = None, secrets: Secrets = Secrets(),
+                     fleet: list[dict[str, str]] | None = None) -> Path:
     """Write the pipeline's IR YAML (what a KFP cluster runs) to ``out``, with ``params_yaml`` (validated here)
-    as the default of the run parameter and ``tracking_uri`` overriding its registry.
+    as the default of the run parameter and ``tracking_uri`` overriding its registry; with ``fleet`` (items of
+    :func:`fleet_models`), the fleet pipeline with those models as its default.
 
     Raises:
         ParamsError: ``params_yaml`` is invalid, or the registry it ends up with is an sqlite file (each pod of
@@ -195,7 +253,11 @@ def compile_pipeline(out: str | Path, image: str = DEFAULT_IMAGE, gpu: GpuPlacem
                           "http(s)://HOST:PORT (an mlflow server the cluster reaches)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = build_pipeline(image, gpu, params_yaml=params_yaml, tracking_uri=tracking_uri, secrets=secrets)
+    if fleet is None:
+        pipeline = build_pipeline(image, gpu, params_yaml=params_yaml, tracking_uri=tracking_uri, secrets=secrets)
+    else:
+        pipeline = build_fleet_pipeline(image, gpu, params_yaml=params_yaml, tracking_uri=tracking_uri,
+                                        secrets=secrets, models=fleet)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         raw = Path(tmp) / out.name
         compiler.Compiler().compile(pipeline, package_path=str(raw))
@@ -217,26 +279,35 @@ def _comment_header(text: str) -> str:
 
 
 def run_local(params_yaml: str, pipeline_root: str | Path, *, log: str | Path | None = None,
-              overrides: dict[str, str | float] | None = None) -> bool:
+              overrides: dict[str, str | float] | None = None, fleet: list[dict[str, str]] | None = None) -> bool:
     """Run the whole pipeline with ``kfp.local`` (each component a subprocess of this Python environment).
 
-    ``overrides`` are run parameters beside ``params_yaml`` (:data:`harden.params.OVERRIDES`). With ``log``, the
-    components' output goes to that file and the terminal shows one line per finished task
-    (:func:`pipeline.terminal.tasks_to_log`). Returns whether the gate blessed the hardened model. Resource
-    requests (GPU, CPU, memory) and secrets are ignored locally.
+    ``overrides`` are run parameters beside ``params_yaml`` (:data:`harden.params.OVERRIDES`); with ``fleet``
+    (items of :func:`fleet_models`) the fleet pipeline runs instead (``overrides`` may then only name
+    ``tracking_uri``). With ``log``, the components' output goes to that file and the terminal shows one line
+    per finished task (:func:`pipeline.terminal.tasks_to_log`). Returns whether the gate blessed the hardened
+    model (with ``fleet``: every model). Resource requests (GPU, CPU, memory) and secrets are ignored locally.
     """
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve()),
                raise_on_error=True)
-    arguments = {"params_yaml": params_yaml, **(overrides or {})}
+    arguments: dict[str, object] = {"params_yaml": params_yaml, **(overrides or {})}
+    if fleet is not None:
+        pipeline, arguments["models"] = build_fleet_pipeline(parallelism=1), fleet
+    else:
+        pipeline = build_pipeline()
+
+    def run() -> bool:
+        return bool(pipeline(**arguments).output)
+
     if log is None:
-        return bool(build_pipeline()(**arguments).output)
+        return run()
     from pipeline.terminal import tasks_to_log
 
     try:
         with tasks_to_log(Path(log)):
-            return bool(build_pipeline()(**arguments).output)
+            return run()
     except Exception as err:
         err.add_note(f"the components' output, with the failed task's traceback, is in {log}")
         raise

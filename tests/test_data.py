@@ -252,3 +252,27 @@ def test_imagefolder_refuses_an_image_above_the_pixel_bound_before_decoding(tmp_
     (tmp_path / "a" / "1.png").unlink()
     with pytest.raises(ValueError, match="2.png: not a readable image"):
         load_dataset(f"imagefolder:{tmp_path}")
+
+
+def test_npz_from_an_object_store_url(tmp_path):
+    """``npz:URL`` reads through fsspec (here its in-memory store, as s3:// or gs:// would with s3fs/gcsfs); a
+    missing object, an unknown protocol and an oversized one are refused with the URL in the message."""
+    import fsspec
+
+    from nft_core.data.npz import load_npz
+
+    data = _random_data()
+    data.save_npz(tmp_path / "d.npz")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/clean.npz", (tmp_path / "d.npz").read_bytes())
+    try:
+        back = load_dataset("npz:memory://bucket/clean.npz")
+        assert torch.equal(back.x, data.x) and torch.equal(back.y, data.y)
+        with pytest.raises(FileNotFoundError, match="memory://bucket/missing.npz"):
+            load_dataset("npz:memory://bucket/missing.npz")
+        with pytest.raises(ValueError, match=r"'memory://bucket/clean.npz' is \d+ bytes, above the 100 allowed"):
+            load_npz("memory://bucket/clean.npz", max_bytes=100)
+        with pytest.raises(ValueError, match=r"nosuchproto://x/y.npz' cannot be read"):
+            load_dataset("npz:nosuchproto://x/y.npz")
+    finally:
+        fs.rm("/bucket", recursive=True)

@@ -5,6 +5,7 @@ against a real sqlite registry."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -236,37 +237,52 @@ def test_compile_cli(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")
 def test_run_local_moves_alias_only_when_blessed(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The fleet pipeline over two candidates (each the whole hardening pipeline, in a dsl.ParallelFor, each into
+    its own hardened model), then the single pipeline with a rejecting gate."""
+    from pipeline.harden_pipeline import fleet_models
+
     uri = sqlite_uri(tmp_path)
-    candidate, hardened, alias = "kfp-tiny", "kfp-tiny-hardened", "served"  # params say champion; the run overrides
-    assert register_random_candidate(tmp_path, uri, candidate) == 1
+    alias = "champion"
+    for name in ("kfp-a", "kfp-b"):
+        assert register_random_candidate(tmp_path / name, uri, name) == 1
 
     def params(gate: dict[str, Any]) -> str:
-        return yaml.safe_dump(tiny_params(uri, candidate=f"models:/{candidate}@candidate", promote=hardened, gate=gate))
+        return yaml.safe_dump(tiny_params(uri, candidate="models:/kfp-a@candidate", promote="kfp-a-hardened", gate=gate))
 
     # lenient gate: blessed, registered by `register` (which never moves the alias), moved by the dsl.If branch
-    # to the alias the run parameter names
-    assert run_local(params(BLESSING_GATE), tmp_path / "root-blessed", overrides={"promote_alias": alias}) is True
-    assert [int(v.version) for v in versions(uri, hardened)] == [1]
-    assert client(uri).get_model_version(hardened, "1").tags["hardening.status"] == "blessed"
-    assert alias_version(uri, hardened, alias) == 1, "the dsl.If branch (move-alias) did not run"
-    assert alias_version(uri, hardened, "champion") is None, "the promote_alias run parameter was not applied"
+    fleet = fleet_models(["models:/kfp-a@candidate", "models:/kfp-b@candidate=b-served"])
+    assert [m["promote_name"] for m in fleet] == ["kfp-a-hardened", "b-served"]
+    assert run_local(params(BLESSING_GATE), tmp_path / "root-fleet", fleet=fleet) is True
+    for name, candidate in (("kfp-a-hardened", "kfp-a"), ("b-served", "kfp-b")):
+        assert [int(v.version) for v in versions(uri, name)] == [1], name
+        tags = client(uri).get_model_version(name, "1").tags
+        assert (tags["hardening.status"], tags["hardening.source.name"]) == ("blessed", candidate), tags
+        assert alias_version(uri, name, alias) == 1, "the dsl.If branch (move-alias) did not run"
+    summaries = [f.read_text() for f in (tmp_path / "root-fleet").rglob("summary")]
+    assert len(summaries) == 1 and "| models:/kfp-b@candidate | b-served | blessed |" in summaries[0], summaries
 
     # strict gate: rejected, registered as such, alias untouched; run as the CLI runs it, components' output
     # in a log file and one line per task on the terminal
     capfd.readouterr()
     log = tmp_path / "root-rejected" / "pipeline.log"
-    assert run_local(params(REJECTING_GATE), tmp_path / "root-rejected", log=log) is False
+    assert run_local(params(REJECTING_GATE), tmp_path / "root-rejected", log=log,
+                     overrides={"promote_alias": "served", "max_acc_drop": -1.0}) is False
     terminal = capfd.readouterr()
     rows = [line.split() for line in terminal.out.splitlines() if re.fullmatch(r"  \S+ +\w+ +[0-9.]+s", line)]
     tasks = [row[0] for row in rows]
     assert tasks[:1] == ["validate-params-op"] and tasks[-1:] == ["register-op"] and "purify-op" in tasks, terminal
     assert {row[1] for row in rows} == {"SUCCESS"}, terminal.out
     assert "executor_input" not in terminal.out + terminal.err and "executor_input" in log.read_text()
+    hardened = "kfp-a-hardened"
     assert [int(v.version) for v in versions(uri, hardened)] == [1, 2]
     rejected = client(uri).get_model_version(hardened, "2").tags
     assert rejected["hardening.status"] == "rejected" and rejected["hardening.reasons"]
     assert alias_version(uri, hardened, alias) == 1, "a rejected version must never receive the serving alias"
     assert list((tmp_path / "root-rejected").rglob("blessing.json")), "the gate's blessing is a pipeline artifact"
+    resolved = [json.loads(f.read_text()) for f in (tmp_path / "root-rejected").rglob("params") if f.is_file()]
+    assert [r["promote"]["alias"] for r in resolved] == ["served"], "the promote_alias run parameter was not applied"
+    checks = [{k: v for k, v in c.items() if v is not None} for c in resolved[0]["gate"]["metrics"]]
+    assert checks == REJECTING_GATE["metrics"], "an unset (negative) bound changes nothing"
 
 
 def test_task_lines_take_their_durations_from_kfps_own_timestamps() -> None:
@@ -283,3 +299,28 @@ def test_task_lines_take_their_durations_from_kfps_own_timestamps() -> None:
         follower.handle(line)
     assert out.getvalue().splitlines() == ["  report-op            SUCCESS      6.4s",
                                            "  late-op              FAILURE      2.5s"]
+
+
+def test_the_fleet_pipeline_hardens_each_model_in_a_parallel_for(tmp_path: Path) -> None:
+    out = tmp_path / "fleet.yaml"
+    proc = run_cli(["pipeline", "compile", "--out", str(out), "--image", IMAGE, "--params", str(REPO / "params.yaml"),
+                    "--tracking-uri", SERVER, "--fleet-model", "models:/fraud@candidate",
+                    "--fleet-model", "models:/signs/3=signs-served"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    spec, _ = _load(out)
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["models"]["defaultValue"] == [{"candidate_model": "models:/fraud@candidate", "promote_name": "fraud-hardened"},
+                                               {"candidate_model": "models:/signs/3", "promote_name": "signs-served"}]
+    assert inputs["params_yaml"]["defaultValue"] == PARAMS_TEXT
+    root_tasks = spec["root"]["dag"]["tasks"]
+    loop = next(t for t in root_tasks.values() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 2
+    summary = next(t for t in root_tasks.values() if t["taskInfo"]["name"] == "fleet-summary")
+    assert "blessed" in summary["inputs"]["parameters"]
+    nested = {t["taskInfo"]["name"] for c in spec["components"].values() for t in c.get("dag", {}).get("tasks", {}).values()}
+    assert {"purify", "gate", "register", "move-alias"} <= nested, "each iteration is the whole hardening pipeline"
+    for bad, pattern in ((["models:/x@candidate", "models:/x@staging"], "same hardened model"), (["nope@@"], "is not models:/")):
+        proc = run_cli(["pipeline", "compile", "--out", str(tmp_path / "bad.yaml"), "--params", str(REPO / "params.yaml"),
+                        "--tracking-uri", SERVER, *[a for m in bad for a in ("--fleet-model", m)]], cwd=tmp_path)
+        assert proc.returncode == 2 and pattern in proc.stderr, describe(proc)
+    assert not (tmp_path / "bad.yaml").exists()

@@ -1,9 +1,15 @@
-"""Reading ``npz:PATH`` datasets: keys ``x`` (uint8 N x H x W x C) and ``y`` (int64 N)."""
+"""Reading ``npz:PATH`` datasets: keys ``x`` (uint8 N x H x W x C) and ``y`` (int64 N).
+
+PATH is a local file or a URL (``s3://bucket/clean.npz``, ``gs://...``, ``https://...``) read through fsspec,
+which needs the protocol's package (s3fs, gcsfs, ...) and takes the store's credentials from the environment.
+"""
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -15,7 +21,7 @@ from nft_core.data.image_data import ImageData
 MAX_NPZ_BYTES = 4 << 30
 
 
-def _check_member_sizes(archive: np.lib.npyio.NpzFile, path: Path, max_bytes: int) -> None:
+def _check_member_sizes(archive: np.lib.npyio.NpzFile, path: str | Path, max_bytes: int) -> None:
     """Refuse, from the archive's headers alone, arrays larger than ``max_bytes`` (a small compressed file can
     declare gigabytes of zeros)."""
     members = archive.zip
@@ -36,11 +42,34 @@ def _check_member_sizes(archive: np.lib.npyio.NpzFile, path: Path, max_bytes: in
                              f"bytes ({shape}, {dtype}), above the {max_bytes} allowed")
 
 
+def _fetch(url: str, max_bytes: int) -> IO[bytes]:
+    """The bytes of a remote npz file (fsspec), refused before download when larger than ``max_bytes``."""
+    import fsspec
+
+    try:
+        fs, remote = fsspec.core.url_to_fs(url)
+        size = fs.size(remote)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"npz dataset {url!r} does not exist") from err
+    except (ImportError, ValueError, OSError) as err:  # no package for the protocol, bad URL, unreachable store
+        raise ValueError(f"npz dataset {url!r} cannot be read: {err}") from err
+    if size is not None and size > max_bytes:
+        raise ValueError(f"npz dataset {url!r} is {size} bytes, above the {max_bytes} allowed")
+    try:
+        with fs.open(remote, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as err:
+        raise ValueError(f"npz dataset {url!r} cannot be read: {err}") from err
+    if len(data) > max_bytes:
+        raise ValueError(f"npz dataset {url!r} is above the {max_bytes} bytes allowed")
+    return io.BytesIO(data)
+
+
 def load_npz(path: str | Path, num_classes: int | None = None, *, max_bytes: int = MAX_NPZ_BYTES) -> ImageData:
     """Load and validate an npz dataset.
 
     Args:
-        path: the ``.npz`` file.
+        path: the ``.npz`` file, or its URL (any protocol fsspec has a package for).
         num_classes: number of classes; default ``max(y) + 1``.
         max_bytes: largest array the archive may declare (checked from its headers before reading).
 
@@ -49,11 +78,16 @@ def load_npz(path: str | Path, num_classes: int | None = None, *, max_bytes: int
         ValueError: not an npz archive, a missing key, an array above ``max_bytes``, a wrong dtype or shape,
             or a label out of range; the message names the file and the problem.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"npz dataset {str(path)!r} does not exist")
+    source: Path | IO[bytes]
+    if isinstance(path, str) and "://" in path:
+        source = _fetch(path, max_bytes)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"npz dataset {str(path)!r} does not exist")
+        source = path
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(source, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as err:
         raise ValueError(f"npz dataset {str(path)!r} is not a readable npz archive: {err}") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
