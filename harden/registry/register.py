@@ -124,10 +124,9 @@ def _describe(summary: str, status: str, onnx_sha: str, metrics: dict[str, float
 
 
 def _verdict(status: str, summary: str, reasons: tuple[str, ...]) -> str:
-    """The one-line verdict tag: ``blessed: <first line of summary>`` or ``rejected: <reasons>``."""
-    first = summary.strip().splitlines()[0] if summary.strip() else ""
-    detail = "; ".join(reasons) if reasons else first
-    return f"{status}: {detail}"[:MAX_TAG_VALUE] if detail else status
+    """The one-line verdict tag: ``<status>: <first line of summary>`` (the reasons when there is no summary)."""
+    first = summary.strip().splitlines()[0] if summary.strip() else "; ".join(reasons)
+    return f"{status}: {first}"[:MAX_TAG_VALUE] if first else status
 
 
 def _report_line(experiment_id: str, run_id: str, evidence: dict[str, Path]) -> str:
