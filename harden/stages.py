@@ -639,6 +639,20 @@ def verify_blessing(gate: GateConfig, chain: Chain) -> Blessing:
     return blessing
 
 
+#: Metrics in a hardened version's description, at most this many rows: ACC, then ASR per probe.
+HEADLINE_ROWS = 5
+
+
+def _headline_rows(compare: dict[str, dict[str, float | None]]) -> list[str]:
+    """``- ACC: 0.9100 -> 0.9000`` and ``- ASR badnets: ...`` lines for the version's description."""
+    keys = ["acc", *sorted(k for k in compare if k.startswith("asr/"))]
+    rows = [f"- {'ACC' if k == 'acc' else 'ASR ' + k.split('/', 1)[1]}: {compare[k]['before']:.4f} -> "
+            f"{compare[k]['after']:.4f}" for k in keys
+            if k in compare and compare[k]["before"] is not None and compare[k]["after"] is not None]
+    return rows[:HEADLINE_ROWS] + ([f"- ... {len(rows) - HEADLINE_ROWS} more probes in the report"]
+                                   if len(rows) > HEADLINE_ROWS else [])
+
+
 def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir: Path, clean_npz: Path,
                    test_npz: Path, purify_dir: Path, evaluate_dir: Path, gate_dir: Path, report_dir: Path,
                    out_dir: Path, move_alias: bool = True) -> Registration:
@@ -678,12 +692,14 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
                 "report_record": chain.path("report"), "report_html": report / "report.html",
                 "report_md": report / "report.md",
                 **{f"{PLOT_ROLE_PREFIX}{p.stem}": p for p in sorted((report / "plots").glob("*.png"))}}
-    rows = [f"- {k}: {v['before']:.4f} -> {v['after']:.4f}" for k, v in metrics.compare.items()
-            if (k in ("acc", "scan/backdoor_score") or k.startswith(("asr/", "asr_lift/", "robust_acc/", "inverted/asr")))
-            and v["before"] is not None and v["after"] is not None]
-    description = "\n".join([f"Hardened from {prov.model_name} version {prov.version} with "
-                             f"{purified.defense} on {purified.clean_samples} clean images.", blessing.summary,
-                             "", *rows])
+    description = "\n".join([blessing.summary, "",
+                             f"Hardened from {prov.model_name} version {prov.version} with {purified.defense} on "
+                             f"{purified.clean_samples} clean images; candidate -> hardened:",
+                             *_headline_rows(metrics.compare)])
+    run_params = {"purify": params.purify.model_dump(mode="json"), "defense": purified.defense,
+                  "clean_samples": purified.clean_samples, "seed": purified.seed,
+                  "policy.fallbacks": [f.method for f in params.policy.fallbacks]}
+    example = read_npz(test_npz).x[:1].float().div(255).numpy()  # one served input: float32 NCHW in [0, 1]
     failed_record = Path(out_dir) / PROMOTE_FAILED
     try:
         registered = register_hardened(params.promote.name, tracking_uri=params.base.tracking_uri,
@@ -691,7 +707,10 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
                                        evidence=evidence, metrics=numbers, tags=tags, description=description,
                                        blessed=blessing.blessed, alias=params.promote.alias,
                                        onnx_sha256=parity.onnx_sha256, reasons=[c.reason for c in blessing.failed],
-                                       set_alias=move_alias)
+                                       set_alias=move_alias, input_example=example, run_params=run_params,
+                                       run_name=(f"harden-{prov.model_name}-v{prov.version}-"
+                                                 f"{'blessed' if blessing.blessed else 'rejected'}"),
+                                       source=(prov.model_name, prov.version))
     except RegistryError as err:
         if err.state is not None:  # what the registry holds, as far as is known, for CI and the operator
             write_json_atomic(failed_record, {**err.state, "name": params.promote.name, "alias": params.promote.alias,

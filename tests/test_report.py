@@ -85,6 +85,8 @@ def test_markdown_has_tables_and_references_png_files(run):
     assert f"| asr/badnets | {before['asr/badnets']:.4f} | {after['asr/badnets']:.4f} |" in md
     assert "| lineage.sha256 | ab\\|cd |" in md  # pipes escaped
     assert md.count("| attack probes evaluated |") == 1 and ("BLESSED" in md)
+    assert "<" not in md.replace("<=", ""), "MLflow's Markdown viewer prints raw HTML tags as text"
+    assert "### Per-class accuracy" in md and "report.html" in md
     for path in files.plots.values():
         assert f"]({path.relative_to(files.markdown.parent).as_posix()})" in md
         assert path.read_bytes().startswith(PNG)

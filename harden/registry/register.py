@@ -13,20 +13,24 @@ started tags the version ``failed``, leaves the alias where it was (a failed ver
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
 import onnx
-from mlflow.entities import LoggedModel, Metric, RunTag
+from mlflow.entities import LoggedModel, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
 
 from harden.errors import RegistryError
 from harden.integrity import sha256_file
@@ -37,11 +41,17 @@ from harden.registry.client import (Client, Deadline, bounded_http, check_store_
                                     wait_reachable)
 from harden.registry.manifest import (MANIFEST_FILE, build_manifest, check_blessing_evidence, evidence_file,
                                       manifest_sha)
-from harden.registry.tags import MANIFEST_TAG, ONNX_SHA_TAG, REASONS_TAG, STATUS_TAG
+from harden.registry.tags import (HARDENED_AS_TAG, MANIFEST_TAG, MODEL_VERSIONS_TAG, ONNX_SHA_TAG, REASONS_TAG,
+                                  RUN_NOTE_TAG, STATUS_TAG, VERDICT_TAG)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "nft-hardening"
+#: Reasons listed in a version's description (all of them are in ``hardening.reasons`` and the report).
+MAX_REASONS_SHOWN = 3
+#: MLflow's limits on a tag value and a parameter value (the server refuses longer ones).
+MAX_TAG_VALUE = 5000
+MAX_PARAM_VALUE = 6000
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,10 @@ class HardenedModel:
     status: str
     #: Why it was rejected; empty when blessed.
     reasons: tuple[str, ...]
-    #: The version's readable description: the caller's summary, then status, ONNX hash, metrics and reasons.
+    #: The version's readable description (a few lines): verdict, the caller's summary, reasons, served input.
     description: str
+    #: The caller's summary as given (its first line goes into the verdict tag of a blessed version).
+    summary: str
     input_example: np.ndarray | None
 
     @classmethod
@@ -95,19 +107,59 @@ class HardenedModel:
         return cls(package_dir=package_dir, onnx_path=onnx_path, onnx_sha256=onnx_sha, evidence=evidence,
                    manifest=manifest, manifest_sha256=manifest_sha(manifest), metrics=metrics, tags=tags,
                    status=status, reasons=why, description=_describe(description, status, onnx_sha, metrics, why),
-                   input_example=input_example)
+                   summary=description, input_example=input_example)
 
 
 def _describe(summary: str, status: str, onnx_sha: str, metrics: dict[str, float], reasons: tuple[str, ...]) -> str:
-    """The version's description: ``summary``, the status, ONNX hash and served input/output, metrics, reasons."""
-    lines = [summary.strip(), "", f"Hardening status: {status}", f"ONNX sha256: {onnx_sha}",
-             "Input: float32 NCHW images in [0, 1] named 'input' (normalisation is inside the graph); "
-             "output 'logits'."]
-    if metrics:
-        lines += ["", "Metrics:"] + [f"- {k}: {v:.4g}" for k, v in sorted(metrics.items())]
+    """The version's description, short enough to read at a glance (the metrics are on the run): the verdict,
+    ``summary`` (the caller's headline numbers), at most three reasons, the served input/output and ONNX hash."""
+    lines = [f"**{status.upper()}**", "", summary.strip()]
     if reasons:
-        lines += ["", "Reasons:"] + [f"- {r}" for r in reasons]
+        shown = [f"- {r}" for r in reasons[:MAX_REASONS_SHOWN]]
+        more = len(reasons) - MAX_REASONS_SHOWN
+        lines += ["", "Reasons:", *shown] + ([f"- ... and {more} more (see the report)"] if more > 0 else [])
+    lines += ["", f"Serves float32 NCHW images in [0, 1] as 'input' (normalisation inside the graph) -> 'logits'; "
+                  f"ONNX sha256 {onnx_sha[:16]}..."]
     return "\n".join(lines)
+
+
+def _verdict(status: str, summary: str, reasons: tuple[str, ...]) -> str:
+    """The one-line verdict tag: ``<status>: <first line of summary>`` (the reasons when there is no summary)."""
+    first = summary.strip().splitlines()[0] if summary.strip() else "; ".join(reasons)
+    return f"{status}: {first}"[:MAX_TAG_VALUE] if first else status
+
+
+def _report_line(experiment_id: str, run_id: str, evidence: dict[str, Path]) -> str:
+    """A link to the run's HTML report in MLflow's artifact viewer (a relative ``#/...`` link, so it works on
+    whichever host serves the UI), or nothing when no HTML report was registered."""
+    if "report_html" not in evidence:
+        return ""
+    path = f"evidence/{evidence_file('report_html', evidence['report_html'])}"
+    return f"Report: [{posixpath.basename(path)}](#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path})"
+
+
+def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``params`` flattened to ``a.b`` keys with string values (lists as JSON), as MLflow run parameters."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat_params(value, f"{prefix}{key}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            flat[f"{prefix}{key}"] = text[:MAX_PARAM_VALUE]
+    return flat
+
+
+def _onnx_signature(model: onnx.ModelProto) -> ModelSignature:
+    """The served model's signature from the ONNX graph: named tensors, dtype and shape (-1 where dynamic)."""
+    def specs(values: Any) -> Schema:
+        return Schema([TensorSpec(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+                                  tuple(d.dim_value if d.HasField("dim_value") else -1
+                                        for d in v.type.tensor_type.shape.dim), v.name) for v in values])
+
+    initializers = {i.name for i in model.graph.initializer}
+    return ModelSignature(inputs=specs([v for v in model.graph.input if v.name not in initializers]),
+                          outputs=specs(model.graph.output))
 
 
 def _experiment_id(client: Client, tracking_uri: str, experiment: str) -> str:
@@ -172,11 +224,14 @@ def register_candidate(pkg_dir: str | Path, name: str, *, tracking_uri: str, ali
 
 def _log_onnx(client: Client, tracking_uri: str, experiment_id: str, run_id: str, onnx_path: Path,
               expected_sha: str, input_example: np.ndarray | None) -> LoggedModel:
-    """Log the ONNX flavour as a LoggedModel of the run; check the logged file is byte-identical."""
+    """Log the ONNX flavour as a LoggedModel of the run, with the signature of its graph and ``input_example``;
+    check the logged file is byte-identical."""
     logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    proto = onnx.load(str(onnx_path))
     with global_tracking_uri(tracking_uri):
-        mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", model_id=logged.model_id, run_id=run_id,
-                              input_example=input_example, save_as_external_data=False,
+        mlflow.onnx.log_model(proto, name="model", model_id=logged.model_id, run_id=run_id,
+                              signature=_onnx_signature(proto), input_example=input_example,
+                              save_as_external_data=False,
                               pip_requirements=mlflow.onnx.get_default_pip_requirements())
     with tempfile.TemporaryDirectory() as tmp:
         got = mlflow.artifacts.download_artifacts(artifact_uri=f"{logged.artifact_location}/model.onnx",
@@ -187,18 +242,32 @@ def _log_onnx(client: Client, tracking_uri: str, experiment_id: str, run_id: str
     return logged
 
 
+def _point_candidate(client: Client, source: tuple[str, int], hardened: str) -> None:
+    """Tag the candidate's version ``source`` with ``hardening.hardened_as`` = ``hardened`` (``NAME/VERSION``).
+    Best effort: the candidate may live elsewhere or be gone; that is logged and the registration goes on."""
+    try:
+        client.set_model_version_tag(source[0], str(source[1]), HARDENED_AS_TAG, hardened)
+    except MlflowException as err:
+        logger.warning("could not tag candidate %s version %s %s=%s: %s", source[0], source[1], HARDENED_AS_TAG,
+                       hardened, err)
+
+
 def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, onnx_path: str | Path,
                       evidence: dict[str, Path], metrics: dict[str, float], tags: dict[str, str],
                       description: str, blessed: bool, alias: str = "champion", onnx_sha256: str | None = None,
                       input_example: np.ndarray | None = None, reasons: list[str] | None = None,
-                      experiment: str = DEFAULT_EXPERIMENT, set_alias: bool = True) -> RegisteredVersion:
+                      experiment: str = DEFAULT_EXPERIMENT, set_alias: bool = True,
+                      run_params: Mapping[str, Any] | None = None, run_name: str | None = None,
+                      source: tuple[str, int] | None = None) -> RegisteredVersion:
     """Register the hardened model with its evidence; move ``alias`` only when ``blessed``.
 
     Order: verify inputs (files present, package loads, ONNX sha256 equals ``onnx_sha256``) → run with
     tags and metrics → package (``package/``) and evidence (``evidence/``), ``manifest.json``
     (the sha256 of every registered file) artifacts → ONNX flavour (checked byte-identical after upload)
     → model version with lineage ``tags``, ``hardening.onnx_sha256``, ``hardening.manifest_sha256``, status
-    ``pending`` and a readable description → status ``blessed``/``rejected`` (+ reasons) → alias (blessed
+    ``pending`` and a short description (verdict, ``description``, a link to the HTML report) → status
+    ``blessed``/``rejected`` (+ reasons, ``_hardening.verdict``) → the candidate's version ``source`` tagged
+    ``hardening.hardened_as`` → alias (blessed
     only, last, by the rule of :mod:`harden.registry.aliases`: a concurrently registered higher blessed version
     keeps it, and this one is tagged ``hardening.superseded_by``).
 
@@ -209,9 +278,11 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         onnx_path: the evaluated ONNX file.
         evidence: artifact files by role (``metrics``, ``blessing``, ``report_md``...), logged under ``evidence/``;
             roles starting with ``plot_`` under ``evidence/plots/``, where the Markdown report links its images.
-        metrics: logged on the run.
+        metrics: logged on the run (the version's description stays short: ``description`` carries the
+            headline numbers).
         tags: lineage tags (source model/version, data and params hashes, code version), on run and version.
-        description: human-readable summary for the version (status, ONNX hash, metrics are appended).
+        description: a few human-readable lines for the version and the run (the verdict comes before them;
+            reasons, the served input and a link to ``evidence/report.html`` after).
         blessed: whether the gate blessed this model.
         alias: serving alias moved to the new version when blessed.
         onnx_sha256: sha256 of the evaluated ONNX file; registration is refused when the file differs.
@@ -221,6 +292,10 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
         set_alias: move ``alias`` here when blessed; False leaves it to a later
             :func:`~harden.registry.aliases.move_alias` (the Kubeflow pipeline moves it in its own step, inside a
             ``dsl.If`` on the gate).
+        run_params: logged as the run's parameters, flattened to ``a.b`` keys (the purification settings).
+        run_name: the run's name; default ``harden-<name>-<status>``.
+        source: the candidate's (name, version): that version is tagged ``hardening.hardened_as`` =
+            ``<name>/<new version>`` (best effort: a candidate that cannot be tagged is logged, not fatal).
 
     Raises:
         PackageError: ``package_dir`` does not verify (checked before anything is logged).
@@ -235,11 +310,12 @@ def register_hardened(name: str, *, tracking_uri: str, package_dir: str | Path, 
     wait_reachable(tracking_uri)
     with bounded_http():
         return _register(model, name, tracking_uri=tracking_uri, experiment=experiment,
-                         claim=alias if blessed and set_alias else None)
+                         claim=alias if blessed and set_alias else None, params=_flat_params(run_params or {}),
+                         run_name=run_name or f"harden-{name}-{model.status}", source=source)
 
 
-def _register(model: HardenedModel, name: str, *, tracking_uri: str, experiment: str,
-              claim: str | None) -> RegisteredVersion:
+def _register(model: HardenedModel, name: str, *, tracking_uri: str, experiment: str, claim: str | None,
+              params: dict[str, str], run_name: str, source: tuple[str, int] | None) -> RegisteredVersion:
     """Log ``model`` as a run and a new version of ``name``, write its verdict, then claim the alias ``claim``
     (None: leave the alias alone). Every call shares one deadline; on failure the version is marked failed
     (:func:`~harden.registry.aliases.mark_failed`) and the RegistryError's ``state`` says what the registry holds."""
@@ -249,10 +325,15 @@ def _register(model: HardenedModel, name: str, *, tracking_uri: str, experiment:
     try:
         sweep_pending(client, name)
         experiment_id = _experiment_id(client, tracking_uri, experiment)
-        run_id = client.create_run(experiment_id, run_name=f"harden-{name}").info.run_id
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        description = "\n".join(filter(None, [model.description, _report_line(experiment_id, run_id, model.evidence)]))
+        verdict = _verdict(model.status, model.summary, model.reasons)
         now = int(time.time() * 1000)
+        run_tags = {VERDICT_TAG: verdict, **model.tags, ONNX_SHA_TAG: model.onnx_sha256,
+                    RUN_NOTE_TAG: f"Registered as {name}, see its version page.\n\n{description}"}
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in model.metrics.items()],
-                         tags=[RunTag(k, str(v)) for k, v in {**model.tags, ONNX_SHA_TAG: model.onnx_sha256}.items()])
+                         params=[Param(k, v) for k, v in params.items()],
+                         tags=[RunTag(k, str(v)) for k, v in run_tags.items()])
         client.log_artifacts(run_id, str(model.package_dir), "package")
         for role, path in model.evidence.items():
             client.log_artifact(run_id, str(path), posixpath.dirname(f"evidence/{evidence_file(role, path)}"))
@@ -266,12 +347,17 @@ def _register(model: HardenedModel, name: str, *, tracking_uri: str, experiment:
             name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
             tags={**{k: str(v) for k, v in model.tags.items()}, ONNX_SHA_TAG: model.onnx_sha256,
                   MANIFEST_TAG: model.manifest_sha256, STATUS_TAG: "pending"},
-            description=model.description)
+            description=description)
         version = mv.version
+        client.set_logged_model_tags(logged.model_id, {MODEL_VERSIONS_TAG: json.dumps([{"name": name,
+                                                                                         "version": str(version)}])})
         if model.reasons:
             client.set_model_version_tag(name, version, REASONS_TAG, "; ".join(model.reasons)[:5000])
+        client.set_model_version_tag(name, version, VERDICT_TAG, verdict)
         client.set_model_version_tag(name, version, STATUS_TAG, model.status)
         status_written = True
+        if source is not None:
+            _point_candidate(client, source, f"{name}/{version}")
         client.set_terminated(run_id)
         if claim is not None:
             claiming = True
