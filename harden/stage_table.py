@@ -145,7 +145,7 @@ def _candidate_line(s: dict[str, Any], p: Params, layout: Layout) -> str:
 
 def _promote_line(r: Any, p: Params, layout: Layout) -> str:
     if not r.registered:
-        return f"registered nothing: {r.reason}"
+        return f"registered nothing, moved no alias: {r.reason}"
     moved = f"; @{r.alias} -> version {r.version}" if r.alias_moved else f"; @{r.alias} unchanged"
     return f"registered {r.name} version {r.version} ({r.status}){moved}"
 

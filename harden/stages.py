@@ -677,8 +677,8 @@ def promote_stage(params: Params, *, experiment: str | None, pull_dir: Path, fol
                         gate=Path(gate_dir), report=Path(report_dir))
     blessing = verify_blessing(params.gate, chain)
     record = RegistrationSkipped(
-        reason=f"inside DVC experiment {experiment!r} and promote.register_experiments is false: nothing "
-               "registered, no alias moved (set it true, or run `dvc repro`, to register)",
+        reason=f"inside DVC experiment {experiment!r} with promote.register_experiments false (set it true, or "
+               "run `dvc repro`, to register)",
         experiment=experiment, name=params.promote.name, alias=params.promote.alias, blessed=blessing.blessed,
         summary=blessing.summary, tracking_uri=strip_credentials(params.base.tracking_uri),
         inputs={"blessing": chain.digest("blessing"), "report": chain.digest("report")})
