@@ -135,8 +135,9 @@ def headline_metrics(before: Mapping[str, Any], after: Mapping[str, Any], *, ble
     """The headline of one hardening run, flat and numeric only (what DVC compares across experiments).
 
     The hardened model's ``acc``, ``asr/<probe>`` for every probe, ``inverted/asr`` and ``scan/backdoor_score``
-    (those the evaluation has), ``blessed`` (1 or 0), ``purify_s`` (purification wall time, seconds), then the
-    candidate's values of the same metrics as ``candidate/<metric>``."""
+    (those the evaluation has), ``blessed`` (1 or 0), ``purify_s`` (purification wall time in seconds, as the
+    caller counts it: the report stage adds up every policy attempt), then the candidate's values of the same
+    metrics as ``candidate/<metric>``."""
     b, a = flatten(before), flatten(after)
     probes = sorted({k for k in (*b, *a) if k.startswith("asr/")})
     keys = [HEADLINE_KEYS[0], *probes, *HEADLINE_KEYS[1:]]

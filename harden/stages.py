@@ -593,7 +593,8 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
                  evaluate_dir: Path, gate_dir: Path, out_dir: Path, headline: Path | None = None) -> ReportFiles:
     """Render ``report.html`` (self-contained), ``report.md``, the plots and their DVC plot data; with
     ``headline``, also write the headline metrics there (:func:`harden.report.headline_metrics`: the verdict,
-    the purification's wall time and the main numbers of both models, flat, for ``dvc exp show``).
+    the purification's wall time, every policy attempt's together, and the main numbers of both models, flat,
+    for ``dvc exp show``).
 
     The report renders only a verdict that follows from the evidence (:func:`verify_blessing`)."""
     chain = check_chain(pull=Path(pull_dir), purify=Path(purify_dir), fold=Path(fold_dir), export=Path(export_dir),
@@ -622,9 +623,10 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
 
     headline_path = None
     if headline is not None:
+        spent = [a.wall_time_s for a in purified.attempts if a.wall_time_s is not None]  # every policy attempt
         headline_path = write_headline(headline, headline_metrics(metrics.candidate, metrics.hardened,
                                                                   blessed=blessing.blessed,
-                                                                  purify_s=purified.wall_time_s))
+                                                                  purify_s=sum(spent) if spent else purified.wall_time_s))
     return ReportFiles(html=moved(files.html), markdown=moved(files.markdown), metrics=moved(files.metrics),
                        plots={k: moved(v) for k, v in files.plots.items()},
                        plot_data={k: moved(v) for k, v in files.plot_data.items()}, headline=headline_path)
