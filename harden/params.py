@@ -217,6 +217,8 @@ class PromoteParams(_Section):
     name: str = Field("nft-demo-hardened", min_length=1, description="registered model receiving the hardened version")
     alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]{1,255}$",
                        description="serving alias moved to a blessed version (not 'latest' or 'v<N>', which MLflow reserves)")
+    register_experiments: bool = Field(False, description="register (and move the alias) also inside a DVC experiment "
+                                       "(`dvc exp run`); false: promote there registers nothing and says so")
 
     @field_validator("alias")
     @classmethod

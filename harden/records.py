@@ -261,6 +261,23 @@ class Registration(Record, RegisteredVersion):
     """What ``promote`` registered (``registered.json``): the registry's outcome plus the verdict it carried."""
 
     FILE: ClassVar[str] = "registered.json"
+    registered: Literal[True] = True
+    alias: str
+    blessed: bool
+    summary: str
+    tracking_uri: str
+
+
+class RegistrationSkipped(Record):
+    """What ``promote`` wrote instead of registering (``registered.json``, ``registered: false``): inside a DVC
+    experiment with ``promote.register_experiments`` false nothing is registered and no alias moves; ``reason``
+    says why, ``experiment`` names the experiment. The verdict is the verified blessing's, as when registering."""
+
+    FILE: ClassVar[str] = "registered.json"
+    registered: Literal[False] = False
+    reason: str
+    experiment: str
+    name: str
     alias: str
     blessed: bool
     summary: str

@@ -7,7 +7,11 @@
 - ``metrics.json``: before/after/delta of every numeric metric, the verdict and the purification summary
   (DVC ``metrics``);
 - ``plots/*.png`` and DVC plot data: ``plots/training.csv`` (per epoch), ``plots/masks.csv`` (per layer),
-  ``plots/before_after.json`` (rows ``{metric, model, value}``).
+  ``plots/before_after.json`` (rows ``{metric, model, bar, value}``: one bar per metric and model, ``bar``
+  naming both, for DVC's ``bar_horizontal`` template with ``x: value, y: bar``).
+
+:func:`headline_metrics` is the small, flat, numeric summary that ``dvc.yaml``'s report stage writes to the
+repository's ``metrics.json`` (``nft-harden report --headline``) for ``dvc exp show`` and ``dvc metrics diff``.
 
 Templates live in ``harden/templates`` (Jinja2, autoescaped HTML).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,7 +33,7 @@ import jinja2
 import numpy as np
 
 from harden import plots
-from harden.evaluate import NORM_RATIO_FACTOR, LayerMasks, compare, mask_statistics
+from harden.evaluate import NORM_RATIO_FACTOR, LayerMasks, compare, flatten, mask_statistics
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
 from harden.records import Attempt
@@ -66,6 +71,7 @@ class ReportFiles:
     metrics: Path
     plots: dict[str, Path]
     plot_data: dict[str, Path]
+    headline: Path | None = None
 
 
 def _sign(value: float | None) -> str:
@@ -119,6 +125,40 @@ def metrics_document(before: Mapping[str, Any], after: Mapping[str, Any], blessi
     return doc
 
 
+#: Headline metrics besides ``asr/<probe>``: each is written for the hardened model as KEY and for the candidate
+#: as ``candidate/KEY`` when the evaluation has it.
+HEADLINE_KEYS = ("acc", "inverted/asr", "scan/backdoor_score")
+
+
+def headline_metrics(before: Mapping[str, Any], after: Mapping[str, Any], *, blessed: bool,
+                     purify_s: float) -> dict[str, float | int]:
+    """The headline of one hardening run, flat and numeric only (what DVC compares across experiments).
+
+    The hardened model's ``acc``, ``asr/<probe>`` for every probe, ``inverted/asr`` and ``scan/backdoor_score``
+    (those the evaluation has), ``blessed`` (1 or 0), ``purify_s`` (purification wall time in seconds, as the
+    caller counts it: the report stage adds up every policy attempt), then the candidate's values of the same
+    metrics as ``candidate/<metric>``."""
+    b, a = flatten(before), flatten(after)
+    probes = sorted({k for k in (*b, *a) if k.startswith("asr/")})
+    keys = [HEADLINE_KEYS[0], *probes, *HEADLINE_KEYS[1:]]
+    doc: dict[str, float | int] = {k: a[k] for k in keys if k in a}
+    doc["blessed"] = int(blessed)
+    doc["purify_s"] = round(float(purify_s), 2)
+    doc.update({f"candidate/{k}": b[k] for k in keys if k in b})
+    return doc
+
+
+def write_headline(path: str | Path, headline: Mapping[str, float | int]) -> Path:
+    """Write :func:`headline_metrics` as JSON to ``path`` atomically, in its order (hardened first)."""
+    return write_bytes_atomic(path, (json.dumps(dict(headline), indent=2) + "\n").encode())
+
+
+def _before_after_keys(comparison: Mapping[str, Any]) -> list[str]:
+    """The rates DVC's before/after plot shows on one axis: ACC, ASR and robust accuracy per probe, and the ASR
+    of the candidate's reconstructed trigger."""
+    return [k for k in comparison if k in ("acc", "inverted/asr") or k.startswith(("asr/", "robust_acc/"))]
+
+
 def _csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -129,10 +169,11 @@ def _csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
 
 def write_plot_data(plot_dir: Path, comparison: Mapping[str, Mapping[str, float | None]],
                     history: Sequence[Mapping[str, float]] | None, mask_layers: Sequence[Mapping[str, Any]] | None) -> dict[str, Path]:
-    """DVC plot data: per-epoch training rows, per-layer mask rows and before/after rows."""
-    rows = [{"metric": row["metric"], "model": model, "value": row[side]}
-            for row in _table_rows(comparison) for side, model in (("before", "candidate"), ("after", "hardened"))
-            if row[side] is not None]
+    """DVC plot data: per-epoch training rows, per-layer mask rows and before/after rows (a candidate and a
+    hardened row per rate, side by side under DVC's ``bar_horizontal`` template: ``bar`` is ``metric (model)``)."""
+    rows = [{"metric": key, "model": model, "bar": f"{key} ({model})", "value": comparison[key][side]}
+            for key in _before_after_keys(comparison) for side, model in (("before", "candidate"), ("after", "hardened"))
+            if comparison[key][side] is not None]
     written = {"before_after": write_json_atomic(plot_dir / "before_after.json", rows)}
     if history:
         written["training"] = write_bytes_atomic(plot_dir / "training.csv", _csv_bytes(history))

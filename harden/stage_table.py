@@ -42,6 +42,8 @@ class Stage:
         verdict: the command has ``--strict``: exit 10 unless ``verdict(record)`` (the gate blessed the model).
         uncached: DVC outputs that are not cached (``cache: false``).
         metrics: DVC metrics files among ``writes``.
+        headline: the headline metrics file ``dvc.yaml``'s command asks for (``--headline PATH``, an option of
+            this command only; the CLI writes it only when asked), among ``metrics``.
     """
 
     name: str
@@ -58,6 +60,12 @@ class Stage:
     verdict: Callable[[Any], bool] | None = None
     uncached: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
+    headline: str | None = None
+
+    @property
+    def dvc_cmd(self) -> str:
+        """The stage's ``cmd`` in ``dvc.yaml``."""
+        return f"nft-harden {self.command}" + (f" --headline {self.headline}" if self.headline else "")
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -116,12 +124,12 @@ def _report(p: Params, layout: Layout, progress: bool) -> Any:
     from harden import stages
     return stages.report_stage(p, layout.stage("pull"), layout.stage("purify"), layout.stage("fold"),
                                layout.stage("export"), layout.stage("evaluate"), layout.stage("gate"),
-                               layout.stage("report"))
+                               layout.stage("report"), headline=layout.headline)
 
 
 def _promote(p: Params, layout: Layout, progress: bool) -> Any:
     from harden import stages
-    return stages.register_stage(p, pull_dir=layout.stage("pull"), fold_dir=layout.stage("fold"),
+    return stages.promote_stage(p, experiment=stages.dvc_experiment(), pull_dir=layout.stage("pull"), fold_dir=layout.stage("fold"),
                                  export_dir=layout.stage("export"), clean_npz=layout.clean, test_npz=layout.test,
                                  purify_dir=layout.stage("purify"), evaluate_dir=layout.stage("evaluate"),
                                  gate_dir=layout.stage("gate"), report_dir=layout.stage("report"),
@@ -136,6 +144,8 @@ def _candidate_line(s: dict[str, Any], p: Params, layout: Layout) -> str:
 
 
 def _promote_line(r: Any, p: Params, layout: Layout) -> str:
+    if not r.registered:
+        return f"registered nothing, moved no alias: {r.reason}"
     moved = f"; @{r.alias} -> version {r.version}" if r.alias_moved else f"; @{r.alias} unchanged"
     return f"registered {r.name} version {r.version} ({r.status}){moved}"
 
@@ -178,7 +188,6 @@ STAGES: tuple[Stage, ...] = (
           "Evaluate the candidate (PyTorch) and the hardened ONNX model on the test set and every probe.",
           reads=("runs/pull", "runs/purify", "runs/fold", "runs/export", "data/test.npz"),
           writes=("runs/evaluate/metrics.json", "runs/evaluate/inversion.safetensors"),
-          metrics=("runs/evaluate/metrics.json",),
           uncached=("runs/evaluate/metrics.json", "runs/evaluate/inversion.safetensors"), params=("base.seed", "probes"),
           code=("harden/evaluate.py", "nft_core/attacks", "nft_core/metrics.py", "nft_core/scan.py",
                 "nft_core/invert.py"),
@@ -193,9 +202,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("report", "report", "Render the HTML/Markdown report and plots.",
           reads=("runs/pull", "runs/purify", "runs/fold/fold.json", "runs/export/parity.json",
                  "runs/evaluate/metrics.json", "runs/evaluate/inversion.safetensors", "runs/gate/blessing.json"),
-          writes=("runs/report",), uncached=("runs/report",), params=("base", "gate", "promote"),
+          writes=("runs/report", "metrics.json"), metrics=("metrics.json",), uncached=("metrics.json",),
+          headline="metrics.json", params=("base", "gate", "promote"),
           code=("harden/report.py", "harden/plots.py", "harden/templates", "harden/gate.py"), call=_report,
-          kfp_task="report-op", describe=lambda f, p, l: f"report: {f.html} and {f.markdown}"),
+          kfp_task="report-op", describe=lambda f, p, l: (f"report: {f.html} and {f.markdown}"
+                                                          + (f"; headline metrics: {f.headline}" if f.headline else ""))),
     Stage("promote", "promote",
           "Register the hardened version with its evidence; move the alias only if the gate blessed it.",
           reads=("data/clean.npz", "data/test.npz", "runs/pull", "runs/purify", "runs/fold", "runs/export",

@@ -16,10 +16,12 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,11 +37,12 @@ from harden.package import InputSpec, ModelSpec, load_package, save_package
 from harden.params import (BaseParams, CandidateParams, DataParams, ExportParams, Params, PolicyParams, ProbesParams,
                            PurifyParams)
 from harden.records import (Attempt, Chain, FoldRecord, InversionSummary, MaskedLayerEntry, MetricsRecord,
-                            ModelTriggers, ParityRecord, Provenance, PurifyRecord, Registration, ReparamEntry,
-                            ReportRecord, canonical_sha256, check_chain, tree_sha256)
+                            ModelTriggers, ParityRecord, Provenance, PurifyRecord, Registration,
+                            RegistrationSkipped, ReparamEntry, ReportRecord, canonical_sha256, check_chain,
+                            tree_sha256)
 from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
                              strip_credentials)
-from harden.report import ReportFiles, TriggerView, write_report
+from harden.report import ReportFiles, TriggerView, headline_metrics, write_headline, write_report
 from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.data.npz import load_npz
 from nft_core.defenses import run_defense
@@ -76,6 +79,8 @@ class Layout:
 
     runs: Path = Path("runs")
     data: Path = Path("data")
+    #: where the report stage also writes the headline metrics (``dvc.yaml``: ``metrics.json``); None: nowhere
+    headline: Path | None = None
 
     @property
     def clean(self) -> Path:
@@ -585,8 +590,11 @@ def _identity(params: Params, prov: Provenance, purified: PurifyRecord) -> dict[
 
 
 def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Path, export_dir: Path,
-                 evaluate_dir: Path, gate_dir: Path, out_dir: Path) -> ReportFiles:
-    """Render ``report.html`` (self-contained), ``report.md``, the plots and their DVC plot data.
+                 evaluate_dir: Path, gate_dir: Path, out_dir: Path, headline: Path | None = None) -> ReportFiles:
+    """Render ``report.html`` (self-contained), ``report.md``, the plots and their DVC plot data; with
+    ``headline``, also write the headline metrics there (:func:`harden.report.headline_metrics`: the verdict,
+    the purification's wall time, every policy attempt's together, and the main numbers of both models, flat,
+    for ``dvc exp show``).
 
     The report renders only a verdict that follows from the evidence (:func:`verify_blessing`)."""
     chain = check_chain(pull=Path(pull_dir), purify=Path(purify_dir), fold=Path(fold_dir), export=Path(export_dir),
@@ -613,9 +621,15 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
     def moved(path: Path) -> Path:  # where a file written into tmp lives now
         return Path(out_dir) / Path(path).relative_to(tmp)
 
+    headline_path = None
+    if headline is not None:
+        spent = [a.wall_time_s for a in purified.attempts if a.wall_time_s is not None]  # every policy attempt
+        headline_path = write_headline(headline, headline_metrics(metrics.candidate, metrics.hardened,
+                                                                  blessed=blessing.blessed,
+                                                                  purify_s=sum(spent) if spent else purified.wall_time_s))
     return ReportFiles(html=moved(files.html), markdown=moved(files.markdown), metrics=moved(files.metrics),
                        plots={k: moved(v) for k, v in files.plots.items()},
-                       plot_data={k: moved(v) for k, v in files.plot_data.items()})
+                       plot_data={k: moved(v) for k, v in files.plot_data.items()}, headline=headline_path)
 
 
 def verify_blessing(gate: GateConfig, chain: Chain) -> Blessing:
@@ -651,6 +665,41 @@ def _headline_rows(compare: dict[str, dict[str, float | None]]) -> list[str]:
             if k in compare and compare[k]["before"] is not None and compare[k]["after"] is not None]
     return rows[:HEADLINE_ROWS] + ([f"- ... {len(rows) - HEADLINE_ROWS} more probes in the report"]
                                    if len(rows) > HEADLINE_ROWS else [])
+
+
+#: Set by ``dvc exp run`` for the stages it runs (the experiment's name; DVC_EXP_BASELINE_REV beside it).
+DVC_EXP_NAME = "DVC_EXP_NAME"
+
+
+def dvc_experiment(env: Mapping[str, str] | None = None) -> str | None:
+    """The name of the DVC experiment this process runs in (``dvc exp run``, ``--temp`` and queued ones too),
+    else None (``dvc repro``, the CLI, Kubeflow)."""
+    return (os.environ if env is None else env).get(DVC_EXP_NAME) or None
+
+
+def promote_stage(params: Params, *, experiment: str | None, pull_dir: Path, fold_dir: Path, export_dir: Path,
+                  clean_npz: Path, test_npz: Path, purify_dir: Path, evaluate_dir: Path, gate_dir: Path,
+                  report_dir: Path, out_dir: Path) -> Registration | RegistrationSkipped:
+    """The promote stage of the CLI and ``dvc.yaml``: :func:`register_stage`, except inside a DVC experiment
+    (``experiment``, see :func:`dvc_experiment`) while ``promote.register_experiments`` is false. There the chain
+    and the blessing are verified as when registering, but nothing is registered and no alias moves;
+    ``registered.json`` says so (:class:`~harden.records.RegistrationSkipped`)."""
+    if experiment is None or params.promote.register_experiments:
+        return register_stage(params, pull_dir=pull_dir, fold_dir=fold_dir, export_dir=export_dir, clean_npz=clean_npz,
+                              test_npz=test_npz, purify_dir=purify_dir, evaluate_dir=evaluate_dir, gate_dir=gate_dir,
+                              report_dir=report_dir, out_dir=out_dir)
+    chain = check_chain(pull=Path(pull_dir), clean=Path(clean_npz), test=Path(test_npz), purify=Path(purify_dir),
+                        fold=Path(fold_dir), export=Path(export_dir), evaluate=Path(evaluate_dir),
+                        gate=Path(gate_dir), report=Path(report_dir))
+    blessing = verify_blessing(params.gate, chain)
+    record = RegistrationSkipped(
+        reason=f"inside DVC experiment {experiment!r} with promote.register_experiments false (set it true, or "
+               "run `dvc repro`, to register)",
+        experiment=experiment, name=params.promote.name, alias=params.promote.alias, blessed=blessing.blessed,
+        summary=blessing.summary, tracking_uri=strip_credentials(params.base.tracking_uri),
+        inputs={"blessing": chain.digest("blessing"), "report": chain.digest("report")})
+    record.write(out_dir)
+    return record
 
 
 def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir: Path, clean_npz: Path,

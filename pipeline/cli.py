@@ -32,6 +32,9 @@ RunsOpt = Annotated[Path, typer.Option("--runs", help="directory of the stage ou
 DataOpt = Annotated[Path, typer.Option("--data", help="directory of the clean/test npz files")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="exit 10 when the gate rejects the model (for CI)")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
+HeadlineOpt = Annotated[Path | None, typer.Option(
+    "--headline", help="also write the headline metrics (flat, numeric: acc, asr/<probe>, blessed 0/1, purify_s, "
+                       "the candidate's as candidate/...) to this JSON file (dvc.yaml: metrics.json)")]
 
 
 def _command(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,11 +53,11 @@ def _command(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _ctx(params: Path, runs: Path, data: Path):
+def _ctx(params: Path, runs: Path, data: Path, headline: Path | None = None):
     from harden.params import load_params
     from harden.stages import Layout
 
-    return load_params(params), Layout(runs=runs, data=data)
+    return load_params(params), Layout(runs=runs, data=data, headline=headline)
 
 
 @app.command("check-params")
@@ -68,8 +71,9 @@ def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
 
 def _stage_command(stage: Stage) -> None:
     """Register ``nft-harden <stage.command>`` from its entry in the stage table."""
-    def invoke(params: Path, runs: Path, data: Path, progress: bool = True, strict: bool = False) -> None:
-        p, layout = _ctx(params, runs, data)
+    def invoke(params: Path, runs: Path, data: Path, progress: bool = True, strict: bool = False,
+               headline: Path | None = None) -> None:
+        p, layout = _ctx(params, runs, data, headline)
         record = stage.call(p, layout, progress)
         typer.echo(stage.describe(record, p, layout))
         if strict and stage.verdict is not None and not stage.verdict(record):
@@ -79,6 +83,10 @@ def _stage_command(stage: Stage) -> None:
         def command(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"),
                     data: DataOpt = Path("data"), progress: ProgressOpt = True) -> None:
             invoke(params, runs, data, progress=progress)
+    elif stage.headline is not None:
+        def command(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"),  # type: ignore[misc]
+                    data: DataOpt = Path("data"), headline: HeadlineOpt = None) -> None:
+            invoke(params, runs, data, headline=headline)
     elif stage.verdict is not None:
         def command(params: ParamsOpt = Path("params.yaml"), runs: RunsOpt = Path("runs"),  # type: ignore[misc]
                     data: DataOpt = Path("data"), strict: StrictOpt = False) -> None:

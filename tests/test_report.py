@@ -106,7 +106,40 @@ def test_metrics_json_and_dvc_plot_data(run):
     with open(files.plot_data["masks"]) as f:
         assert len(list(csv.DictReader(f))) == len(result.layers)
     rows = json.loads(files.plot_data["before_after"].read_text())
-    assert {"metric": "acc", "model": "hardened", "value": after["acc"]} in rows
+    assert {"metric": "acc", "model": "hardened", "bar": "acc (hardened)", "value": after["acc"]} in rows
+
+
+def test_before_after_plot_rows_put_a_number_on_x_and_name_metric_and_model_on_y(run):
+    """dvc.yaml plots them with the bar_horizontal template, ``x: value`` (quantitative), ``y: bar`` (nominal):
+    every row's value is a number (a rate), and each metric has a candidate and a hardened bar side by side."""
+    files, before, after, _, _ = run
+    rows = json.loads(files.plot_data["before_after"].read_text())
+    assert rows and all(isinstance(r["value"], float) and 0.0 <= r["value"] <= 1.0 for r in rows)
+    assert all(r["bar"] == f"{r['metric']} ({r['model']})" for r in rows)
+    bars = [r["bar"] for r in rows]
+    assert bars[:4] == ["acc (candidate)", "acc (hardened)", "asr/badnets (candidate)", "asr/badnets (hardened)"]
+    assert len(set(bars)) == len(bars)
+    assert not {r["metric"] for r in rows} & {"inverted/target", "scan/top_label", "scan/backdoor_score"}
+
+
+def test_headline_metrics_are_flat_numbers_hardened_first_then_the_candidate(tmp_path):
+    from harden.report import headline_metrics, write_headline
+
+    before = {"acc": 0.9, "asr": {"badnets": 0.97, "blend": 0.8}, "scan": {"backdoor_score": 2.0, "top_label": 0},
+              "inverted": {"asr": 0.9, "target": 0}, "per_class_acc": {"0": 0.9}, "versions": "x"}
+    after = {"acc": 0.88, "asr": {"badnets": 0.01, "blend": 0.02}, "scan": {"backdoor_score": 0.5, "top_label": 3},
+             "inverted": {"asr": 0.02, "target": 4}, "per_class_acc": {"0": 0.88}}
+    headline = headline_metrics(before, after, blessed=True, purify_s=12.345)
+    assert list(headline) == ["acc", "asr/badnets", "asr/blend", "inverted/asr", "scan/backdoor_score", "blessed",
+                              "purify_s", "candidate/acc", "candidate/asr/badnets", "candidate/asr/blend",
+                              "candidate/inverted/asr", "candidate/scan/backdoor_score"]
+    assert headline["acc"] == 0.88 and headline["candidate/asr/badnets"] == 0.97 and headline["purify_s"] == 12.35
+    assert headline["blessed"] == 1 and headline_metrics(before, after, blessed=False, purify_s=1)["blessed"] == 0
+    # a run without the scan or the inversion leaves their keys out rather than writing null
+    assert "scan/backdoor_score" not in headline_metrics({"acc": 0.9}, {"acc": 0.8}, blessed=False, purify_s=1)
+    path = write_headline(tmp_path / "metrics.json", headline)
+    assert json.loads(path.read_text()) == headline and list(json.loads(path.read_text())) == list(headline)
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in headline.values())
 
 
 def test_a_baseline_s_history_without_nft_keys_still_plots(tmp_path):

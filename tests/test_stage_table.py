@@ -29,7 +29,8 @@ def test_dvc_yaml_says_what_the_stage_table_says() -> None:
     assert list(dvc_stages) == [s.name for s in STAGES]
     for stage in STAGES:
         entry = dvc_stages[stage.name]
-        assert entry["cmd"] == f"nft-harden {stage.command}", stage.name
+        assert entry["cmd"] == stage.dvc_cmd, stage.name
+        assert stage.headline is None or stage.headline in stage.metrics, f"{stage.name}: headline is no metric"
         assert sorted(entry["deps"]) == sorted(stage.deps), f"{stage.name}: deps differ from the stage table"
         assert sorted(entry.get("params", [])) == sorted(stage.params), f"{stage.name}: params differ"
         outs, metrics = entry.get("outs", []), entry.get("metrics", [])
@@ -66,6 +67,7 @@ def test_the_cli_has_one_command_per_stage_with_the_tables_help() -> None:
         assert " ".join(stage.summary.split()[:4]) in " ".join(result.output.split()), result.output
         assert ("--strict" in result.output) == (stage.verdict is not None), stage.command
         assert ("--progress" in result.output) == stage.progress, stage.command
+        assert ("--headline" in result.output) == (stage.headline is not None), stage.command
 
 
 def _kfp_upstream(spec: dict[str, Any]) -> dict[str, set[str]]:
