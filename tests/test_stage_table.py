@@ -93,7 +93,8 @@ def _kfp_upstream(spec: dict[str, Any]) -> dict[str, set[str]]:
 def kfp_graph(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     from pipeline.harden_pipeline import compile_pipeline
 
-    out = compile_pipeline(tmp_path_factory.mktemp("kfp") / "pipeline.yaml")
+    out = compile_pipeline(tmp_path_factory.mktemp("kfp") / "pipeline.yaml", params_yaml=(REPO / "params.yaml").read_text(),
+                           tracking_uri="http://mlflow.example:5000")
     return _kfp_upstream(next(yaml.safe_load_all(Path(out).read_text())))
 
 
