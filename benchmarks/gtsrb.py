@@ -8,7 +8,8 @@ What one command does:
 
 1. Builds the backdoored candidates (the attacker's side): for each architecture and attack, a model trained
    on the poisoned full training set (10 % poisoning, target 0, all2one; plus a BadNets all2all row;
-   the clean-label attack can only stamp target-class images and poisons 80 % of them). The low-data regime
+   the clean-label attack can only stamp target-class images and poisons 80 % of them, with class 2, the
+   largest, as its target). The low-data regime
    trains on a stratified 10 % of the training images instead. Candidates are cached by a content hash of
    everything they are made from (data digest, attack, architecture, training recipe), so a rerun only
    purifies.
@@ -349,7 +350,7 @@ def make_header(args: argparse.Namespace, n_train: int | None, n_test: int | Non
     return ["## GTSRB, real photographs", "",
             f"Command: `.venv/bin/python benchmarks/gtsrb.py {shlex.join(sys.argv[1:])}`  ",
             f"Candidates: 10 % poisoning (clean-label: {int(100 * CLEAN_LABEL_SHARE)} % of the target class), target "
-            f"{TARGET}; low-data regime: {int(100 * LOW_DATA_FRACTION)} % of the training images and "
+            f"{TARGET} (clean-label: {CLEAN_LABEL_TARGET}); low-data regime: {int(100 * LOW_DATA_FRACTION)} % of the training images and "
             f"{LOW_DATA_CLEAN} clean images it was not trained on. {images}  "]
 
 
