@@ -654,17 +654,17 @@ def verify_blessing(gate: GateConfig, chain: Chain) -> Blessing:
 
 
 #: Metrics in a hardened version's description, at most this many rows: ACC, then ASR per probe.
-HEADLINE_ROWS = 5
+DESCRIPTION_ROWS = 5
 
 
-def _headline_rows(compare: dict[str, dict[str, float | None]]) -> list[str]:
+def _description_rows(compare: dict[str, dict[str, float | None]]) -> list[str]:
     """``- ACC: 0.9100 -> 0.9000`` and ``- ASR badnets: ...`` lines for the version's description."""
     keys = ["acc", *sorted(k for k in compare if k.startswith("asr/"))]
     rows = [f"- {'ACC' if k == 'acc' else 'ASR ' + k.split('/', 1)[1]}: {compare[k]['before']:.4f} -> "
             f"{compare[k]['after']:.4f}" for k in keys
             if k in compare and compare[k]["before"] is not None and compare[k]["after"] is not None]
-    return rows[:HEADLINE_ROWS] + ([f"- ... {len(rows) - HEADLINE_ROWS} more probes in the report"]
-                                   if len(rows) > HEADLINE_ROWS else [])
+    return rows[:DESCRIPTION_ROWS] + ([f"- ... {len(rows) - DESCRIPTION_ROWS} more probes in the report"]
+                                   if len(rows) > DESCRIPTION_ROWS else [])
 
 
 #: Set by ``dvc exp run`` for the stages it runs (the experiment's name; DVC_EXP_BASELINE_REV beside it).
@@ -744,7 +744,7 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
     description = "\n".join([blessing.summary, "",
                              f"Hardened from {prov.model_name} version {prov.version} with {purified.defense} on "
                              f"{purified.clean_samples} clean images; candidate -> hardened:",
-                             *_headline_rows(metrics.compare)])
+                             *_description_rows(metrics.compare)])
     run_params = {"purify": params.purify.model_dump(mode="json"), "defense": purified.defense,
                   "clean_samples": purified.clean_samples, "seed": purified.seed,
                   "policy.fallbacks": [f.method for f in params.policy.fallbacks]}

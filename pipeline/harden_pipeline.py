@@ -94,6 +94,14 @@ class Secrets:
     storage_keys: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
+def _place(task: dsl.PipelineTask, name: str, image: str) -> dsl.PipelineTask:
+    """Name the task and run it in ``image`` with its CPU and memory requests (:data:`RESOURCES`)."""
+    need = RESOURCES.get(name, DEFAULT_RESOURCES)
+    task.set_display_name(name).set_container_image(image)
+    task.set_cpu_request(need.cpu).set_memory_request(need.memory).set_memory_limit(need.memory)
+    return task
+
+
 def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(), retries: int = 3, *,
                    params_yaml: str = "", tracking_uri: str | None = None, secrets: Secrets = Secrets()):
     """The pipeline function, with every task in ``image``, purify placed per ``gpu``, ``params_yaml`` as the
@@ -118,11 +126,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlacement(
             max_asr_lift: largest ASR above the model's own rate on clean images, e.g. 0.05 (negative: params_yaml's).
         """
         def place(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-            """Name the task, run it in ``image`` with its CPU and memory requests."""
-            need = RESOURCES.get(name, DEFAULT_RESOURCES)
-            task.set_display_name(name).set_container_image(image)
-            task.set_cpu_request(need.cpu).set_memory_request(need.memory).set_memory_limit(need.memory)
-            return task
+            return _place(task, name, image)
 
         checked = place(validate_params_op(params_yaml=params_yaml, candidate_model=candidate_model,
                                            tracking_uri=tracking_uri, promote_name=promote_name,
@@ -204,10 +208,7 @@ def build_fleet_pipeline(image: str = DEFAULT_IMAGE, gpu: GpuPlacement = GpuPlac
         with dsl.ParallelFor(items=models, parallelism=parallelism, name="each-model") as item:
             one = harden(params_yaml=params_yaml, tracking_uri=tracking_uri, candidate_model=item.candidate_model,
                          promote_name=item.promote_name)
-        summary = fleet_summary_op(models=models, blessed=dsl.Collected(one.output))
-        need = RESOURCES.get("fleet-summary", DEFAULT_RESOURCES)
-        summary.set_display_name("fleet-summary").set_container_image(image)
-        summary.set_cpu_request(need.cpu).set_memory_request(need.memory).set_memory_limit(need.memory)
+        summary = _place(fleet_summary_op(models=models, blessed=dsl.Collected(one.output)), "fleet-summary", image)
         return summary.outputs["Output"]
 
     return fleet_pipeline

@@ -146,15 +146,41 @@ def write_npz_dataset(path: Path, *, num_classes: int, per_class: int, size: int
     return path
 
 
+def tiny_spec() -> Any:
+    """The untrained 10-class, 32 x 32 ``small_cnn`` (width 8) the registry tests package."""
+    from harden.package import InputSpec, ModelSpec
+
+    return ModelSpec(builder="small_cnn", kwargs={"width": 8}, num_classes=10,
+                     input=InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3))
+
+
 def register_random_candidate(directory: Path, tracking_uri: str, name: str, alias: str = "candidate") -> int:
-    """Register an untrained 10-class ``small_cnn`` package (seconds, no training) as ``name@alias``."""
+    """Register an untrained :func:`tiny_spec` package (seconds, no training) as ``name@alias``."""
     import torch
 
-    from harden.package import InputSpec, ModelSpec, save_package
+    from harden.package import save_package
     from harden.registry import register_candidate
 
-    spec = ModelSpec(builder="small_cnn", kwargs={"width": 8}, num_classes=10,
-                     input=InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3))
+    spec = tiny_spec()
     torch.manual_seed(0)
     pkg = save_package(spec.build().eval(), spec, Path(directory) / "package")
     return register_candidate(pkg, name, tracking_uri=tracking_uri, alias=alias)
+
+
+def tiny_hardened(directory: Path, before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
+    """What :func:`harden.registry.register_hardened` takes for an untrained :func:`tiny_spec` model: its package,
+    its ONNX export and that file's sha256, and the gate's ``blessing.json`` for ``before`` -> ``after`` (both facts
+    true) as evidence, all written under ``directory``."""
+    from harden.gate import evaluate_gate
+    from harden.integrity import sha256_file
+    from harden.onnx_export import export_onnx
+    from harden.package import save_package
+
+    directory = Path(directory)
+    spec = tiny_spec()
+    net = spec.build().eval()
+    pkg = save_package(net, spec, directory / "package")
+    onnx_path = export_onnx(spec.wrap(net), (3, 32, 32), directory / "model.onnx")
+    evaluate_gate({}, dict(before), dict(after), {"onnx_parity": True, "fold_check": True}).write(directory)
+    return {"package_dir": pkg, "onnx_path": onnx_path, "onnx_sha256": sha256_file(onnx_path),
+            "evidence": {"blessing": directory / "blessing.json"}}

@@ -19,12 +19,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from harden.gate import evaluate_gate
 from harden.integrity import sha256_file
-from harden.onnx_export import export_onnx
-from harden.package import InputSpec, ModelSpec, save_package
 from harden.registry import register_candidate, register_hardened
 from harden.registry.tags import HARDENED_AS_TAG, MODEL_VERSIONS_TAG, RUN_NOTE_TAG, STATUS_TAG, VERDICT_TAG
+from pipeline_fixtures import tiny_hardened
 
 BROWSER_TIMEOUT_S = 120
 SUMMARY = "Hardened from cand version 1 with nft on 50 clean images; candidate -> hardened:\n- ACC: 0.9100 -> 0.5000"
@@ -47,14 +45,9 @@ def render(url: str) -> str:
 def registered(mlflow_server, tmp_path_factory):
     """A candidate and a rejected hardened version of it, registered through the real server."""
     tmp = tmp_path_factory.mktemp("ui")
-    spec = ModelSpec(builder="small_cnn", kwargs={"width": 8}, num_classes=10,
-                     input=InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3))
-    net = spec.build().eval()
-    pkg = save_package(net, spec, tmp / "package")
-    onnx_path = export_onnx(spec.wrap(net), (3, 32, 32), tmp / "model.onnx")
-    evaluate_gate({}, {"acc": 0.91, "asr/badnets": 0.98, "asr_lift/badnets": 0.98},
-                  {"acc": 0.5, "asr/badnets": 0.5, "asr_lift/badnets": 0.5},
-                  {"onnx_parity": True, "fold_check": True}).write(tmp)
+    files = tiny_hardened(tmp, {"acc": 0.91, "asr/badnets": 0.98, "asr_lift/badnets": 0.98},
+                          {"acc": 0.5, "asr/badnets": 0.5, "asr_lift/badnets": 0.5})
+    pkg, onnx_path = files["package_dir"], files["onnx_path"]
     (tmp / "report.html").write_text("<html><body><h1>Backdoor hardening report</h1></body></html>")
     candidate, hardened = "ui-cand", "ui-cand-hardened"
     register_candidate(pkg, candidate, tracking_uri=mlflow_server)

@@ -11,8 +11,7 @@ from mlflow import MlflowClient
 
 from harden.gate import evaluate_gate
 from harden.integrity import sha256_file
-from harden.onnx_export import export_onnx
-from harden.package import InputSpec, ModelSpec, PackageError, load_package, save_package
+from harden.package import PackageError, load_package
 from harden.registry import (
     ONNX_SHA_TAG,
     REASONS_TAG,
@@ -26,6 +25,7 @@ from harden.registry import (
     register_hardened,
     strip_credentials,
 )
+from pipeline_fixtures import tiny_hardened
 
 
 @pytest.mark.parametrize("ref,expected", [
@@ -131,17 +131,9 @@ def test_unreachable_registry_fails_after_bounded_retries(closed_port_uri, tmp_p
 @pytest.fixture(scope="module")
 def hardened(tmp_path_factory):
     """A package, its ONNX export, its sha256 and an evidence file (exported once per module)."""
-    tmp_path = tmp_path_factory.mktemp("hardened")
-    spec = ModelSpec(builder="small_cnn", kwargs={"width": 8}, num_classes=10,
-                     input=InputSpec(channels=3, height=32, width=32, mean=[0.5] * 3, std=[0.25] * 3))
-    net = spec.build().eval()
-    pkg = save_package(net, spec, tmp_path / "package")
-    onnx_path = export_onnx(spec.wrap(net), (3, 32, 32), tmp_path / "model.onnx")
-    evaluate_gate({}, {"acc": 0.9, "asr/badnets": 0.98, "asr_lift/badnets": 0.98},
-                  {"acc": 0.89, "asr/badnets": 0.01, "asr_lift/badnets": 0.01},
-                  {"onnx_parity": True, "fold_check": True}).write(tmp_path)  # blessing.json: blessed
-    return {"package_dir": pkg, "onnx_path": onnx_path, "onnx_sha256": sha256_file(onnx_path),
-            "evidence": {"blessing": tmp_path / "blessing.json"}}
+    before = {"acc": 0.9, "asr/badnets": 0.98, "asr_lift/badnets": 0.98}
+    after = {"acc": 0.89, "asr/badnets": 0.01, "asr_lift/badnets": 0.01}
+    return tiny_hardened(tmp_path_factory.mktemp("hardened"), before, after)  # blessing.json: blessed
 
 
 def _register(uri, name, files, blessed, **kw):

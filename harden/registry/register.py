@@ -18,9 +18,9 @@ import logging
 import posixpath
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
