@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from harden.gate import Blessing, CheckResult
+from harden.records import PurifyRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def margin(check: CheckResult) -> float | None:
     return 100 * (threshold + change if kind == "max_drop" else threshold - change)
 
 
-def run_once(params: dict, seed: int, threads: int) -> tuple[Blessing, float]:
+def run_once(params: dict, seed: int, threads: int) -> tuple[Blessing, PurifyRecord, float]:
     with tempfile.TemporaryDirectory(prefix="demo-margin-") as tmp:
         work = Path(tmp)
         p = copy.deepcopy(params)
@@ -55,7 +56,19 @@ def run_once(params: dict, seed: int, threads: int) -> tuple[Blessing, float]:
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"seed {seed}, {threads} threads: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-        return Blessing.model_validate_json((work / "runs" / "gate" / "blessing.json").read_text()), wall
+        blessing = Blessing.model_validate_json((work / "runs" / "gate" / "blessing.json").read_text())
+        return blessing, PurifyRecord.model_validate_json((work / "runs" / "purify" / "purify.json").read_text()), wall
+
+
+def attempts_cell(record: PurifyRecord) -> str:
+    """Each policy attempt in a few words with its held-out clean accuracy and worst probe ASR lift (%)."""
+    cells = []
+    for a in record.attempts:
+        acc = a.holdout.get("acc")
+        lifts = [v for k, v in a.holdout.items() if k.startswith("asr_lift/")]
+        scores = f" {100 * acc:.1f} / {100 * max(lifts):.1f}" if acc is not None and lifts else ""
+        cells.append(a.word + scores)
+    return "; ".join(cells) or "-"
 
 
 def main() -> None:
@@ -68,13 +81,15 @@ def main() -> None:
     rows, worst = [], float("inf")
     for seed in map(int, args.seeds.split(",")):
         for threads in map(int, args.threads.split(",")):
-            blessing, wall = run_once(params, seed, threads)
+            blessing, record, wall = run_once(params, seed, threads)
             margins = {c.name: m for c in blessing.checks if (m := margin(c)) is not None}
             worst = min([worst, *margins.values()])
             cells = ", ".join(f"{name} {m:+.2f}" for name, m in margins.items())
-            rows.append(f"| {seed} | {threads} | {'BLESSED' if blessing.blessed else 'REJECTED'} | {cells} | {wall:.0f} |")
+            verdict = "BLESSED" if blessing.blessed else "REJECTED"
+            rows.append(f"| {seed} | {threads} | {verdict} | {cells} | {attempts_cell(record)} | {wall:.0f} |")
             print(rows[-1], flush=True)
-    print("\n| seed | threads | verdict | margin per check (points) | wall (s) |\n|---:|---:|---|---|---:|")
+    print("\n| seed | threads | verdict | margin per check (points) | attempts (held-out ACC / worst ASR lift, %) "
+          "| wall (s) |\n|---:|---:|---|---|---|---:|")
     print("\n".join(rows))
     print(f"\nsmallest margin: {worst:+.2f} points")
 

@@ -82,7 +82,7 @@ def purify_op(params: Input[Artifact], candidate: Input[Model], clean: Input[Dat
 
     p = load_params(params.path)
     s = purify_stage(p.purify, p.base, Path(candidate.path), Path(clean.path), Path(purified.path), policy=p.policy,
-                     probes=p.probes, gate=p.gate, progress=False)
+                     probes=p.probes, gate=p.gate, progress=True)
     purified.metadata.update({"defense": s.defense, "device": s.device or ""})
     metrics.log_metric("purify_wall_time_s", s.wall_time_s)
     metrics.log_metric("clean_samples", s.clean_samples)
@@ -131,7 +131,7 @@ def evaluate_op(params: Input[Artifact], candidate: Input[Model], purified: Inpu
 
     p = load_params(params.path)
     m = evaluate_stage(p.probes, p.base.seed, Path(candidate.path), Path(purified.path), Path(hardened.path),
-                       Path(onnx_model.path), Path(test.path), Path(evaluation.path))
+                       Path(onnx_model.path), Path(test.path), Path(evaluation.path), progress=True)
     for side in ("candidate", "hardened"):
         for key, value in flatten(getattr(m, side)).items():
             metrics.log_metric(f"{side}/{key}", value)

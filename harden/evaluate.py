@@ -173,7 +173,7 @@ def evaluate_onnx(onnx_path: str | Path, test: ImageData, probes: Probes = (), *
 
 
 def scan_metrics(model: nn.Module, test: ImageData, *, samples: int = 500, eps: float = 8 / 255, steps: int = 10,
-                 seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
+                 seed: int = 0, batch_size: int = 256, progress: bool = False) -> dict[str, Any]:
     """Trigger-free scan (:mod:`nft_core.scan`) on ``samples`` random clean images of ``test``.
 
     Returns ``scan/top_share``, ``scan/top_label`` and ``scan/flip_rate``. PyTorch only (the attack needs
@@ -182,7 +182,8 @@ def scan_metrics(model: nn.Module, test: ImageData, *, samples: int = 500, eps: 
     """
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:samples]
     result = adversarial_label_concentration(model, test.images()[idx], test.y[idx], eps=eps, steps=steps,
-                                             batch_size=batch_size, seed=seed, num_classes=test.num_classes)
+                                             batch_size=batch_size, seed=seed, num_classes=test.num_classes,
+                                             progress=progress)
     return {"scan/top_share": result.top_share, "scan/top_label": result.top_label, "scan/flip_rate": result.flip_rate}
 
 

@@ -484,8 +484,9 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
     after = evaluate_onnx(Path(export_dir) / ONNX, test, probes.attacks, trigger=trigger)
     if probes.scan.enabled:
         scan = probes.scan
-        before.update(scan_metrics(candidate, test, samples=scan.samples, eps=scan.eps, steps=scan.steps, seed=seed))
-        after.update(scan_metrics(hardened, test, samples=scan.samples, eps=scan.eps, steps=scan.steps, seed=seed))
+        for model, metrics in ((candidate, before), (hardened, after)):
+            metrics.update(scan_metrics(model, test, samples=scan.samples, eps=scan.eps, steps=scan.steps, seed=seed,
+                                        progress=progress))
     for side, metrics in (("candidate", before), ("hardened", after)):
         if triggers:
             metrics.update(triggers[side].metrics())

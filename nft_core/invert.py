@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from nft_core.progress import bar as progress_bar
+
 #: Scale of the median absolute deviation that makes it estimate a normal distribution's standard deviation.
 MAD_CONSISTENCY = 1.4826
 
@@ -148,7 +150,7 @@ def reconstruct_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         raise ValueError(f"labels span [{y.min()}, {y.max()}] and num_classes={num_classes}; the model has {width} outputs")
     generator = torch.Generator().manual_seed(seed)
     chunks = [list(range(i, min(i + classes_per_chunk, num_classes))) for i in range(0, num_classes, classes_per_chunk)]
-    bar = tqdm(total=steps * len(chunks), desc="invert", unit="step", disable=not progress)
+    bar = progress_bar(total=steps * len(chunks), desc="invert", unit="step", disable=not progress)
     parts = []
     try:
         for chunk in chunks:

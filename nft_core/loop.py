@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from nft_core.progress import bar as progress_bar
 
 from nft_core.batches import DeviceBatches
 
@@ -214,7 +214,7 @@ def train_epochs(model: nn.Module, batches: DeviceBatches, step: StepFn, epochs:
         log.info("%s: resumed from %s at epoch %d/%d", desc, checkpoint.path, start, epochs)
 
     t0 = time.perf_counter()
-    bar = tqdm(range(start, epochs), desc=desc, unit="epoch", disable=not progress, initial=start, total=epochs)
+    bar = progress_bar(range(start, epochs), desc=desc, unit="epoch", disable=not progress, initial=start, total=epochs)
     for epoch in bar:
         set_norm_mode(model, bn_mode)
         sums: dict[str, torch.Tensor] = {}

@@ -20,6 +20,7 @@ from torch import nn
 
 from nft_core.adversarial import pgd_untargeted
 from nft_core.metrics import predict, predict_logits
+from nft_core.progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ScanResult:
 
 def adversarial_label_concentration(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255,
                                     steps: int = 10, batch_size: int = 256, seed: int = 0,
-                                    num_classes: int | None = None) -> ScanResult:
+                                    num_classes: int | None = None, progress: bool = False) -> ScanResult:
     """Concentration of the labels of untargeted PGD examples (PBE observation, Sec. 3.4).
 
     Args:
@@ -60,6 +61,7 @@ def adversarial_label_concentration(model: nn.Module, x: torch.Tensor, y: torch.
         batch_size: images attacked at once.
         seed: seeds the PGD random starts; the global RNG state is left as it was.
         num_classes: length of the histogram; default: the model's output width.
+        progress: show a progress bar over the attacked images.
 
     Returns:
         The top label, its share among successful flips and the full histogram.
@@ -78,10 +80,12 @@ def adversarial_label_concentration(model: nn.Module, x: torch.Tensor, y: torch.
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for i in range(0, len(x), batch_size):
-                xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-                x_adv = pgd_untargeted(model, xb, yb, eps, steps)
-                adv_pred.append(predict(model, x_adv, batch_size, device))
+            with progress_bar(total=len(x), desc="scan", unit="img", disable=not progress) as bar:
+                for i in range(0, len(x), batch_size):
+                    xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+                    x_adv = pgd_untargeted(model, xb, yb, eps, steps)
+                    adv_pred.append(predict(model, x_adv, batch_size, device))
+                    bar.update(len(xb))
         width = num_classes if num_classes is not None else predict_logits(model, x[:1], 1, device).shape[-1]
     finally:
         model.train(was_training)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from nft_core.progress import bar as progress_bar
 
 from nft_core.attacks import Attack, CleanLabel
 from nft_core.batches import CROP_PADDING, DeviceBatches, conv_layout
@@ -85,7 +85,7 @@ def train_classifier(model: nn.Module, data: ImageData, *, epochs: int, lr: floa
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(batches),
                                                     pct_start=0.25)
     history: list[dict[str, float]] = []
-    bar = tqdm(range(epochs), desc="train", disable=not progress)
+    bar = progress_bar(range(epochs), desc="train", disable=not progress)
     for epoch in bar:
         start = time.perf_counter()
         stats = train_one_epoch(model, batches, optimizer, scheduler)

@@ -4,7 +4,8 @@ component's own output (executor input dumps, runner warnings, library logs) goe
 ``kfp.local`` runs each component as a subprocess that inherits this process's stdout and stderr and logs the task
 boundaries itself ("Executing task 'X'", "Task 'X' finished with status S"). :func:`tasks_to_log` points both file
 descriptors at the log (so the subprocesses write there too) and follows the log from a thread, printing a line
-on the real terminal for each task that finishes.
+on the real terminal for each task that finishes. On a terminal, the running task's latest progress-bar line
+(:mod:`nft_core.progress` writes them to the log) shows below, redrawn in place.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ TASK_FINISHED = re.compile(r"Task '(?P<task>[^']+)' finished with status (?P<sta
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: kfp.local's timestamp at the start of its own log lines (HH:MM:SS.mmm)
 STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d(?:\.\d+)?) ")
+#: A progress-bar line (nft_core.progress in a log): ``NFT:  45%|####5     | 45/100 [00:20<00:24, 2.21epoch/s]``
+BAR = re.compile(r"^\s*(?P<desc>[\w -]{1,40}):\s+\d+%\|.*\|\s*(?P<n>\d+)/(?P<total>\d+)\b")
+#: Clears the terminal line the cursor is on.
+CLEAR = "\r\x1b[K"
 
 
 class _Follower(threading.Thread):
@@ -35,6 +40,8 @@ class _Follower(threading.Thread):
         self.log, self.offset, self.out = log, offset, out
         self.done = threading.Event()
         self.started: dict[str, float] = {}
+        self.live = out.isatty()  # progress redrawn in place only on a terminal (never in a captured output)
+        self.status = False  # a progress line is on the terminal now
 
     def run(self) -> None:
         with open(self.log, encoding="utf-8", errors="replace") as f:
@@ -50,14 +57,23 @@ class _Follower(threading.Thread):
                     break
                 else:
                     time.sleep(0.1)
+        if self.status:  # the run ended with a task's progress on the screen (it failed without a status line)
+            self.out.write(CLEAR)
+            self.out.flush()
 
     def handle(self, line: str) -> None:
         if started := TASK_STARTED.search(line):
             self.started[started["task"]] = _when(line)
         elif finished := TASK_FINISHED.search(line):
             task = finished["task"]
-            took = (_when(line) - self.started.get(task, _when(line))) % 86400  # a run may pass midnight
-            self.out.write(f"  {task:<20} {finished['status']:<8} {took:7.1f}s\n")
+            took = (_when(line) - self.started.pop(task, _when(line))) % 86400  # a run may pass midnight
+            self.out.write(f"{CLEAR if self.status else ''}  {task:<20} {finished['status']:<8} {took:7.1f}s\n")
+            self.status = False
+            self.out.flush()
+        elif self.live and self.started and (progress := BAR.match(line)):
+            task = next(reversed(self.started))  # the task started last and not finished yet
+            self.out.write(f"{CLEAR}  {task:<20} running  {progress['desc'].strip()} {progress['n']}/{progress['total']}")
+            self.status = True
             self.out.flush()
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from harden.errors import ParamsError
 from harden.params import OVERRIDES
+from pipeline.terminal import BAR
 from pipeline.harden_pipeline import DEFAULT_RESOURCES, RESOURCES, GpuPlacement, Secrets, compile_pipeline, run_local
 from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, REPO, alias_version, client, describe,
                                register_random_candidate, run_cli, sqlite_uri, tiny_params, versions)
@@ -273,6 +274,8 @@ def test_run_local_moves_alias_only_when_blessed(tmp_path: Path, capfd: pytest.C
     assert tasks[:1] == ["validate-params-op"] and tasks[-1:] == ["register-op"] and "purify-op" in tasks, terminal
     assert {row[1] for row in rows} == {"SUCCESS"}, terminal.out
     assert "executor_input" not in terminal.out + terminal.err and "executor_input" in log.read_text()
+    bars = {m["desc"] for line in log.read_text().splitlines() if (m := BAR.match(line))}
+    assert {"NFT", "scan", "invert"} <= bars, f"purify's, the scan's and the inversion's progress lines: {bars}"
     hardened = "kfp-a-hardened"
     assert [int(v.version) for v in versions(uri, hardened)] == [1, 2]
     rejected = client(uri).get_model_version(hardened, "2").tags
@@ -299,6 +302,26 @@ def test_task_lines_take_their_durations_from_kfps_own_timestamps() -> None:
         follower.handle(line)
     assert out.getvalue().splitlines() == ["  report-op            SUCCESS      6.4s",
                                            "  late-op              FAILURE      2.5s"]
+
+
+def test_a_terminal_shows_the_running_tasks_progress_in_place() -> None:
+    import io
+
+    from pipeline.terminal import CLEAR, _Follower
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for out, shown in ((Terminal(), True), (io.StringIO(), False)):
+        follower = _Follower(Path("/dev/null"), 0, out)
+        for line in ("17:09:32.508 - INFO - Executing task 'purify-op'",
+                     "NFT:  45%|####5     | 45/100 [00:20<00:24, 2.21epoch/s]",
+                     "17:09:58.000 - INFO - Task 'purify-op' finished with status SUCCESS"):
+            follower.handle(line)
+        status = f"{CLEAR}  {'purify-op':<20} running  NFT 45/100"
+        finished = f"  {'purify-op':<20} SUCCESS     25.5s\n"
+        assert out.getvalue() == (f"{status}{CLEAR}{finished}" if shown else finished), repr(out.getvalue())
 
 
 def test_the_fleet_pipeline_hardens_each_model_in_a_parallel_for(tmp_path: Path) -> None:

@@ -234,3 +234,26 @@ def test_attach_is_all_or_none():
     with pytest.raises(ValueError, match="has no module 'missing'"):
         attach(model, "neuron_mask", "weight", ["0", "1", "missing"])
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_a_progress_bar_in_a_log_is_whole_lines_and_on_a_terminal_redraws(monkeypatch):
+    """Where stderr is not a terminal (a pod's log) each redraw is a line of its own, at most one per interval;
+    on a terminal it is tqdm's usual carriage-return redraw."""
+    import io
+
+    from nft_core import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, in_place in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        for _ in progress.bar(range(1000), desc="NFT", unit="epoch"):
+            pass
+        text = stream.getvalue()
+        assert ("\r" in text) is in_place, repr(text[:200])
+        if not in_place:
+            lines = text.splitlines()
+            assert 2 <= len(lines) <= 3, lines  # the first draw, the last, and at most one in between
+            assert lines[-1].startswith("NFT: 100%|") and lines[-1].endswith("epoch/s]"), lines
