@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# PIP_CONSTRAINT (not -c) so that our pins replace any machine-wide constraint file from pip.conf, which
 	# would otherwise be combined with them and can make the pinned torch uninstallable.
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet -e '.[dev]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet -e '.[local,dev]'
 	touch $(STAMP)
 
 demo: install
@@ -23,6 +23,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 	# strict on the library and the params schema; torch types nn.Module.__call__ as Any, hence --no-warn-return-any
 	$(VENV)/bin/mypy --strict --no-warn-return-any nft_core harden/params.py
 	$(VENV)/bin/mypy harden components pipeline
