@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench lock clean
+.PHONY: install demo test test-fast bench lock lock-runtime clean
 
 install: $(STAMP)
 
@@ -38,6 +38,18 @@ bench: install
 # Re-pin constraints.txt to what is installed in .venv (after changing dependencies in pyproject.toml).
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+# The container image's locks (after `make lock`, or after changing pyproject.toml's dependencies or
+# requirements/runtime.in): pyproject.toml's dependencies without extras, plus runtime.in, at constraints.txt's
+# versions, with the sha256 of every file PyPI has for each version, for CPython 3.11 on x86_64 Linux (the
+# Dockerfile's base image, glibc 2.36). Needs uv (`pip install uv`).
+UV ?= uv
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_36 --generate-hashes
+lock-runtime:
+	$(UV) pip compile $(LOCK_TARGET) --custom-compile-command "make lock-runtime" \
+		-c constraints.txt pyproject.toml requirements/runtime.in -o requirements/runtime.txt
+	$(UV) pip compile $(LOCK_TARGET) --custom-compile-command "make lock-runtime" \
+		-c requirements/runtime.txt requirements/build.in -o requirements/build.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache
