@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench lock clean
+.PHONY: install demo test test-fast bench lock lock-runtime clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# PIP_CONSTRAINT (not -c) so that our pins replace any machine-wide constraint file from pip.conf, which
 	# would otherwise be combined with them and can make the pinned torch uninstallable.
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet -e '.[dev]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet -e '.[local,dev]'
 	touch $(STAMP)
 
 demo: install
@@ -23,6 +23,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 	# strict on the library and the params schema; torch types nn.Module.__call__ as Any, hence --no-warn-return-any
 	$(VENV)/bin/mypy --strict --no-warn-return-any nft_core harden/params.py
 	$(VENV)/bin/mypy harden components pipeline
@@ -37,6 +38,18 @@ bench: install
 # Re-pin constraints.txt to what is installed in .venv (after changing dependencies in pyproject.toml).
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+# The container image's locks (after `make lock`, or after changing pyproject.toml's dependencies or
+# requirements/runtime.in): pyproject.toml's dependencies without extras, plus runtime.in, at constraints.txt's
+# versions, with the sha256 of every file PyPI has for each version, for CPython 3.11 on x86_64 Linux (the
+# Dockerfile's base image, glibc 2.36). Needs uv (`pip install uv`).
+UV ?= uv
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_36 --generate-hashes
+lock-runtime:
+	$(UV) pip compile $(LOCK_TARGET) --custom-compile-command "make lock-runtime" \
+		-c constraints.txt pyproject.toml requirements/runtime.in -o requirements/runtime.txt
+	$(UV) pip compile $(LOCK_TARGET) --custom-compile-command "make lock-runtime" \
+		-c requirements/runtime.txt requirements/build.in -o requirements/build.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -109,10 +109,15 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{lib: _version(lib) for lib in RECORDED_LIBRARIES}}
 
 
+#: Distributions that provide the same modules as a recorded library: the CPU build of ONNX Runtime, and
+#: mlflow-skinny (MLflow's client without the server, what the container image installs).
+_STAND_INS = {"onnxruntime-gpu": ("onnxruntime",), "mlflow": ("mlflow-skinny",)}
+
+
 def _version(distribution: str) -> str:
-    """The installed version, or ``"not installed"`` (``onnxruntime`` stands in for ``onnxruntime-gpu``, and the
-    record says which one ran)."""
-    for name in (distribution, distribution.removesuffix("-gpu")):
+    """The installed version, or ``"not installed"`` (a distribution of :data:`_STAND_INS` stands in for the
+    recorded one, and the record says which one ran)."""
+    for name in (distribution, *_STAND_INS.get(distribution, ())):
         try:
             return importlib.metadata.version(name) + ("" if name == distribution else f" ({name})")
         except importlib.metadata.PackageNotFoundError:

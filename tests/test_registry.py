@@ -18,6 +18,7 @@ from harden.registry import (
     STATUS_TAG,
     SUPERSEDED_TAG,
     RegistryError,
+    check_store_exists,
     move_alias,
     parse_model_ref,
     pull,
@@ -47,6 +48,19 @@ def test_parse_model_ref_rejects(ref):
 def test_strip_credentials():
     assert strip_credentials("https://bob:s3cret@mlflow.example:8443/x") == "https://mlflow.example:8443/x"
     assert strip_credentials("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+def test_an_sqlite_registry_without_mlflows_sql_store_is_refused_with_what_to_do(monkeypatch, tmp_path):
+    """With MLflow's client only (mlflow-skinny, as in the container image) an sqlite URI gets one clear error
+    before MLflow is called; an http URI is unaffected."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    with pytest.raises(RegistryError, match=r"needs the full mlflow package .*nft-harden\[local\]"):
+        check_store_exists(f"sqlite:///{tmp_path}/mlflow.db", may_create=True)
+    with pytest.raises(RegistryError, match="mlflow-skinny"):
+        pull("models:/m@candidate", tmp_path / "pulled", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    check_store_exists("http://127.0.0.1:5000")
 
 
 def test_pull_by_alias_and_version_with_provenance(registry_uri, model_name, make_package, tmp_path):

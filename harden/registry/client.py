@@ -12,6 +12,7 @@ a shared deadline.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -106,14 +107,21 @@ def check_store_exists(tracking_uri: str, *, may_create: bool = False) -> None:
 
     MLflow silently creates a new, empty database (and its directories) for a mistyped path, and writes its
     schema into any empty file; reading from that would fail later with a misleading "model does not exist".
-    Other schemes return at once.
+    Other schemes return at once. An environment with MLflow's client only (mlflow-skinny: the container image,
+    or an install without the ``[local]`` extra) has no SQL store, and is told so here rather than by MLflow's
+    "unsupported URI" deep in a traceback.
 
     Raises:
-        RegistryError: the sqlite database file is missing, or is not an SQLite database.
+        RegistryError: no SQL store in this environment, or the sqlite database file is missing, or is not an
+            SQLite database.
     """
     prefix = "sqlite:///"
     if not tracking_uri.startswith(prefix):
         return
+    if importlib.util.find_spec("sqlalchemy") is None:  # what MLflow checks before it offers its SQL store
+        raise RegistryError(f"tracking URI {tracking_uri}: an sqlite registry needs the full mlflow package "
+                            "(pip install 'nft-harden[local]', as `make install` does); this environment has "
+                            "MLflow's client only (mlflow-skinny, as in the container image): use an MLflow server")
     db = Path(tracking_uri[len(prefix):])
     if not db.exists():
         if may_create:
