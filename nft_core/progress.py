@@ -22,15 +22,18 @@ LOG_INTERVAL_S = 5.0
 
 
 class _Lines:
-    """A file for tqdm that writes each redraw (``"\\rstatus"``) as one line and drops the blank ones."""
+    """A file for tqdm that writes each redraw (``"\\rstatus"``) as one line and drops blank ones and repeats
+    (closing a bar redraws its last state)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        if line:
+        if line and line != self.last:
             self.stream.write(line + "\n")
+            self.last = line
 
     def flush(self) -> None:
         self.stream.flush()
