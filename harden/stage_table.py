@@ -129,11 +129,11 @@ def _report(p: Params, layout: Layout, progress: bool) -> Any:
 
 def _promote(p: Params, layout: Layout, progress: bool) -> Any:
     from harden import stages
-    return stages.promote_stage(p, experiment=stages.dvc_experiment(), pull_dir=layout.stage("pull"), fold_dir=layout.stage("fold"),
-                                 export_dir=layout.stage("export"), clean_npz=layout.clean, test_npz=layout.test,
-                                 purify_dir=layout.stage("purify"), evaluate_dir=layout.stage("evaluate"),
-                                 gate_dir=layout.stage("gate"), report_dir=layout.stage("report"),
-                                 out_dir=layout.stage("promote"))
+    return stages.promote_stage(p, experiment=stages.dvc_experiment(), pull_dir=layout.stage("pull"),
+                                fold_dir=layout.stage("fold"), export_dir=layout.stage("export"),
+                                clean_npz=layout.clean, test_npz=layout.test, purify_dir=layout.stage("purify"),
+                                evaluate_dir=layout.stage("evaluate"), gate_dir=layout.stage("gate"),
+                                report_dir=layout.stage("report"), out_dir=layout.stage("promote"))
 
 
 def _candidate_line(s: dict[str, Any], p: Params, layout: Layout) -> str:

@@ -352,7 +352,7 @@ def _register(model: HardenedModel, name: str, *, tracking_uri: str, experiment:
         client.set_logged_model_tags(logged.model_id, {MODEL_VERSIONS_TAG: json.dumps([{"name": name,
                                                                                          "version": str(version)}])})
         if model.reasons:
-            client.set_model_version_tag(name, version, REASONS_TAG, "; ".join(model.reasons)[:5000])
+            client.set_model_version_tag(name, version, REASONS_TAG, "; ".join(model.reasons)[:MAX_TAG_VALUE])
         client.set_model_version_tag(name, version, VERDICT_TAG, verdict)
         client.set_model_version_tag(name, version, STATUS_TAG, model.status)
         status_written = True
