@@ -149,6 +149,17 @@ class MetricCheck(BaseModel):
         """The explicit direction, else the inferred one."""
         return self.direction or infer_direction(self.metric)
 
+    def tightened(self, margin: float) -> MetricCheck:
+        """This check with every threshold made stricter by ``margin`` (a share, like the thresholds): ``min``
+        rises, ``max``, ``max_drop`` and ``max_increase`` fall (not below 0). A value that passes it passes the
+        original check with at least ``margin`` to spare."""
+        if margin < 0 or not math.isfinite(margin):
+            raise ValueError(f"margin={margin} is invalid: must be a finite number >= 0")
+        lower = {k: max(0.0, v - margin) for k in ("max", "max_drop", "max_increase")
+                 if (v := getattr(self, k)) is not None}
+        raised = {"min": self.min + margin} if self.min is not None else {}
+        return self.model_copy(update=lower | raised)
+
 
 def _default_checks() -> list[MetricCheck]:
     return [MetricCheck(metric="acc", max_drop=0.02), MetricCheck(metric="asr_lift/*", max=0.05)]

@@ -181,6 +181,10 @@ class PolicyParams(_Section):
                                     description="purifications tried in order after the purify section's")
     holdout: float = Field(0.2, gt=0, lt=1, description="share of the clean set held out to judge attempts (with fallbacks)")
     budget_s: float = Field(3600.0, gt=0, description="no attempt starts after this much purification wall time")
+    margin: float = Field(0.01, ge=0, lt=0.5,
+                          description="an attempt passes the held-out checks only with this much to spare on each "
+                                      "(a share: 0.01 is one point), since a few hundred held-out images are a "
+                                      "noisy judge of the test set")
 
 
 class ExportParams(_Section):

@@ -257,9 +257,10 @@ JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "
                    "inverted/clean_rate")
 
 
-def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> Blessing:
-    """The gate's checks that held-out clean data can answer, on the candidate's and the attempt's metrics."""
-    checks = [c for c in gate.metrics if c.metric.startswith(JUDGED_PREFIXES)]
+def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any], margin: float) -> Blessing:
+    """The gate's checks that held-out clean data can answer, each made stricter by ``margin``, on the
+    candidate's and the attempt's metrics."""
+    checks = [c.tightened(margin) for c in gate.metrics if c.metric.startswith(JUDGED_PREFIXES)]
     return evaluate_gate(gate.model_copy(update={"metrics": checks, "required_facts": [], "on_missing": "fail"}),
                          before, after, {})
 
@@ -284,8 +285,9 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
 
     With fallbacks, ``policy.holdout`` of the clean set (stratified) is kept out of purification. Each attempt
     purifies on the rest and is judged on the held-out images (clean accuracy and every probe, stamped on them)
-    by the gate's checks those can answer; the first that passes wins, else the one failing fewest checks
-    (highest held-out accuracy among those). An attempt whose training diverges (non-finite loss) fails and the
+    by the gate's checks those can answer, each stricter by ``policy.margin``; the first that passes wins, else
+    the one failing fewest checks at the gate's own thresholds (then with the margin; then the highest held-out
+    accuracy). An attempt whose training diverges (non-finite loss) fails and the
     next one runs; when every attempt that ran diverged, :class:`~harden.errors.ParamsError` (exit 2). No attempt
     starts after ``policy.budget_s`` seconds. Every attempt, winner or not, is in the record. The test set is
     never touched here.
@@ -323,7 +325,7 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     else:
         train, holdout, trigger = clean, None, None
     attempts: list[dict[str, Any]] = []
-    best: tuple[tuple[int, float], int, Any, Any] | None = None  # (rank, index, result, config)
+    best: tuple[tuple[int, int, float], int, Any, Any] | None = None  # (rank, index, result, config)
     elapsed = 0.0
     for index, (defense, config) in enumerate(plan):
         if elapsed >= policy.budget_s:
@@ -342,16 +344,17 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
         elapsed += result.wall_time_s
         row: dict[str, Any] = {"defense": defense, "config": config.to_dict(), "wall_time_s": result.wall_time_s}
         if not judged:
-            best = ((0, 0.0), index, result, config)
+            best = ((0, 0, 0.0), index, result, config)
             attempts.append(row)
             break
         after = evaluate_torch(result.model, holdout, probes.attacks, trigger=trigger)  # type: ignore[arg-type, union-attr]
-        verdict = _judge(gate, before, after)  # type: ignore[arg-type]
+        verdict = _judge(gate, before, after, policy.margin)  # type: ignore[arg-type]
         failed = [c.reason for c in verdict.failed]
         row |= {"passed": verdict.blessed, "failed": failed,
                 "holdout": {k: v for k, v in flatten(after).items() if k.startswith(JUDGED_PREFIXES)}}
         attempts.append(row)
-        rank = (len(failed), -after["acc"])
+        # none passing: fewest checks failed at the gate's own thresholds, then with the margin, then accuracy
+        rank = (len(_judge(gate, before, after, 0.0).failed), len(failed), -after["acc"])  # type: ignore[arg-type]
         if best is None or rank < best[0]:
             best = (rank, index, result, config)
         if verdict.blessed:

@@ -213,3 +213,22 @@ def test_the_default_gate_bounds_the_lift_over_the_clean_rate_not_raw_asr():
     lifted = {**noisy, "asr_lift/blend": 0.07}
     rejected = evaluate_gate({}, before, lifted, FACTS)
     assert not rejected.blessed and "asr_lift/blend" in rejected.summary
+
+
+def test_a_tightened_check_asks_for_the_margin_on_every_threshold():
+    check = MetricCheck(metric="acc", min=0.5, max_drop=0.02)
+    strict = check.tightened(0.01)
+    assert (strict.metric, strict.min, strict.max_drop, strict.max) == ("acc", pytest.approx(0.51),
+                                                                        pytest.approx(0.01), None)
+    lower = MetricCheck(metric="asr_lift/*", max=0.05, max_increase=0.005).tightened(0.01)
+    assert (lower.max, lower.max_increase) == (pytest.approx(0.04), 0.0)  # never below 0
+    assert check.tightened(0.0) == check
+    # a value at the gate's bound passes it, and fails it once a margin is asked for
+    at_bound = {**AFTER, "asr_lift/badnets": 0.05}
+    plain = gate({"metric": "asr_lift/badnets", "max": 0.05})
+    strict = GateConfig(metrics=[c.tightened(0.01) for c in plain.metrics], required_facts=[])
+    assert evaluate_gate(plain, BEFORE, at_bound, FACTS).blessed
+    failed = evaluate_gate(strict, BEFORE, at_bound, FACTS)
+    assert not failed.blessed and "violates the maximum 0.0400" in failed.failed[0].reason
+    with pytest.raises(ValueError, match="margin=-0.01 is invalid"):
+        check.tightened(-0.01)

@@ -5,6 +5,7 @@ steps to images of ten noisy class prototypes, so its held-out accuracy is well 
 learning rate shows), a pull directory made by hand (the package and its ``provenance.json``, all
 ``check_chain(pull=...)`` reads; no registry) and a clean npz. The attempts are cheap ``ft`` runs (0 or 1 epoch).
 Covered: no attempt passes (the one failing fewest checks is kept, ties broken by the higher held-out accuracy),
+the policy's margin (an attempt within it of a bound fails; when none passes, the gate's own thresholds rank first),
 the time budget (attempts after it are recorded as skipped), a ``policy.holdout`` that leaves an empty part, and
 an attempt whose training diverges (it fails, the next one runs; when all diverge, the stage refuses).
 """
@@ -108,6 +109,32 @@ def test_when_no_attempt_passes_the_one_failing_fewest_checks_is_kept_then_the_m
     assert record.defense == "ft" and record.config == attempts[1].config
     assert record.wall_time_s == attempts[1].wall_time_s
     assert record.holdout_samples == 40 and record.clean_samples == 60
+
+
+@pytest.mark.parametrize("margin, attempts_run", [(0.0, 1), (0.01, 2)])
+def test_an_attempt_must_pass_the_held_out_checks_with_the_policy_margin(setup: Setup, tmp_path: Path,
+                                                                          margin: float, attempts_run: int):
+    """The unchanged candidate (held-out acc 0.675) lies within both bounds of this gate by 0.005: it passes
+    without a margin (nothing else runs) and fails both checks with a 1-point one, so the wrecking fallback runs
+    (acc 0.100: it fails the floor with or without a margin). Neither passes then, and the unchanged one is kept:
+    it fails no check at the gate's own thresholds, although it fails more checks with the margin (2 against 1)."""
+    gate = GateConfig(metrics=[{"metric": "acc", "min": 0.67}, {"metric": "acc", "max": 0.68}], required_facts=[],
+                      allow_no_probes=True)
+    policy = PolicyParams(fallbacks=[purify(method="ft", epochs=1, lr=1.0, batch_size=16)], holdout=0.4,
+                          margin=margin)
+    record = stages.purify_stage(purify(method="ft", epochs=0), BASE, setup.pull, setup.clean, tmp_path / "purify",
+                                 policy=policy, probes=PROBES, gate=gate, progress=False)
+    attempts = record.attempts
+    assert len(attempts) == attempts_run
+    assert attempts[0].holdout["acc"] == pytest.approx(0.675)
+    assert attempts[0].chosen and record.config["epochs"] == 0
+    if margin == 0:
+        assert attempts[0].passed and attempts[0].failed == []
+    else:
+        assert [a.passed for a in attempts] == [False, False]
+        assert [len(a.failed) for a in attempts] == [2, 1], [a.failed for a in attempts]
+        assert "violates the minimum 0.6800" in attempts[0].failed[0]
+        assert attempts[1].holdout["acc"] == pytest.approx(0.100)
 
 
 def test_no_attempt_starts_once_the_time_budget_is_spent(setup: Setup, tmp_path: Path):
