@@ -138,6 +138,8 @@ class PurifyRecord(Record):
     #: every attempt of the hardening policy, in order; the one written here is ``chosen``
     attempts: list[Attempt] = []
     holdout_samples: int | None = None
+    #: ``policy.margin``: each held-out check was passed only with this much to spare (None: nothing judged)
+    holdout_margin: float | None = None
 
 
 class Attempt(BaseModel):

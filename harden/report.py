@@ -223,7 +223,7 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
                  after: Mapping[str, Any], blessing: Blessing, masks: Sequence[LayerMasks] | None = None,
                  history: Sequence[Mapping[str, float]] | None = None,
                  purification: Mapping[str, Any] | None = None, attempts: Sequence[Attempt] = (),
-                 holdout: int | None = None, inversion: Mapping[str, TriggerView] | None = None,
+                 holdout: int | None = None, margin: float | None = None, inversion: Mapping[str, TriggerView] | None = None,
                  title: str = "Backdoor hardening report") -> ReportFiles:
     """Write the HTML and Markdown reports, ``metrics.json``, the plots and their DVC data into ``out_dir``.
 
@@ -239,7 +239,8 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
         purification: summary of the purification (:func:`harden.evaluate.purification_summary`); mask
             statistics are computed from ``masks`` when it has none.
         attempts: the hardening policy's attempts (``PurifyRecord.attempts``), listed when more than one was
-            planned; ``holdout``: how many clean images judged them.
+            planned; ``holdout``: how many clean images judged them; ``margin``: how much to spare each held-out
+            check asked for (``policy.margin``).
         inversion: each model's trigger reconstruction ({"candidate": ..., "hardened": ...}), plotted.
         title: report heading.
     """
@@ -266,7 +267,7 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
         "per_class": per_class, "mask_layers": mask_layers or [],
         "purification": [(k, _num(v)) for k, v in purification.items() if k != "masks"],
         "images": images, "attempts": _attempt_rows(attempts) if len(attempts) > 1 or holdout else [],
-        "holdout": holdout,
+        "holdout": holdout, "margin": margin,
     }
     env = _environment()
     html = write_bytes_atomic(out / "report.html", env.get_template("report.html.j2").render(context).encode())

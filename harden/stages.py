@@ -369,7 +369,8 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     common = {"inputs": inputs, "defense": defense, "clean_samples": len(train), "seed": base.seed,
               "versions": library_versions(),
               "attempts": [Attempt(**row, chosen=i == chosen) for i, row in enumerate(attempts)],
-              "holdout_samples": len(holdout) if holdout is not None else None}
+              "holdout_samples": len(holdout) if holdout is not None else None,
+              "holdout_margin": policy.margin if holdout is not None else None}
     trained = result.unfolded if result.unfolded is not None else result.model
     extra = result.extra
     masked = [MaskedLayerEntry(**layer, lower_bound=extra["lower_bounds"][layer["index"] - 1])
@@ -622,7 +623,8 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
                              before=metrics.candidate, after=metrics.hardened, blessing=blessing,
                              masks=masks, history=purified.history,
                              purification=purification, attempts=purified.attempts,
-                             holdout=purified.holdout_samples, inversion=read_triggers(Path(evaluate_dir), metrics))
+                             holdout=purified.holdout_samples,
+                             margin=purified.holdout_margin, inversion=read_triggers(Path(evaluate_dir), metrics))
         outputs = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         ReportRecord(inputs={name: chain.digest(name) for name in ("provenance", "purify", "metrics", "blessing")},
                      outputs=outputs).write(tmp)
