@@ -78,6 +78,7 @@ BAD = [
     ("fallback-no-method", _set("policy.fallbacks", [{"epochs": 5}]), [r"policy\.fallbacks\.0\.method: Field required"]),
     ("fallback-old-shape", _set("policy.fallbacks", [{"defense": "pbe", "options": {}}]),
      [r"policy\.fallbacks\.0\.method: Field required"]),
+    ("policy-margin-negative", _set("policy.margin", -0.01), [r"policy\.margin: Input should be greater than or equal to 0 \(got -0\.01\)"]),
     ("both-clean-sizes", _set("data.clean_per_class", 5),
      [r"\bdata\b", r"data\.clean_fraction", r"data\.clean_per_class", r"exactly one"]),
     ("no-clean-size", _set("data.clean_fraction", None), [r"data\.clean_fraction", r"exactly one"]),
