@@ -223,7 +223,8 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
                  after: Mapping[str, Any], blessing: Blessing, masks: Sequence[LayerMasks] | None = None,
                  history: Sequence[Mapping[str, float]] | None = None,
                  purification: Mapping[str, Any] | None = None, attempts: Sequence[Attempt] = (),
-                 holdout: int | None = None, margin: float | None = None, inversion: Mapping[str, TriggerView] | None = None,
+                 holdout: int | None = None, margin: float | None = None,
+                 inversion: Mapping[str, TriggerView] | None = None,
                  title: str = "Backdoor hardening report") -> ReportFiles:
     """Write the HTML and Markdown reports, ``metrics.json``, the plots and their DVC data into ``out_dir``.
 

@@ -287,8 +287,8 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     purifies on the rest and is judged on the held-out images (clean accuracy and every probe, stamped on them)
     by the gate's checks those can answer, each stricter by ``policy.margin``; the first that passes wins, else
     the one failing fewest checks at the gate's own thresholds (then with the margin; then the highest held-out
-    accuracy). An attempt whose training diverges (non-finite loss) fails and the
-    next one runs; when every attempt that ran diverged, :class:`~harden.errors.ParamsError` (exit 2). No attempt
+    accuracy). An attempt whose training diverges (non-finite loss) fails and the next one runs; when every
+    attempt that ran diverged, :class:`~harden.errors.ParamsError` (exit 2). No attempt
     starts after ``policy.budget_s`` seconds. Every attempt, winner or not, is in the record. The test set is
     never touched here.
 
