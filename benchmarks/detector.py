@@ -28,14 +28,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from harden.evaluate import (NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, backdoor_score, evaluate_torch, invert_trigger,
-                             scan_metrics)
+from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, backdoor_score, evaluate_torch,
+                             invert_trigger, margin_metrics, scan_metrics)
 from harden.params import load_params
 from harden.probes import Probe
 from nft_core.attacks import ATTACKS, make_attack
 from nft_core.data import ImageData, make_synthetic, stratified_split
 from nft_core.defenses import run_defense
 from nft_core.invert import ANOMALY_THRESHOLD
+from nft_core.maxmargin import PAPER_ALPHA
 from nft_core.models import Normalized, build_model
 from nft_core.train import channel_stats, make_backdoored_candidate
 
@@ -85,6 +86,7 @@ def scan_model(model: torch.nn.Module, test: ImageData, probes: Any, seed: int, 
     metrics.update(inv.metrics())
     metrics.update(scan_metrics(model, test, samples=probes.scan.samples, eps=probes.scan.eps,
                                 steps=probes.scan.steps, seed=seed))
+    metrics.update(margin_metrics(model, test, seed=seed, **probes.margin.model_dump(exclude={"enabled"})))
     metrics["scan/backdoor_score"] = backdoor_score(metrics)
     metrics["norms"] = inv.inversion.norms
     metrics["scan_time_s"] = time.perf_counter() - t0
@@ -96,8 +98,15 @@ def rules() -> dict[str, Any]:
         f"NC anomaly index > {ANOMALY_THRESHOLD:g}": lambda m: m["inverted/anomaly_index"] > ANOMALY_THRESHOLD,
         f"suspect mask {NORM_RATIO_FACTOR:g}x below the median": lambda m: m["inverted/norm_ratio"] <= 1 / NORM_RATIO_FACTOR,
         f"scan top share >= {SCAN_SHARE_FLAG:g}": lambda m: m["scan/top_share"] >= SCAN_SHARE_FLAG,
-        "backdoor score >= 1 (either of the two above)": lambda m: backdoor_score(m) >= 1,
+        f"MM-BD p <= {PAPER_ALPHA:g} (the paper's)": lambda m: m["margin/pvalue"] <= PAPER_ALPHA,
+        f"MM-BD p <= {MARGIN_P_FLAG:g}": lambda m: m["margin/pvalue"] <= MARGIN_P_FLAG,
+        "backdoor score without MM-BD >= 1": lambda m: backdoor_score(_without_margin(m)) >= 1,
+        "backdoor score >= 1 (mask ratio, scan or MM-BD p)": lambda m: backdoor_score(m) >= 1,
     }
+
+
+def _without_margin(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not k.startswith("margin/")}
 
 
 def pct(n: int, d: int) -> str:
@@ -106,6 +115,10 @@ def pct(n: int, d: int) -> str:
 
 #: A poisoned candidate whose real trigger reaches less than this ASR did not learn its backdoor: left out of the rates.
 LEARNED_ASR = 0.5
+
+
+def _mmbd(m: dict[str, Any]) -> str:
+    return f"{m['margin/target']} ({m['margin/pvalue']:.1e})"
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -127,17 +140,19 @@ def render(rows: list[dict[str, Any]]) -> str:
                      f"{pct(sum(rule(r['hardened']) for r in hardened), len(hardened))} | "
                      f"{pct(sum(rule(r['hardened']) for r in blessed), len(blessed))} |")
     header = ("candidate", "rate", "ACC", "ASR", "suspect (target 0)", "anomaly index", "norm ratio",
-              "scan top (share)", "score", "after: ACC", "ASR", "inverted ASR", "norm ratio", "score")
+              "scan top (share)", "MM-BD top (p)", "score", "after: ACC", "ASR", "inverted ASR", "norm ratio",
+              "MM-BD top (p)", "score")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c, h = r["candidate"], r.get("hardened") or {}
         asr = c.get("asr/real")
         after = (f"{100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
-                 f"{h['inverted/norm_ratio']:.2f} | {backdoor_score(h):.2f}") if h else "| | | |"
+                 f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)} | {backdoor_score(h):.2f}") if h else "| | | | |"
         lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
                      f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
                      f"{c['inverted/anomaly_index']:.2f} | {c['inverted/norm_ratio']:.2f} | "
-                     f"{c['scan/top_label']} ({c['scan/top_share']:.2f}) | {backdoor_score(c):.2f} | {after} |")
+                     f"{c['scan/top_label']} ({c['scan/top_share']:.2f}) | {_mmbd(c)} | {backdoor_score(c):.2f} | "
+                     f"{after} |")
     return "\n".join(lines)
 
 
@@ -165,7 +180,7 @@ def main() -> None:
         plan = [(a, lvl, 0) for a in args.attacks.split(",") for lvl in (0, 1)]
         plan += [("none", 0, int(s)) for s in args.benign_seeds.split(",")]
         settings = {"probes": params.probes.model_dump(mode="json"), "purify": params.purify.model_dump(mode="json"),
-                    "harden": not args.no_harden, "clean": len(clean), "v": 1}
+                    "harden": not args.no_harden, "clean": len(clean), "v": 2}
         for attack_name, level, seed in plan:
             model, info = candidate(train, attack_name, level, seed, args.epochs, args.cache / "candidates")
             key = digest({"candidate": info["key"], "settings": settings})
@@ -189,7 +204,7 @@ def main() -> None:
             h = row["hardened"]
             print(f"{attack_name} rate {info['rate']:.3f} seed {seed}: ACC {100 * before['acc']:.1f} "
                   f"index {before['inverted/anomaly_index']:.2f} ratio {before['inverted/norm_ratio']:.2f} "
-                  f"suspect {before['inverted/target']} scan {before['scan/top_label']}/{before['scan/top_share']:.2f}"
+                  f"suspect {before['inverted/target']} MM-BD {_mmbd(before)} scan {before['scan/top_label']}/{before['scan/top_share']:.2f}"
                   + (f" | after ACC {100 * h['acc']:.1f} ASR {100 * h['asr/real']:.1f} inverted ASR "
                      f"{100 * h['inverted/asr']:.1f} index {h['inverted/anomaly_index']:.2f}" if h else ""), flush=True)
     print(render(list(done.values())))

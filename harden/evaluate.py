@@ -43,13 +43,14 @@ from nft_core.metrics import (accuracy, attack_success_rate, clean_target_rate, 
                               robust_accuracy)
 from nft_core.purify import PurifyResult
 from nft_core.invert import Inversion, reconstruct_triggers, stamp
+from nft_core.maxmargin import max_margin_statistics
 from nft_core.scan import adversarial_label_concentration
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Probes = Sequence["Probe"]
 
 #: Numeric metrics that are labels, not quantities (no delta).
-CATEGORICAL = frozenset({"scan/top_label", "inverted/target"})
+CATEGORICAL = frozenset({"scan/top_label", "inverted/target", "margin/target"})
 
 #: Tolerance for "a mask sits at its lower bound" (same as the purify loop's history).
 AT_BOUND_TOL = 1e-6
@@ -227,22 +228,45 @@ def invert_trigger(model: nn.Module, test: ImageData, *, samples: int = 200, see
     return InvertedTrigger(inversion, fitted)
 
 
+def margin_metrics(model: nn.Module, test: ImageData, *, seed: int = 0, progress: bool = False,
+                   **settings: Any) -> dict[str, Any]:
+    """The maximum-margin statistic (:func:`nft_core.maxmargin.max_margin_statistics`, which takes ``settings``)
+    of a model with ``test``'s image shape and classes; no image of ``test`` is used.
+
+    Returns ``margin/pvalue`` (small: one class reaches an outlying margin), ``margin/target`` (that class),
+    ``margin/ratio`` (its margin over the median class's) and ``margin/values`` (every class's margin).
+    """
+    c, h, w = test.x.shape[1:]
+    result = max_margin_statistics(model, (c, h, w), test.num_classes, seed=seed, progress=progress, **settings)
+    return {"margin/pvalue": result.pvalue, "margin/target": result.target, "margin/ratio": result.ratio,
+            "margin/values": result.margins}
+
+
 #: A suspect whose reconstructed mask is this many times smaller than the median class's is flagged.
 NORM_RATIO_FACTOR = 3.0
 
 #: A scan whose top label takes this share of the adversarial examples is flagged.
 SCAN_SHARE_FLAG = 0.6
 
+#: A maximum-margin p-value at or below this flags a model (the MM-BD paper uses 0.05; see :func:`backdoor_score`).
+MARGIN_P_FLAG = 0.01
+
+#: p-values below this count as this: ``margin/pvalue`` can underflow to 0, and the score stays finite.
+MARGIN_P_FLOOR = 1e-12
+
 
 def backdoor_score(metrics: Mapping[str, Any]) -> float:
     """One number from the trigger-free evidence of a model; 1 or more flags it as backdoored.
 
-    The larger of two ratios, each 1 at its own flag threshold:
+    The largest of up to three ratios, each 1 at its own flag threshold:
 
     - how many times smaller the suspect's reconstructed mask is than the median class's, over
       :data:`NORM_RATIO_FACTOR`;
     - the scan's top-label share over :data:`SCAN_SHARE_FLAG` (a clean 10-class model already sends 30 % of its
-      adversarial examples to its natural sink).
+      adversarial examples to its natural sink);
+    - when the maximum-margin statistic ran (``margin/pvalue`` present): ``log p / log``
+      :data:`MARGIN_P_FLAG` (2 at p = 1e-4). The paper's 0.05 flagged one of five benign synthetic models;
+      0.01 flagged none and kept seven of ten backdoored ones.
 
     Neural Cleanse's own flag (anomaly index above 2) is reported as ``inverted/anomaly_index`` but left out:
     with ten classes the median absolute deviation is unstable. A Blend target whose mask is 5x smaller than
@@ -250,7 +274,10 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
     The thresholds come from the synthetic population of ``benchmarks/detector.py`` (BENCHMARKS.md).
     """
     ratio = metrics["inverted/norm_ratio"]
-    return max((1 / ratio if ratio > 0 else math.inf) / NORM_RATIO_FACTOR, metrics["scan/top_share"] / SCAN_SHARE_FLAG)
+    terms = [(1 / ratio if ratio > 0 else math.inf) / NORM_RATIO_FACTOR, metrics["scan/top_share"] / SCAN_SHARE_FLAG]
+    if "margin/pvalue" in metrics:
+        terms.append(math.log(max(metrics["margin/pvalue"], MARGIN_P_FLOOR)) / math.log(MARGIN_P_FLAG))
+    return max(terms)
 
 
 def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:

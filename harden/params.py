@@ -211,10 +211,20 @@ class InversionParams(_Section):
     init_cost: float = Field(0.01, gt=0, description="initial weight of the mask's L1 norm (adapted as it goes)")
 
 
+class MarginParams(_Section):
+    """The maximum-margin statistic (MM-BD) on the candidate and on the hardened model: needs no images."""
+
+    enabled: bool = Field(True, description="find every class's largest reachable margin; flag an outlier")
+    starts: int = Field(8, ge=1, description="random starting images per class")
+    steps: int = Field(200, ge=1, description="Adam steps of margin ascent")
+    lr: float = Field(0.05, gt=0, description="Adam's learning rate, in [0, 1] pixel units")
+
+
 class ProbesParams(_Section):
     attacks: list[Probe] = Field(default_factory=list, description="attack probes measuring ASR")
     scan: ScanParams = ScanParams()
     inversion: InversionParams = InversionParams()
+    margin: MarginParams = MarginParams()
 
 
 class PromoteParams(_Section):

@@ -129,6 +129,23 @@ def reconstructed_triggers(triggers: Mapping[str, tuple[np.ndarray, np.ndarray, 
     return fig
 
 
+def max_margins(margins: Mapping[str, tuple[Sequence[float], float]]) -> Figure:
+    """Per-class largest reachable margin (MM-BD) for each model, with each model's median and its p-value (a
+    backdoor target's margin stands far above the others)."""
+    classes = len(next(iter(margins.values()))[0])
+    fig, (ax,) = _figure(max(7.0, 0.18 * classes * len(margins) + 4.0), 3.4)
+    pos = np.arange(classes)
+    width = 0.8 / len(margins)
+    for i, ((model, (values, pvalue)), color) in enumerate(zip(margins.items(), (BEFORE_COLOR, AFTER_COLOR))):
+        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=f"{model} (p = {pvalue:.1e})")
+        ax.axhline(float(np.median(values)), color=color, lw=0.8, ls="--", label=f"{model}: median")
+    ax.set(xlabel="class", ylabel="largest margin (logits)", title="Largest reachable margin per class")
+    if classes <= 20:
+        ax.set_xticks(pos)
+    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
 def inversion_norms(norms: Mapping[str, Sequence[float]], ratio_factor: float) -> Figure:
     """Per-class L1 norm of the reconstructed masks for each model, with each model's median and the norm a
     class must fall below to flag the model (median / ``ratio_factor``: a backdoor target needs a small mask)."""

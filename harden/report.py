@@ -47,6 +47,8 @@ PLOTS: dict[str, tuple[str, str]] = {
     "triggers": ("triggers.png", "Reconstructed trigger of each model's suspected target (Neural Cleanse)"),
     "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a class below median / 3 "
                         "flags the model (backdoor score >= 1)"),
+    "max_margins": ("max_margins.png", "Largest reachable margin per class (MM-BD, no images needed): one class far "
+                    "above the others flags the model (p-value in the legend)"),
 }
 
 
@@ -107,7 +109,8 @@ def _table_rows(comparison: Mapping[str, Mapping[str, float | None]]) -> list[di
     probes = sorted(k.split("/", 1)[1] for k in comparison if k.startswith("asr/"))
     keys = ["acc", "min_class_acc"] + [f"{m}/{p}" for p in probes for m in ("asr", "asr_lift", "clean_rate", "robust_acc")]
     keys += ["inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio", "inverted/target",
-             "scan/top_share", "scan/top_label", "scan/flip_rate", "scan/backdoor_score"]
+             "scan/top_share", "scan/top_label", "scan/flip_rate", "margin/pvalue", "margin/ratio", "margin/target",
+             "scan/backdoor_score"]
     return [{"metric": k, **comparison[k]} for k in keys if k in comparison]
 
 
@@ -183,8 +186,11 @@ def write_plot_data(plot_dir: Path, comparison: Mapping[str, Mapping[str, float 
 
 
 def _figures(comparison: Mapping[str, Mapping[str, float | None]], history: Sequence[Mapping[str, float]] | None,
-             masks: Sequence[LayerMasks] | None, inversion: Mapping[str, TriggerView] | None) -> dict[str, Any]:
+             masks: Sequence[LayerMasks] | None, inversion: Mapping[str, TriggerView] | None,
+             margins: Mapping[str, tuple[Sequence[float], float]]) -> dict[str, Any]:
     figures = {"before_after": plots.before_after_bars(comparison)}
+    if margins:
+        figures["max_margins"] = plots.max_margins(margins)
     if inversion:
         figures["triggers"] = plots.reconstructed_triggers(
             {model: (v.mask, v.pattern, v.target, v.anomaly_index) for model, v in inversion.items()})
@@ -255,7 +261,9 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
     metrics_path = write_json_atomic(out / "metrics.json", metrics_document(before, after, blessing, purification))
     plot_data = write_plot_data(out / "plots", comparison, history, mask_layers)
     images, plot_paths = [], {}
-    for key, fig in _figures(comparison, history, masks, inversion).items():
+    margins = {model: (m["margin/values"], m["margin/pvalue"]) for model, m in (("candidate", before), ("hardened", after))
+               if "margin/values" in m}
+    for key, fig in _figures(comparison, history, masks, inversion, margins).items():
         file_name, caption = PLOTS[key]
         plot_paths[key] = plots.save_png(fig, out / "plots" / file_name)
         images.append({"key": key, "caption": caption, "file": f"plots/{file_name}",

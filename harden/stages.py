@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from harden.errors import ChainError, DataError, ParamsError, RegistryError
 from harden.evaluate import (InvertedTrigger, LayerMasks, backdoor_score, compare, evaluate_onnx, evaluate_torch,
-                             flatten, invert_trigger, layer_masks, mask_statistics, scan_metrics)
+                             flatten, invert_trigger, layer_masks, margin_metrics, mask_statistics, scan_metrics)
 from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, atomic_file, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
@@ -474,9 +474,9 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
                    export_dir: Path, test_npz: Path, out_dir: Path, *, progress: bool = False) -> MetricsRecord:
     """Evaluate the candidate (PyTorch) and the hardened model as it ships (the ONNX file, ONNX Runtime).
 
-    The trigger-free evidence (trigger reconstruction, scan) needs gradients and runs on the hardened model's
-    folded PyTorch twin, which the ONNX parity check ties to the shipped file. The reconstructed triggers are
-    saved beside ``metrics.json`` (``inversion.safetensors``, its sha256 in the record) for the report."""
+    The trigger-free evidence (trigger reconstruction, scan, maximum margins) needs gradients and runs on the
+    hardened model's folded PyTorch twin, which the ONNX parity check ties to the shipped file. The
+    reconstructed triggers are saved beside ``metrics.json`` (``inversion.safetensors``, its sha256 in the record) for the report."""
     chain = check_chain(pull=Path(candidate_dir), purify=Path(purify_dir), fold=Path(fold_dir),
                         export=Path(export_dir), test=Path(test_npz))
     candidate, spec = _load_model(Path(candidate_dir) / PACKAGE)
@@ -496,6 +496,10 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
         for model, metrics in ((candidate, before), (hardened, after)):
             metrics.update(scan_metrics(model, test, samples=scan.samples, eps=scan.eps, steps=scan.steps, seed=seed,
                                         progress=progress))
+    if probes.margin.enabled:
+        for model, metrics in ((candidate, before), (hardened, after)):
+            metrics.update(margin_metrics(model, test, seed=seed, progress=progress,
+                                          **probes.margin.model_dump(exclude={"enabled"})))
     for side, metrics in (("candidate", before), ("hardened", after)):
         if triggers:
             metrics.update(triggers[side].metrics())

@@ -73,7 +73,8 @@ def tiny_params(tracking_uri: str = "sqlite:///mlflow.db", *, candidate: str = "
         "export": {"parity_samples": 32},
         "probes": {"attacks": [{"attack": "badnets", "target": 0, "mode": "all2one"}],
                    "scan": {"enabled": True, "samples": 20, "steps": 2},
-                   "inversion": {"enabled": True, "samples": 20, "steps": 5, "batch_size": 4}},
+                   "inversion": {"enabled": True, "samples": 20, "steps": 5, "batch_size": 4},
+                   "margin": {"enabled": True, "starts": 2, "steps": 5}},
         "gate": dict(gate if gate is not None else BLESSING_GATE),
         "promote": {"name": promote, "alias": "champion"},
     })

@@ -179,7 +179,7 @@ def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_p
     every metric a real evaluation (PyTorch, ONNX Runtime and the scan) writes, or a valid check is refused."""
     import fnmatch
 
-    from harden.evaluate import backdoor_score, invert_trigger, scan_metrics
+    from harden.evaluate import backdoor_score, invert_trigger, margin_metrics, scan_metrics
     from harden.gate import METRIC_FAMILIES
 
     torch.manual_seed(0)
@@ -188,10 +188,11 @@ def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_p
     probes = [Probe(attack="badnets", target=1), Probe(attack="blend", target=2)]
     trigger = invert_trigger(model, test_set, samples=20, steps=2, batch_size=4)
     metrics = {**evaluate_torch(model, test_set, probes, trigger=trigger), **trigger.metrics(),
-               **scan_metrics(model, test_set, samples=20, steps=1)}
+               **scan_metrics(model, test_set, samples=20, steps=1), **margin_metrics(model, test_set, starts=1, steps=2)}
     metrics["scan/backdoor_score"] = backdoor_score(metrics)
     names = set(flatten(metrics)) | set(flatten(evaluate_onnx(path, test_set, probes, trigger=trigger)))
-    assert {"inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "scan/backdoor_score"} <= names
+    assert {"inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "scan/backdoor_score", "margin/pvalue",
+            "margin/target", "margin/ratio"} <= names
     orphans = [n for n in sorted(names) if not any(fnmatch.fnmatchcase(n, f) for f in METRIC_FAMILIES)]
     assert not orphans, f"metrics outside METRIC_FAMILIES: {orphans}"
 
@@ -203,3 +204,14 @@ def test_the_backdoor_score_reaches_one_at_either_flag_threshold():
     assert backdoor_score({"inverted/norm_ratio": 1.0, "scan/top_share": SCAN_SHARE_FLAG}) == pytest.approx(1)
     assert backdoor_score({"inverted/norm_ratio": 0.7, "scan/top_share": 0.3}) < 1  # a clean demo model's values
     assert backdoor_score({"inverted/norm_ratio": 0.0, "scan/top_share": 0.3}) == float("inf")
+
+
+def test_the_maximum_margin_p_value_joins_the_score_at_its_own_threshold():
+    from harden.evaluate import MARGIN_P_FLAG, backdoor_score
+
+    clean = {"inverted/norm_ratio": 0.7, "scan/top_share": 0.3}
+    assert backdoor_score({**clean, "margin/pvalue": MARGIN_P_FLAG}) == pytest.approx(1)
+    assert backdoor_score({**clean, "margin/pvalue": MARGIN_P_FLAG ** 2}) == pytest.approx(2)
+    assert backdoor_score({**clean, "margin/pvalue": 0.3}) == backdoor_score(clean) < 1  # a benign p-value adds nothing
+    underflow = backdoor_score({**clean, "margin/pvalue": 0.0})
+    assert 1 < underflow < float("inf"), "a p-value that underflowed to 0 flags, with a finite score"

@@ -79,6 +79,8 @@ BAD = [
     ("fallback-old-shape", _set("policy.fallbacks", [{"defense": "pbe", "options": {}}]),
      [r"policy\.fallbacks\.0\.method: Field required"]),
     ("policy-margin-negative", _set("policy.margin", -0.01), [r"policy\.margin: Input should be greater than or equal to 0 \(got -0\.01\)"]),
+    ("margin-starts-zero", _set("probes.margin.starts", 0),
+     [r"probes\.margin\.starts: Input should be greater than or equal to 1 \(got 0\)"]),
     ("both-clean-sizes", _set("data.clean_per_class", 5),
      [r"\bdata\b", r"data\.clean_fraction", r"data\.clean_per_class", r"exactly one"]),
     ("no-clean-size", _set("data.clean_fraction", None), [r"data\.clean_fraction", r"exactly one"]),

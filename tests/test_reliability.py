@@ -72,7 +72,8 @@ def tiny_params(tracking_uri: str, promote: str) -> dict[str, Any]:
         "candidate": {"model": f"models:/{CANDIDATE}@candidate"},
         "purify": {"method": "nft", "epochs": 2, "batch_size": 32, "amp": False},
         "export": {"parity_samples": 16},
-        "probes": {"attacks": [{"attack": "badnets", "target": 0}], "scan": {"enabled": False}},
+        "probes": {"attacks": [{"attack": "badnets", "target": 0}], "scan": {"enabled": False},
+                   "margin": {"enabled": False}},
         "gate": BLESS_GATE,
         "promote": {"name": promote, "alias": ALIAS},
     }

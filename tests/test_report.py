@@ -9,7 +9,8 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from harden.evaluate import Probe, evaluate_torch, invert_trigger, layer_masks, purification_summary
+from harden.evaluate import (Probe, evaluate_torch, invert_trigger, layer_masks, margin_metrics,
+                             purification_summary)
 from harden.gate import evaluate_gate
 from harden.report import TriggerView, write_report
 from nft_core.config import NFTConfig
@@ -49,6 +50,8 @@ def run(tmp_path_factory):
     hardened = fold_masks(result.model)
     probes = [Probe(attack="badnets", target=1), Probe(attack="blend", target=2)]
     before, after = evaluate_torch(candidate, test, probes), evaluate_torch(hardened, test, probes)
+    before.update(margin_metrics(candidate, test, starts=1, steps=3))
+    after.update(margin_metrics(hardened, test, starts=1, steps=3))
     blessing = evaluate_gate({"metrics": [{"metric": "acc", "max_drop": 0.02}, {"metric": "asr/*", "max": 0.05}]},
                              before, after, {"onnx_parity": True, "fold_check": True})
     identity = {"name": "demo-candidate", "version": 3, "lineage": {"source": "models:/demo@candidate", "sha256": "ab|cd"}}
@@ -67,7 +70,7 @@ def test_html_is_self_contained_with_real_pngs(run):
     parser = _Collector()
     parser.feed(files.html.read_text())
     parser.close()
-    assert len(parser.images) == 6 and parser.tables >= 4  # 4 purification plots, the trigger and the norms
+    assert len(parser.images) == 7 and parser.tables >= 4  # 4 purification plots, the trigger, the norms, the margins
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1])
@@ -76,6 +79,7 @@ def test_html_is_self_contained_with_real_pngs(run):
     assert "NOT BLESSED" in text or "BLESSED" in text
     assert f"{before['acc']:.4f}" in text and "ab|cd" in text  # real numbers and lineage, escaped as text
     assert all(c.reason in text for c in blessing.checks)
+    assert "margin/pvalue" in text and "Largest reachable margin per class" in text  # the table row, the caption
 
 
 def test_markdown_has_tables_and_references_png_files(run):

@@ -1,0 +1,57 @@
+"""The maximum-margin statistic (MM-BD): a planted shortcut's class reaches an outlying margin, found without
+any image, and its p-value flags the model; a model without one is not flagged."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_invert import SIZE, TARGET, Planted
+
+from nft_core.maxmargin import PAPER_ALPHA, margin_pvalue, max_margin_statistics
+
+SETTINGS = {"starts": 2, "steps": 60, "lr": 0.05}
+
+
+def test_an_outlying_largest_margin_gets_a_small_p_value():
+    null = np.random.default_rng(0).gamma(4.0, 5.0, size=42)  # 43 classes, one of them far out
+    assert margin_pvalue([*null, 200.0]) < 1e-6
+    assert margin_pvalue([*null, float(null.max()) * 1.01]) > PAPER_ALPHA
+    assert margin_pvalue([5.0, 5.0, 5.0, 9.0]) == 0.0  # a constant null: the fit is undefined, the outlier stands out
+    assert margin_pvalue([5.0, 5.0, 5.0, 5.0]) == 1.0
+
+
+@pytest.mark.parametrize("margins, message", [([1.0, 2.0], "at least 3"), ([1.0, 2.0, math.inf], "finite"),
+                                              ([1.0, math.nan, 2.0], "finite")])
+def test_margins_that_cannot_be_judged_are_refused(margins, message):
+    with pytest.raises(ValueError, match=message):
+        margin_pvalue(margins)
+
+
+def test_the_planted_target_reaches_the_outlying_margin_and_the_model_is_untouched():
+    model = Planted().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    result = max_margin_statistics(model, (3, SIZE, SIZE), 8, seed=0, **SETTINGS)
+    assert result.target == TARGET
+    assert result.pvalue < 0.01, result.margins
+    assert result.ratio > 1.5
+    assert model.training, "the model's train/eval mode is restored"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state()), "the global RNG is not touched"
+
+
+def test_a_model_without_a_shortcut_is_not_flagged():
+    result = max_margin_statistics(Planted(planted=False).eval(), (3, SIZE, SIZE), 8, seed=0, **SETTINGS)
+    assert result.pvalue > PAPER_ALPHA, result.margins
+    assert result.ratio < 1.2
+
+
+@pytest.mark.parametrize("kwargs, message", [({"starts": 0}, "starts=0"), ({"steps": 0}, "steps=0"),
+                                             ({"lr": 0.0}, "lr=0.0"), ({"num_classes": 2}, "at least 3"),
+                                             ({"num_classes": 9}, "8 outputs")])
+def test_invalid_settings(kwargs, message):
+    kwargs = {"num_classes": 8, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        max_margin_statistics(Planted(), (3, SIZE, SIZE), **kwargs)
