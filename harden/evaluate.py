@@ -249,7 +249,7 @@ NORM_RATIO_FACTOR = 3.0
 SCAN_SHARE_FLAG = 0.6
 
 #: A maximum-margin p-value at or below this flags a model (the MM-BD paper uses 0.05; see :func:`backdoor_score`).
-MARGIN_P_FLAG = 0.01
+MARGIN_P_FLAG = 1e-3
 
 #: p-values below this count as this: ``margin/pvalue`` can underflow to 0, and the score stays finite.
 MARGIN_P_FLOOR = 1e-12
@@ -265,8 +265,10 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
     - the scan's top-label share over :data:`SCAN_SHARE_FLAG` (a clean 10-class model already sends 30 % of its
       adversarial examples to its natural sink);
     - when the maximum-margin statistic ran (``margin/pvalue`` present): ``log p / log``
-      :data:`MARGIN_P_FLAG` (2 at p = 1e-4). The paper's 0.05 flagged one of five benign synthetic models;
-      0.01 flagged none and kept seven of ten backdoored ones.
+      :data:`MARGIN_P_FLAG` (2 at p = 1e-6). With ten classes the gamma null is fitted to nine values and
+      its tail is loose: the paper's 0.05 flags one of five benign synthetic models, and 0.01 the demo's
+      hardened model (class 8, not the backdoor's target: p 0.007), while 1e-3 flags neither and still seven of
+      the ten backdoored synthetic candidates.
 
     Neural Cleanse's own flag (anomaly index above 2) is reported as ``inverted/anomaly_index`` but left out:
     with ten classes the median absolute deviation is unstable. A Blend target whose mask is 5x smaller than
