@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, backdoor_score, evaluate_torch,
-                             invert_trigger, margin_metrics, scan_metrics)
+                             invert_trigger, margin_metrics, scan_metrics, suspect_margin_pvalue)
 from harden.params import load_params
 from harden.probes import Probe
 from nft_core.attacks import ATTACKS, make_attack
@@ -100,12 +100,13 @@ def rules() -> dict[str, Any]:
         f"scan top share >= {SCAN_SHARE_FLAG:g}": lambda m: m["scan/top_share"] >= SCAN_SHARE_FLAG,
         f"MM-BD p <= {PAPER_ALPHA:g} (the paper's)": lambda m: m["margin/pvalue"] <= PAPER_ALPHA,
         f"MM-BD p <= {MARGIN_P_FLAG:g}": lambda m: m["margin/pvalue"] <= MARGIN_P_FLAG,
+        f"MM-BD p <= {MARGIN_P_FLAG:g}, the candidate's suspect": lambda m: m["margin/suspect_pvalue"] <= MARGIN_P_FLAG,
         "backdoor score without MM-BD >= 1": lambda m: backdoor_score(_without_margin(m)) >= 1,
         "backdoor score >= 1 (mask ratio, scan or MM-BD p)": lambda m: backdoor_score(m) >= 1,
     }
 
 
-def _without_margin(metrics: dict[str, Any]) -> dict[str, Any]:
+def _without_margin(metrics: dict[str, Any]) -> dict[str, Any]:  # the score as it was before MM-BD
     return {k: v for k, v in metrics.items() if not k.startswith("margin/")}
 
 
@@ -121,7 +122,27 @@ def _mmbd(m: dict[str, Any]) -> str:
     return f"{m['margin/target']} ({m['margin/pvalue']:.1e})"
 
 
+def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per candidate (attack, rate, seed): a run that hardened it wins over one that only scanned it."""
+    best: dict[tuple[str, float, int], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["attack"], row["rate"], row["seed"])
+        if key not in best or (row["hardened"] and not best[key]["hardened"]):
+            best[key] = row
+    return list(best.values())
+
+
+def with_suspect(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with ``margin/suspect_pvalue`` on both sides, as the evaluate stage writes it: the hardened
+    model is asked about the candidate's suspect (its own largest margin is kept as ``margin/pvalue``)."""
+    c, h = row["candidate"], row["hardened"]
+    c = {**c, "margin/suspect_pvalue": suspect_margin_pvalue(c, c)}
+    h = h and {**h, "margin/suspect_pvalue": suspect_margin_pvalue(c, h)}
+    return {**row, "candidate": c, "hardened": h}
+
+
 def render(rows: list[dict[str, Any]]) -> str:
+    rows = [with_suspect(r) for r in latest(rows)]
     poisoned = [r for r in rows if r["attack"] != "none"]
     bad = [r for r in poisoned if r["candidate"]["asr/real"] >= LEARNED_ASR]
     unlearned = [f"{r['attack']} at {r['rate']:.3f} (ASR {100 * r['candidate']['asr/real']:.1f} %)"

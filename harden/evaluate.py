@@ -43,7 +43,7 @@ from nft_core.metrics import (accuracy, attack_success_rate, clean_target_rate, 
                               robust_accuracy)
 from nft_core.purify import PurifyResult
 from nft_core.invert import Inversion, reconstruct_triggers, stamp
-from nft_core.maxmargin import max_margin_statistics
+from nft_core.maxmargin import margin_pvalue, max_margin_statistics
 from nft_core.scan import adversarial_label_concentration
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -242,6 +242,19 @@ def margin_metrics(model: nn.Module, test: ImageData, *, seed: int = 0, progress
             "margin/values": result.margins}
 
 
+def suspect_margin_pvalue(candidate: Mapping[str, Any], model: Mapping[str, Any]) -> float:
+    """``margin/suspect_pvalue`` of ``model``: the p-value of the margin of the *candidate's* suspect
+    (``margin/target``) among ``model``'s classes (:func:`nft_core.maxmargin.margin_pvalue` with that label).
+
+    A hardened model is asked whether the class that stood out in the candidate still does. Its own largest
+    margin is no evidence of a backdoor: fine-tuning on a few hundred images leaves some class's margin
+    inflated (the demo's hardened model: class 8, p 0.006 as the largest of ten; the backdoor's class 0 fell
+    from 125 to 9, below every other class). On the candidate it is its own ``margin/pvalue``."""
+    if model is candidate:
+        return float(candidate["margin/pvalue"])
+    return margin_pvalue(model["margin/values"], label=int(candidate["margin/target"]))
+
+
 #: A suspect whose reconstructed mask is this many times smaller than the median class's is flagged.
 NORM_RATIO_FACTOR = 3.0
 
@@ -264,8 +277,9 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
       :data:`NORM_RATIO_FACTOR`;
     - the scan's top-label share over :data:`SCAN_SHARE_FLAG` (a clean 10-class model already sends 30 % of its
       adversarial examples to its natural sink);
-    - when the maximum-margin statistic ran (``margin/pvalue`` present): ``log p / log``
-      :data:`MARGIN_P_FLAG` (2 at p = 1e-6). With ten classes the gamma null is fitted to nine values and
+    - when the maximum-margin statistic ran: ``log p / log`` :data:`MARGIN_P_FLAG` (2 at p = 1e-6), with p
+      the candidate's suspect's p-value in this model (``margin/suspect_pvalue``, see
+      :func:`suspect_margin_pvalue`; ``margin/pvalue`` when only that is given). With ten classes the gamma null is fitted to nine values and
       its tail is loose: the paper's 0.05 flags one of five benign synthetic models, and 0.01 the demo's
       hardened model (class 8, not the backdoor's target: p 0.007), while 1e-3 flags neither and still seven of
       the ten backdoored synthetic candidates.
@@ -277,8 +291,9 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
     """
     ratio = metrics["inverted/norm_ratio"]
     terms = [(1 / ratio if ratio > 0 else math.inf) / NORM_RATIO_FACTOR, metrics["scan/top_share"] / SCAN_SHARE_FLAG]
-    if "margin/pvalue" in metrics:
-        terms.append(math.log(max(metrics["margin/pvalue"], MARGIN_P_FLOOR)) / math.log(MARGIN_P_FLAG))
+    pvalue = metrics.get("margin/suspect_pvalue", metrics.get("margin/pvalue"))
+    if pvalue is not None:
+        terms.append(math.log(max(pvalue, MARGIN_P_FLOOR)) / math.log(MARGIN_P_FLAG))
     return max(terms)
 
 

@@ -41,7 +41,8 @@ DIRECTIONS: tuple[tuple[str, Direction], ...] = (
     ("acc", "higher"), ("min_class_acc", "higher"), ("robust_acc/*", "higher"),
     ("asr/*", "lower"), ("asr_lift/*", "lower"), ("scan/top_share", "lower"), ("scan/backdoor_score", "lower"),
     ("inverted/asr", "lower"), ("inverted/asr_lift", "lower"), ("inverted/anomaly_index", "lower"),
-    ("inverted/norm_ratio", "higher"), ("margin/pvalue", "higher"), ("margin/ratio", "lower"),
+    ("inverted/norm_ratio", "higher"), ("margin/pvalue", "higher"), ("margin/suspect_pvalue", "higher"),
+    ("margin/ratio", "lower"),
 )
 
 #: Every metric the evaluation produces, as fnmatch patterns (``tests/test_evaluate.py`` checks a real evaluation
@@ -51,7 +52,8 @@ METRIC_FAMILIES: tuple[str, ...] = (
     "eval_time_s",
     "scan/flip_rate", "scan/top_label", "scan/top_share", "scan/backdoor_score",
     "inverted/asr", "inverted/clean_rate", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio",
-    "inverted/mask_l1", "inverted/target", "margin/pvalue", "margin/target", "margin/ratio",
+    "inverted/mask_l1", "inverted/target", "margin/pvalue", "margin/suspect_pvalue", "margin/target",
+    "margin/ratio",
 )
 
 #: Metrics whose presence shows that an attack probe was evaluated.

@@ -137,7 +137,8 @@ def max_margins(margins: Mapping[str, tuple[Sequence[float], float]]) -> Figure:
     pos = np.arange(classes)
     width = 0.8 / len(margins)
     for i, ((model, (values, pvalue)), color) in enumerate(zip(margins.items(), (BEFORE_COLOR, AFTER_COLOR))):
-        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=f"{model} (p = {pvalue:.1e})")
+        shown = f"p = {pvalue:.1e}" if pvalue >= 1e-12 else "p < 1e-12"  # a gamma tail underflows to 0
+        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=f"{model} ({shown})")
         ax.axhline(float(np.median(values)), color=color, lw=0.8, ls="--", label=f"{model}: median")
     ax.set(xlabel="class", ylabel="largest margin (logits)", title="Largest reachable margin per class")
     if classes <= 20:

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from harden.errors import ChainError, DataError, ParamsError, RegistryError
 from harden.evaluate import (InvertedTrigger, LayerMasks, backdoor_score, compare, evaluate_onnx, evaluate_torch,
-                             flatten, invert_trigger, layer_masks, margin_metrics, mask_statistics, scan_metrics)
+                             flatten, invert_trigger, layer_masks, margin_metrics, mask_statistics, scan_metrics,
+                             suspect_margin_pvalue)
 from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, atomic_file, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
@@ -500,6 +501,8 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
         for model, metrics in ((candidate, before), (hardened, after)):
             metrics.update(margin_metrics(model, test, seed=seed, progress=progress,
                                           **probes.margin.model_dump(exclude={"enabled"})))
+        for metrics in (before, after):
+            metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(before, metrics)
     for side, metrics in (("candidate", before), ("hardened", after)):
         if triggers:
             metrics.update(triggers[side].metrics())

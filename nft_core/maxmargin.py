@@ -65,30 +65,34 @@ class MaxMargin:
         return self.margins[self.target] / median if median > 0 else math.inf
 
 
-def margin_pvalue(margins: list[float] | np.ndarray) -> float:
-    """p-value of the largest of ``margins`` under a gamma distribution fitted to the others (MM-BD, Sec. IV-B).
+def margin_pvalue(margins: list[float] | np.ndarray, label: int | None = None) -> float:
+    """p-value of one class's margin under a gamma distribution fitted to the other classes' (MM-BD, Sec. IV-B).
 
-    ``1 - F(r_max) ** K`` with ``F`` the fitted gamma CDF (shape, location and scale free, as in the authors'
-    code) and ``K`` the number of classes. When the others are all equal the fit is undefined: the largest then
-    stands out (p = 0) unless it equals them (p = 1).
+    For the largest margin (``label`` None), as the largest of ``K`` draws: ``1 - F(r_max) ** K``, with ``F``
+    the fitted gamma CDF (shape, location and scale free, as in the authors' code) and ``K`` the number of
+    classes. For a class chosen beforehand (``label``: another model's suspect, e.g. the candidate's on its
+    hardened model) no maximum was taken: ``1 - F(r_label)``. When the other margins are all equal the fit is
+    undefined: the class then stands out (p = 0) if its margin is larger, else p = 1.
 
     Raises:
-        ValueError: fewer than three classes (the null needs two), or a non-finite margin.
+        ValueError: fewer than three classes (the null needs two), a non-finite margin, or ``label`` outside them.
     """
     r = np.asarray(margins, dtype=np.float64)
     if r.ndim != 1 or len(r) < 3:
         raise ValueError(f"need the margins of at least 3 classes, got {r.shape}")
     if not np.isfinite(r).all():
         raise ValueError(f"margins must be finite, got {r.tolist()}")
-    top = int(r.argmax())
-    null = np.delete(r, top)
+    if label is not None and not 0 <= label < len(r):
+        raise ValueError(f"label {label} is not one of the {len(r)} classes")
+    k = int(r.argmax()) if label is None else label
+    null = np.delete(r, k)
     if np.ptp(null) == 0:
-        return 0.0 if r[top] > null[0] else 1.0
+        return 0.0 if r[k] > null[0] else 1.0
     with warnings.catch_warnings():  # the optimiser's own RuntimeWarnings on a poor start say nothing here
         warnings.simplefilter("ignore", RuntimeWarning)
         shape, loc, scale = stats.gamma.fit(null)
-        cdf = float(stats.gamma.cdf(r[top], shape, loc=loc, scale=scale))
-    return float(min(1.0, max(0.0, 1.0 - cdf ** len(r))))
+        cdf = float(stats.gamma.cdf(r[k], shape, loc=loc, scale=scale))
+    return float(min(1.0, max(0.0, 1.0 - cdf ** (len(r) if label is None else 1))))
 
 
 def max_margin_statistics(model: nn.Module, image_shape: tuple[int, int, int], num_classes: int, *, starts: int = 8,

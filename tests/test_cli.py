@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from harden.params import load_params
+from nft_core.maxmargin import margin_pvalue
 from pipeline_fixtures import (BLESSING_GATE, REJECTING_GATE, alias_version, client, deep_update, describe,
                                register_random_candidate, run_cli, sqlite_uri, tiny_params, versions, write_npz_dataset,
                                write_params)
@@ -123,6 +124,11 @@ def test_run_blesses_then_strict_rerun_rejects(tmp_path: Path) -> None:
 
     blessing = _read(tmp_path / "runs" / "gate" / "blessing.json")
     assert blessing["blessed"] is True
+    evaluated = _read(tmp_path / "runs" / "evaluate" / "metrics.json")  # MM-BD on both models, one class each
+    candidate, hardened = evaluated["candidate"], evaluated["hardened"]
+    assert len(candidate["margin/values"]) == len(hardened["margin/values"]) == 10
+    assert candidate["margin/suspect_pvalue"] == candidate["margin/pvalue"]
+    assert hardened["margin/suspect_pvalue"] == margin_pvalue(hardened["margin/values"], label=candidate["margin/target"])
     assert [int(v.version) for v in versions(uri, HARDENED)] == [1]
     first_tags = _check_registered(tmp_path, uri, 1, "blessed", source_version=1)
     assert alias_version(uri, HARDENED, ALIAS) == 1

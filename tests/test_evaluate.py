@@ -179,7 +179,7 @@ def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_p
     every metric a real evaluation (PyTorch, ONNX Runtime and the scan) writes, or a valid check is refused."""
     import fnmatch
 
-    from harden.evaluate import backdoor_score, invert_trigger, margin_metrics, scan_metrics
+    from harden.evaluate import backdoor_score, invert_trigger, margin_metrics, scan_metrics, suspect_margin_pvalue
     from harden.gate import METRIC_FAMILIES
 
     torch.manual_seed(0)
@@ -191,8 +191,10 @@ def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_p
                **scan_metrics(model, test_set, samples=20, steps=1), **margin_metrics(model, test_set, starts=1, steps=2)}
     metrics["scan/backdoor_score"] = backdoor_score(metrics)
     names = set(flatten(metrics)) | set(flatten(evaluate_onnx(path, test_set, probes, trigger=trigger)))
+    metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(metrics, metrics)
+    names |= set(flatten(metrics))
     assert {"inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "scan/backdoor_score", "margin/pvalue",
-            "margin/target", "margin/ratio"} <= names
+            "margin/suspect_pvalue", "margin/target", "margin/ratio"} <= names
     orphans = [n for n in sorted(names) if not any(fnmatch.fnmatchcase(n, f) for f in METRIC_FAMILIES)]
     assert not orphans, f"metrics outside METRIC_FAMILIES: {orphans}"
 
@@ -215,3 +217,21 @@ def test_the_maximum_margin_p_value_joins_the_score_at_its_own_threshold():
     assert backdoor_score({**clean, "margin/pvalue": 0.3}) == backdoor_score(clean) < 1  # a benign p-value adds nothing
     underflow = backdoor_score({**clean, "margin/pvalue": 0.0})
     assert 1 < underflow < float("inf"), "a p-value that underflowed to 0 flags, with a finite score"
+
+
+def test_a_hardened_model_is_scored_on_the_candidate_s_suspect_not_on_its_own_largest_margin():
+    from harden.evaluate import backdoor_score, suspect_margin_pvalue
+
+    clean = {"inverted/norm_ratio": 0.7, "scan/top_share": 0.3}
+    candidate = {**clean, "margin/values": [125.0, 22, 37, 23, 32, 38, 33, 29, 23, 27], "margin/target": 0,
+                 "margin/pvalue": 0.0}
+    # the demo's PBE-hardened model: class 0 fell below every other class, class 8 is now the largest
+    hardened = {**clean, "margin/values": [8.8, 20.4, 25.6, 13.9, 22.3, 25.3, 30.0, 25.2, 49.2, 36.1],
+                "margin/target": 8, "margin/pvalue": 0.0063}
+    assert suspect_margin_pvalue(candidate, candidate) == 0.0
+    hardened["margin/suspect_pvalue"] = suspect_margin_pvalue(candidate, hardened)
+    assert hardened["margin/suspect_pvalue"] > 0.9
+    assert backdoor_score(hardened) == backdoor_score(clean) < 1
+    kept = {**hardened, "margin/values": [125.0, *hardened["margin/values"][1:]]}  # the backdoor survived
+    kept["margin/suspect_pvalue"] = suspect_margin_pvalue(candidate, kept)
+    assert backdoor_score(kept) > 1

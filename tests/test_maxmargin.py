@@ -21,6 +21,19 @@ def test_an_outlying_largest_margin_gets_a_small_p_value():
     assert margin_pvalue([5.0, 5.0, 5.0, 5.0]) == 1.0
 
 
+def test_a_class_named_beforehand_is_judged_alone():
+    """A hardened model is asked about the candidate's suspect, not about its own largest margin."""
+    null = list(np.random.default_rng(0).gamma(4.0, 5.0, size=42))
+    outlier = [*null, 200.0]
+    assert margin_pvalue(outlier, label=42) < 1e-6
+    assert margin_pvalue(outlier, label=int(np.argmin(null))) > 0.9  # the smallest margin is no outlier
+    # named beforehand, no maximum is taken: the same margin gets a smaller p-value than as the largest of K
+    near = [*null, float(max(null)) * 1.2]
+    assert margin_pvalue(near, label=42) < margin_pvalue(near)
+    with pytest.raises(ValueError, match="label 43 is not one of the 43 classes"):
+        margin_pvalue(outlier, label=43)
+
+
 @pytest.mark.parametrize("margins, message", [([1.0, 2.0], "at least 3"), ([1.0, 2.0, math.inf], "finite"),
                                               ([1.0, math.nan, 2.0], "finite")])
 def test_margins_that_cannot_be_judged_are_refused(margins, message):
