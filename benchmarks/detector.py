@@ -1,15 +1,17 @@
-"""Backdoor detection without the trigger: trigger reconstruction and the adversarial-label scan as a detector.
+"""Backdoor detection without the trigger: trigger reconstruction, the scan and MM-BD's margins as a detector.
 
 A population of candidates the project makes (every synthesized attack at two poisoning rates, and benign
 models of the same architecture over several seeds) is scanned exactly as the evaluate stage scans a model
-(:func:`harden.evaluate.invert_trigger`, :func:`harden.evaluate.scan_metrics`, the settings of ``params.yaml``'s
-``probes`` section). Each backdoored candidate is then hardened with ``params.yaml``'s ``purify`` section on a clean
-set drawn from the training images and scanned again. The table gives, per rule (NC's anomaly index, the
-norm ratio, the scan, the combined backdoor score), the true-positive rate on backdoored candidates, the
-false-positive rate on benign ones, and the share still flagged after hardening, plus the reconstructed
-trigger's ASR on the hardened models.
+(:func:`harden.evaluate.invert_trigger`, :func:`harden.evaluate.scan_metrics`,
+:func:`harden.evaluate.margin_metrics`, the settings of ``params.yaml``'s ``probes`` section). Each backdoored
+candidate is then hardened with ``params.yaml``'s ``purify`` section on a clean set drawn from the training
+images and scanned again. The table gives, per rule (NC's anomaly index, the
+norm ratio, the scan, MM-BD's p-value, the combined backdoor score), the true-positive rate on backdoored
+candidates, the false-positive rate on benign ones, and the share still flagged after hardening, plus the
+reconstructed trigger's ASR on the hardened models.
 
-    .venv/bin/python -m benchmarks.detector                        # synthetic data, CPU (about 40 min on 2 cores)
+    .venv/bin/python -m benchmarks.detector --no-harden            # scan only: about 13 min on 2 cores
+    .venv/bin/python -m benchmarks.detector                        # and harden: about 7 min more a candidate
     .venv/bin/python -m benchmarks.detector --table-only           # re-render from the cached rows
 
 Rows are cached by content (candidate recipe, settings) under ``--cache``; a rerun only measures what is new.
@@ -162,13 +164,14 @@ def render(rows: list[dict[str, Any]]) -> str:
                      f"{pct(sum(rule(r['hardened']) for r in blessed), len(blessed))} |")
     header = ("candidate", "rate", "ACC", "ASR", "suspect (target 0)", "anomaly index", "norm ratio",
               "scan top (share)", "MM-BD top (p)", "score", "after: ACC", "ASR", "inverted ASR", "norm ratio",
-              "MM-BD top (p)", "score")
+              "MM-BD top (p); the candidate's suspect (p)", "score")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c, h = r["candidate"], r.get("hardened") or {}
         asr = c.get("asr/real")
         after = (f"{100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
-                 f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)} | {backdoor_score(h):.2f}") if h else "| | | | |"
+                 f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)}; {c['margin/target']} ({h['margin/suspect_pvalue']:.1e}) | "
+                 f"{backdoor_score(h):.2f}") if h else "| | | | |"
         lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
                      f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
                      f"{c['inverted/anomaly_index']:.2f} | {c['inverted/norm_ratio']:.2f} | "
