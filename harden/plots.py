@@ -129,16 +129,16 @@ def reconstructed_triggers(triggers: Mapping[str, tuple[np.ndarray, np.ndarray, 
     return fig
 
 
-def max_margins(margins: Mapping[str, tuple[Sequence[float], float]]) -> Figure:
-    """Per-class largest reachable margin (MM-BD) for each model, with each model's median and its p-value (a
-    backdoor target's margin stands far above the others)."""
+def max_margins(margins: Mapping[str, tuple[Sequence[float], float]], suspect: int) -> Figure:
+    """Per-class largest reachable margin (MM-BD) for each model, with each model's median; the legend gives,
+    per model, the p-value of the candidate's suspect ``suspect`` (what the backdoor score uses)."""
     classes = len(next(iter(margins.values()))[0])
     fig, (ax,) = _figure(max(7.0, 0.18 * classes * len(margins) + 4.0), 3.4)
     pos = np.arange(classes)
     width = 0.8 / len(margins)
     for i, ((model, (values, pvalue)), color) in enumerate(zip(margins.items(), (BEFORE_COLOR, AFTER_COLOR))):
         shown = f"p = {pvalue:.1e}" if pvalue >= 1e-12 else "p < 1e-12"  # a gamma tail underflows to 0
-        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=f"{model} ({shown})")
+        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=f"{model} (class {suspect}: {shown})")
         ax.axhline(float(np.median(values)), color=color, lw=0.8, ls="--", label=f"{model}: median")
     ax.set(xlabel="class", ylabel="largest margin (logits)", title="Largest reachable margin per class")
     if classes <= 20:

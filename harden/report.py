@@ -48,7 +48,8 @@ PLOTS: dict[str, tuple[str, str]] = {
     "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a class below median / 3 "
                         "flags the model (backdoor score >= 1)"),
     "max_margins": ("max_margins.png", "Largest reachable margin per class (MM-BD, no images needed): one class far "
-                    "above the others flags the model (p-value in the legend)"),
+                    "above the others flags the model; the legend gives the p-value of the candidate's suspect in "
+                    "each model, which the backdoor score uses"),
 }
 
 
@@ -187,10 +188,10 @@ def write_plot_data(plot_dir: Path, comparison: Mapping[str, Mapping[str, float 
 
 def _figures(comparison: Mapping[str, Mapping[str, float | None]], history: Sequence[Mapping[str, float]] | None,
              masks: Sequence[LayerMasks] | None, inversion: Mapping[str, TriggerView] | None,
-             margins: Mapping[str, tuple[Sequence[float], float]]) -> dict[str, Any]:
+             margins: Mapping[str, tuple[Sequence[float], float]], suspect: int | None) -> dict[str, Any]:
     figures = {"before_after": plots.before_after_bars(comparison)}
-    if margins:
-        figures["max_margins"] = plots.max_margins(margins)
+    if margins and suspect is not None:
+        figures["max_margins"] = plots.max_margins(margins, suspect)
     if inversion:
         figures["triggers"] = plots.reconstructed_triggers(
             {model: (v.mask, v.pattern, v.target, v.anomaly_index) for model, v in inversion.items()})
@@ -261,9 +262,10 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
     metrics_path = write_json_atomic(out / "metrics.json", metrics_document(before, after, blessing, purification))
     plot_data = write_plot_data(out / "plots", comparison, history, mask_layers)
     images, plot_paths = [], {}
-    margins = {model: (m["margin/values"], m["margin/pvalue"]) for model, m in (("candidate", before), ("hardened", after))
-               if "margin/values" in m}
-    for key, fig in _figures(comparison, history, masks, inversion, margins).items():
+    margins = {model: (m["margin/values"], m.get("margin/suspect_pvalue", m["margin/pvalue"]))
+               for model, m in (("candidate", before), ("hardened", after)) if "margin/values" in m}
+    suspect = before.get("margin/target")
+    for key, fig in _figures(comparison, history, masks, inversion, margins, suspect).items():
         file_name, caption = PLOTS[key]
         plot_paths[key] = plots.save_png(fig, out / "plots" / file_name)
         images.append({"key": key, "caption": caption, "file": f"plots/{file_name}",

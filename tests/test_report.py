@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harden.evaluate import (Probe, evaluate_torch, invert_trigger, layer_masks, margin_metrics,
-                             purification_summary)
+                             purification_summary, suspect_margin_pvalue)
 from harden.gate import evaluate_gate
 from harden.report import TriggerView, write_report
 from nft_core.config import NFTConfig
@@ -52,6 +52,8 @@ def run(tmp_path_factory):
     before, after = evaluate_torch(candidate, test, probes), evaluate_torch(hardened, test, probes)
     before.update(margin_metrics(candidate, test, starts=1, steps=3))
     after.update(margin_metrics(hardened, test, starts=1, steps=3))
+    for metrics in (before, after):
+        metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(before, metrics)
     blessing = evaluate_gate({"metrics": [{"metric": "acc", "max_drop": 0.02}, {"metric": "asr/*", "max": 0.05}]},
                              before, after, {"onnx_parity": True, "fold_check": True})
     identity = {"name": "demo-candidate", "version": 3, "lineage": {"source": "models:/demo@candidate", "sha256": "ab|cd"}}
