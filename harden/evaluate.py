@@ -277,12 +277,13 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
       :data:`NORM_RATIO_FACTOR`;
     - the scan's top-label share over :data:`SCAN_SHARE_FLAG` (a clean 10-class model already sends 30 % of its
       adversarial examples to its natural sink);
-    - when the maximum-margin statistic ran: ``log p / log`` :data:`MARGIN_P_FLAG` (2 at p = 1e-6), with p
-      the candidate's suspect's p-value in this model (``margin/suspect_pvalue``, see
-      :func:`suspect_margin_pvalue`; ``margin/pvalue`` when only that is given). With ten classes the gamma null is fitted to nine values and
-      its tail is loose: the paper's 0.05 flags one of five benign synthetic models, and 0.01 the demo's
-      hardened model (class 8, not the backdoor's target: p 0.007), while 1e-3 flags neither and still seven of
-      the ten backdoored synthetic candidates.
+    - when the maximum-margin statistic ran: ``log p / log`` :data:`MARGIN_P_FLAG` (2 at p = 1e-6), with p the
+      p-value of the candidate's suspect in this model (``margin/suspect_pvalue``, see
+      :func:`suspect_margin_pvalue`; ``margin/pvalue`` when only that is given). With ten classes the gamma
+      null is fitted to nine values and its tail is loose (hardened models' own largest margins reach p 0.006
+      and 9.4e-4 on classes no backdoor targets), so the threshold sits below the paper's 0.05: on the
+      synthetic population no benign model falls below 0.1, and 0.01 and 0.001 flag the same six of ten
+      backdoored candidates.
 
     Neural Cleanse's own flag (anomaly index above 2) is reported as ``inverted/anomaly_index`` but left out:
     with ten classes the median absolute deviation is unstable. A Blend target whose mask is 5x smaller than

@@ -477,7 +477,8 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
 
     The trigger-free evidence (trigger reconstruction, scan, maximum margins) needs gradients and runs on the
     hardened model's folded PyTorch twin, which the ONNX parity check ties to the shipped file. The
-    reconstructed triggers are saved beside ``metrics.json`` (``inversion.safetensors``, its sha256 in the record) for the report."""
+    reconstructed triggers are saved beside ``metrics.json`` (``inversion.safetensors``, its sha256 in the
+    record) for the report."""
     chain = check_chain(pull=Path(candidate_dir), purify=Path(purify_dir), fold=Path(fold_dir),
                         export=Path(export_dir), test=Path(test_npz))
     candidate, spec = _load_model(Path(candidate_dir) / PACKAGE)
