@@ -234,12 +234,13 @@ def margin_metrics(model: nn.Module, test: ImageData, *, seed: int = 0, progress
     of a model with ``test``'s image shape and classes; no image of ``test`` is used.
 
     Returns ``margin/pvalue`` (small: one class reaches an outlying margin), ``margin/target`` (that class),
-    ``margin/ratio`` (its margin over the median class's) and ``margin/values`` (every class's margin).
+    ``margin/ratio`` (its margin over the median class's; left out when the median is not positive, so a gate
+    check on it cannot pass) and ``margin/values`` (every class's margin).
     """
     c, h, w = test.x.shape[1:]
     result = max_margin_statistics(model, (c, h, w), test.num_classes, seed=seed, progress=progress, **settings)
-    return {"margin/pvalue": result.pvalue, "margin/target": result.target, "margin/ratio": result.ratio,
-            "margin/values": result.margins}
+    ratio = {} if result.ratio is None else {"margin/ratio": result.ratio}
+    return {"margin/pvalue": result.pvalue, "margin/target": result.target, **ratio, "margin/values": result.margins}
 
 
 def suspect_margin_pvalue(candidate: Mapping[str, Any], model: Mapping[str, Any]) -> float:

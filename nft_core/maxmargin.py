@@ -59,10 +59,12 @@ class MaxMargin:
         return max(range(len(self.margins)), key=self.margins.__getitem__)
 
     @property
-    def ratio(self) -> float:
-        """The largest margin over the median class's (how far the suspect stands out, without a fit)."""
+    def ratio(self) -> float | None:
+        """The largest margin over the median class's (how far the suspect stands out, without a fit); None
+        when the median margin is not positive (the ascent left half the classes unreached: no ratio means
+        anything then, and an infinite one would not serialize)."""
         median = float(np.median(self.margins))
-        return self.margins[self.target] / median if median > 0 else math.inf
+        return self.margins[self.target] / median if median > 0 else None
 
 
 def margin_pvalue(margins: list[float] | np.ndarray, label: int | None = None) -> float:

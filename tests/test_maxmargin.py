@@ -68,3 +68,18 @@ def test_invalid_settings(kwargs, message):
     kwargs = {"num_classes": 8, **kwargs}
     with pytest.raises(ValueError, match=message):
         max_margin_statistics(Planted(), (3, SIZE, SIZE), **kwargs)
+
+
+def test_a_model_whose_margins_stay_negative_reports_no_ratio_and_nothing_non_finite():
+    """One step from random images leave most classes of a template classifier unreached (negative margins):
+    the ratio to a non-positive median means nothing, and an infinite one breaks KFP's metadata."""
+    from harden.evaluate import margin_metrics
+    from nft_core.data import ImageData
+
+    test = ImageData(torch.zeros(8, 3, SIZE, SIZE, dtype=torch.uint8), torch.arange(8), num_classes=8)
+    model = Planted(planted=False).eval()
+    result = max_margin_statistics(model, (3, SIZE, SIZE), 8, starts=1, steps=1, lr=1e-4)
+    assert float(np.median(result.margins)) <= 0 and result.ratio is None, result.margins
+    metrics = margin_metrics(model, test, starts=1, steps=1, lr=1e-4)
+    assert "margin/ratio" not in metrics
+    assert all(math.isfinite(v) for v in [metrics["margin/pvalue"], *metrics["margin/values"]])
