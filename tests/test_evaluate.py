@@ -194,7 +194,7 @@ def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_p
     metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(metrics, metrics)
     names |= set(flatten(metrics))
     assert {"inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "scan/backdoor_score", "margin/pvalue",
-            "margin/suspect_pvalue", "margin/target", "margin/ratio"} <= names
+            "margin/suspect_pvalue", "margin/target"} <= names  # margin/ratio too, when the median margin is > 0
     orphans = [n for n in sorted(names) if not any(fnmatch.fnmatchcase(n, f) for f in METRIC_FAMILIES)]
     assert not orphans, f"metrics outside METRIC_FAMILIES: {orphans}"
 
