@@ -5,10 +5,10 @@ models of the same architecture over several seeds) is scanned exactly as the ev
 (:func:`harden.evaluate.invert_trigger`, :func:`harden.evaluate.scan_metrics`,
 :func:`harden.evaluate.margin_metrics`, the settings of ``params.yaml``'s ``probes`` section). Each backdoored
 candidate is then hardened with ``params.yaml``'s ``purify`` section on a clean set drawn from the training
-images and scanned again. The table gives, per rule (NC's anomaly index, the
-norm ratio, the scan, MM-BD's p-value, the combined backdoor score), the true-positive rate on backdoored
-candidates, the false-positive rate on benign ones, and the share still flagged after hardening, plus the
-reconstructed trigger's ASR on the hardened models.
+images and scanned again. The table gives, per rule (NC's anomaly index, the norm ratio, the scan, MM-BD's
+p-value, the combined backdoor score), the true-positive rate on backdoored candidates, the false-positive rate
+on benign ones, and the share still flagged after hardening, plus the reconstructed trigger's ASR on the
+hardened models.
 
     .venv/bin/python -m benchmarks.detector --no-harden            # scan only: about 13 min on 2 cores
     .venv/bin/python -m benchmarks.detector                        # and harden: about 7 min more a candidate

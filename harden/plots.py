@@ -9,7 +9,7 @@ backend switch at import): PNG output goes through the Agg canvas.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -129,38 +129,47 @@ def reconstructed_triggers(triggers: Mapping[str, tuple[np.ndarray, np.ndarray, 
     return fig
 
 
-def max_margins(margins: Mapping[str, tuple[Sequence[float], float]], suspect: int) -> Figure:
-    """Per-class largest reachable margin (MM-BD) for each model, with each model's median; the legend gives,
-    per model, the p-value of the candidate's suspect ``suspect`` (what the backdoor score uses)."""
-    classes = len(next(iter(margins.values()))[0])
-    fig, (ax,) = _figure(max(7.0, 0.18 * classes * len(margins) + 4.0), 3.4)
+#: A horizontal line on a per-class chart: (y, line style, legend label).
+HLine = tuple[float, str, str]
+
+
+def _per_class_bars(series: Mapping[str, Sequence[float]], labels: Mapping[str, str], ylabel: str, title: str,
+                    lines: Callable[[str, Sequence[float]], list[HLine]]) -> Figure:
+    """One bar per class for each model side by side, in the model's colour, with ``lines(model, values)``."""
+    classes = len(next(iter(series.values())))
+    fig, (ax,) = _figure(max(7.0, 0.18 * classes * len(series) + 4.0), 3.4)
     pos = np.arange(classes)
-    width = 0.8 / len(margins)
-    for i, ((model, (values, pvalue)), color) in enumerate(zip(margins.items(), (BEFORE_COLOR, AFTER_COLOR))):
-        shown = f"p = {pvalue:.1e}" if pvalue >= 1e-12 else "p < 1e-12"  # a gamma tail underflows to 0
-        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=f"{model} (class {suspect}: {shown})")
-        ax.axhline(float(np.median(values)), color=color, lw=0.8, ls="--", label=f"{model}: median")
-    ax.set(xlabel="class", ylabel="largest margin (logits)", title="Largest reachable margin per class")
+    width = 0.8 / len(series)
+    for i, ((model, values), color) in enumerate(zip(series.items(), (BEFORE_COLOR, AFTER_COLOR))):
+        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=labels[model])
+        for y, style, label in lines(model, values):
+            ax.axhline(y, color=color, lw=0.8, ls=style, label=label)
+    ax.set(xlabel="class", ylabel=ylabel, title=title)
     if classes <= 20:
         ax.set_xticks(pos)
     ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
+
+
+def max_margins(margins: Mapping[str, tuple[Sequence[float], float]], suspect: int) -> Figure:
+    """Per-class largest reachable margin (MM-BD) for each model, with each model's median; the legend gives,
+    per model, the p-value of the candidate's suspect ``suspect`` (what the backdoor score uses)."""
+    def shown(p: float) -> str:
+        return f"p = {p:.1e}" if p >= 1e-12 else "p < 1e-12"  # a gamma tail underflows to 0
+
+    return _per_class_bars({model: values for model, (values, _) in margins.items()},
+                           {model: f"{model} (class {suspect}: {shown(p)})" for model, (_, p) in margins.items()},
+                           "largest margin (logits)", "Largest reachable margin per class",
+                           lambda model, values: [(float(np.median(values)), "--", f"{model}: median")])
 
 
 def inversion_norms(norms: Mapping[str, Sequence[float]], ratio_factor: float) -> Figure:
     """Per-class L1 norm of the reconstructed masks for each model, with each model's median and the norm a
     class must fall below to flag the model (median / ``ratio_factor``: a backdoor target needs a small mask)."""
-    classes = len(next(iter(norms.values())))
-    fig, (ax,) = _figure(max(7.0, 0.18 * classes * len(norms) + 4.0), 3.4)
-    pos = np.arange(classes)
-    width = 0.8 / len(norms)
-    for i, ((model, values), color) in enumerate(zip(norms.items(), (BEFORE_COLOR, AFTER_COLOR))):
-        ax.bar(pos - 0.4 + width * (i + 0.5), values, width, color=color, label=model)
+    def lines(model: str, values: Sequence[float]) -> list[HLine]:
         median = float(torch.tensor(values).median())  # the lower median, as nft_core.invert takes it
-        ax.axhline(median, color=color, lw=0.8, ls="--", label=f"{model}: median")
-        ax.axhline(median / ratio_factor, color=color, lw=0.8, ls=":", label=f"{model}: median / {ratio_factor:g}")
-    ax.set(xlabel="class", ylabel="mask L1 norm (pixels)", title="Reconstructed trigger size per class")
-    if classes <= 20:
-        ax.set_xticks(pos)
-    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return fig
+        return [(median, "--", f"{model}: median"),
+                (median / ratio_factor, ":", f"{model}: median / {ratio_factor:g}")]
+
+    return _per_class_bars(norms, {model: model for model in norms}, "mask L1 norm (pixels)",
+                           "Reconstructed trigger size per class", lines)
