@@ -45,6 +45,14 @@ DIRECTIONS: tuple[tuple[str, Direction], ...] = (
     ("margin/ratio", "lower"),
 )
 
+#: Known metrics that are not rates in [0, 1], with their range (first match wins); every other metric with a
+#: direction in :data:`DIRECTIONS` is a rate.
+RANGES: tuple[tuple[str, float, float], ...] = (
+    ("asr_lift/*", -1.0, 1.0), ("inverted/asr_lift", -1.0, 1.0),
+    ("scan/backdoor_score", 0.0, math.inf), ("inverted/norm_ratio", 0.0, math.inf),
+    ("inverted/anomaly_index", -math.inf, math.inf), ("margin/ratio", -math.inf, math.inf),
+)
+
 #: Every metric the evaluation produces, as fnmatch patterns (``tests/test_evaluate.py`` checks a real evaluation
 #: against it). A gate check whose metric or pattern can match none of these is refused when params.yaml loads.
 METRIC_FAMILIES: tuple[str, ...] = (
@@ -90,6 +98,14 @@ def infer_direction(metric: str) -> Direction | None:
     return None
 
 
+def value_range(metric: str) -> tuple[float, float] | None:
+    """The values a known metric (name or pattern) can take (:data:`RANGES`; [0, 1] for the other rates), or None
+    for a metric of the user's own."""
+    if infer_direction(metric) is None:
+        return None
+    return next(((low, high) for pattern, low, high in RANGES if fnmatch.fnmatchcase(metric, pattern)), (0.0, 1.0))
+
+
 class MetricCheck(BaseModel):
     """Thresholds on one metric (or every metric matching a wildcard pattern).
 
@@ -127,11 +143,15 @@ class MetricCheck(BaseModel):
                              "explicit direction: higher or lower)")
         if all(v is None for v in (self.min, self.max, self.max_drop, self.max_increase)):
             raise ValueError(f"{where} has no threshold: set at least one of min, max, max_drop, max_increase")
-        if infer_direction(self.metric) is not None:  # a known rate: every threshold is a share in [0, 1]
-            for key in ("min", "max", "max_drop", "max_increase"):
+        bounds = value_range(self.metric)
+        if bounds is not None:  # a known metric: a threshold it can never reach is a typo
+            low, high = bounds
+            what = "a rate" if bounds == (0.0, 1.0) else f"in [{low:g}, {high:g}]"
+            for key, lo, hi in (("min", low, high), ("max", low, high), ("max_drop", 0.0, high - low),
+                                ("max_increase", 0.0, high - low)):
                 value = getattr(self, key)
-                if value is not None and not 0.0 <= value <= 1.0:
-                    raise ValueError(f"{where}: {key}={value} is outside [0, 1] ({self.metric} is a rate)")
+                if value is not None and not lo <= value <= hi:
+                    raise ValueError(f"{where}: {key}={value} is outside [{lo:g}, {hi:g}] ({self.metric} is {what})")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"{where}: min={self.min} is above max={self.max}; min must be <= max")
         direction = self.resolved_direction
