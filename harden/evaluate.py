@@ -21,6 +21,7 @@ Mask statistics of a purification (per layer mean/min/share at the lower bound) 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import zipfile
@@ -45,6 +46,8 @@ from nft_core.purify import PurifyResult
 from nft_core.invert import Inversion, reconstruct_triggers, stamp
 from nft_core.maxmargin import margin_pvalue, max_margin_statistics
 from nft_core.scan import adversarial_label_concentration
+
+log = logging.getLogger(__name__)
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Probes = Sequence["Probe"]
@@ -268,6 +271,9 @@ MARGIN_P_FLAG = 1e-3
 #: p-values below this count as this: ``margin/pvalue`` can underflow to 0, and the score stays finite.
 MARGIN_P_FLOOR = 1e-12
 
+#: Norm ratios below this count as this: a class reached with an empty stamp (ratio 0) scores 333, not infinity.
+NORM_RATIO_FLOOR = 1e-3
+
 
 def backdoor_score(metrics: Mapping[str, Any]) -> float:
     """One number from the trigger-free evidence of a model; 1 or more flags it as backdoored.
@@ -291,12 +297,29 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
     the median scores 1.6, while a clean model whose masks all lie within 6 % of each other scores 3.4.
     The thresholds come from the synthetic population of ``benchmarks/detector.py`` (BENCHMARKS.md).
     """
-    ratio = metrics["inverted/norm_ratio"]
-    terms = [(1 / ratio if ratio > 0 else math.inf) / NORM_RATIO_FACTOR, metrics["scan/top_share"] / SCAN_SHARE_FLAG]
+    ratio = max(metrics["inverted/norm_ratio"], NORM_RATIO_FLOOR)
+    terms = [1 / ratio / NORM_RATIO_FACTOR, metrics["scan/top_share"] / SCAN_SHARE_FLAG]
     pvalue = metrics.get("margin/suspect_pvalue", metrics.get("margin/pvalue"))
     if pvalue is not None:
         terms.append(math.log(max(pvalue, MARGIN_P_FLOOR)) / math.log(MARGIN_P_FLAG))
     return max(terms)
+
+
+def finite_metrics(metrics: dict[str, Any], what: str) -> dict[str, Any]:
+    """``metrics`` without the entries that hold a non-finite number (each one logged, naming ``what``).
+
+    JSON has no infinity (a record would store null), Kubeflow's metric store refuses one, and a gate check on
+    a dropped metric cannot pass: a hostile model's overflowing logits, or a zero spread in Neural Cleanse's
+    statistics, reject instead of breaking a stage."""
+    def finite(value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(finite(v) for v in value)
+        return not isinstance(value, float) or math.isfinite(value)
+
+    dropped = [key for key, value in metrics.items() if not finite(value)]
+    for key in dropped:
+        log.warning("%s metric %s is not finite (%s): left out", what, key, metrics[key])
+    return {key: value for key, value in metrics.items() if key not in dropped}
 
 
 def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -220,7 +220,8 @@ def _attempt_rows(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
     for n, a in enumerate(attempts, 1):
         lifts = [v for k, v in a.holdout.items() if k.startswith("asr_lift/")]
         rows.append({"n": n, "defense": a.defense, "chosen": a.chosen, "time": a.wall_time_s,
-                     "acc": a.holdout.get("acc"), "lift": max(lifts) if lifts else None, "verdict": a.verdict,
+                     "acc": a.holdout.get("acc"), "lift": max(lifts) if lifts else None,
+                     "score": a.holdout.get("scan/backdoor_score"), "verdict": a.verdict,
                      "passed": bool(a.passed),
                      "why": a.skipped or " ".join(a.failed) or "every judged check passed"})
     return rows

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from harden.errors import ChainError, DataError, ParamsError, RegistryError
 from harden.evaluate import (InvertedTrigger, LayerMasks, backdoor_score, compare, evaluate_onnx, evaluate_torch,
-                             flatten, invert_trigger, layer_masks, margin_metrics, mask_statistics, scan_metrics,
-                             suspect_margin_pvalue)
+                             finite_metrics, flatten, invert_trigger, layer_masks, margin_metrics, mask_statistics,
+                             scan_metrics, suspect_margin_pvalue)
 from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, atomic_file, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
@@ -253,9 +253,11 @@ def _load_model(pkg_dir: Path) -> tuple[Normalized, ModelSpec]:
     return spec.wrap(net).eval(), spec
 
 
-#: Gate checks the policy can judge on held-out clean data (the rest need the test set, ONNX or the scan).
-JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "robust_acc/", "inverted/asr",
-                   "inverted/clean_rate")
+#: Metric families of the trigger-free evidence (reconstruction statistics, scan, maximum margins).
+TRIGGER_FREE_PREFIXES = ("inverted/", "scan/", "margin/")
+
+#: Gate checks the policy can judge on held-out clean data (the rest need the test set or ONNX).
+JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "robust_acc/", *TRIGGER_FREE_PREFIXES)
 
 
 def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any], margin: float) -> Blessing:
@@ -266,17 +268,88 @@ def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any], marg
                          before, after, {})
 
 
-def _holdout_trigger(model: torch.nn.Module, holdout: ImageData, probes: ProbesParams, gate: GateConfig,
-                     seed: int) -> InvertedTrigger | None:
-    """The candidate's reconstructed trigger, from the held-out images, when a gate check asks for its ASR.
+def _checks(gate: GateConfig, prefixes: tuple[str, ...]) -> bool:
+    return any(c.metric.startswith(prefixes) for c in gate.metrics)
 
-    Every held-out image then carries it (``fitted`` is left empty): the trigger was fitted to the candidate on
-    these images (its own ASR here reads high), the attempts never saw them."""
-    if not probes.inversion.enabled or not any(c.metric.startswith("inverted/") for c in gate.metrics):
-        return None
-    settings = probes.inversion.model_dump(exclude={"enabled", "samples"})
-    fitted = invert_trigger(model, holdout, samples=len(holdout), seed=seed, **settings)
-    return InvertedTrigger(fitted.inversion, torch.empty(0, dtype=torch.long))
+
+def trigger_free_metrics(model: torch.nn.Module, data: ImageData, probes: ProbesParams, seed: int, *,
+                         inverted: InvertedTrigger | None, candidate: Mapping[str, Any] | None = None,
+                         progress: bool = False) -> dict[str, Any]:
+    """The trigger-free evidence of one model on ``data``, as far as ``probes`` enables it.
+
+    ``inverted``'s statistics (the reconstruction is made beforehand: the candidate's also probes both
+    models), the scan, the maximum margins with ``margin/suspect_pvalue`` of the candidate's suspect
+    (``candidate``: the candidate's metrics, which hold ``margin/target``; None: this model is the candidate)
+    and ``scan/backdoor_score`` when the reconstruction and the scan both ran. The evaluate stage asks this of
+    both models on the test set; the hardening policy of each attempt on the held-out clean images."""
+    metrics: dict[str, Any] = inverted.metrics() if inverted is not None else {}
+    if probes.scan.enabled:
+        scan = probes.scan
+        metrics.update(scan_metrics(model, data, samples=scan.samples, eps=scan.eps, steps=scan.steps, seed=seed,
+                                    progress=progress))
+    if probes.margin.enabled:
+        metrics.update(margin_metrics(model, data, seed=seed, progress=progress,
+                                      **probes.margin.model_dump(exclude={"enabled"})))
+        metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(metrics if candidate is None else candidate, metrics)
+    if inverted is not None and probes.scan.enabled:
+        metrics["scan/backdoor_score"] = backdoor_score(metrics)
+    return metrics
+
+
+def _holdout_metrics(model: torch.nn.Module, holdout: ImageData, probes: ProbesParams, gate: GateConfig, seed: int,
+                     *, candidate: tuple[dict[str, Any], InvertedTrigger | None] | None = None,
+                     ) -> tuple[dict[str, Any], InvertedTrigger | None]:
+    """What the policy judges a model on: its metrics on the held-out images (clean accuracy, every probe, the
+    candidate's reconstructed trigger) and, when a gate check asks for it, its trigger-free evidence there.
+
+    ``candidate``: the candidate's ``(metrics, reconstructed trigger)`` from this function; None: ``model`` is
+    the candidate. Returns this model's metrics and its own reconstruction (None when no check needs one).
+
+    A trigger is reconstructed from half the held-out images and then stamped on all of them (the candidate's,
+    as ``inverted/asr``; no image is left out): it was fitted to the candidate, and the attempts never saw
+    these images."""
+    inverted = None
+    if probes.inversion.enabled and _checks(gate, ("inverted/", "scan/backdoor_score")):
+        settings = probes.inversion.model_dump(exclude={"enabled", "samples"})
+        fitted = invert_trigger(model, holdout, samples=len(holdout), seed=seed, **settings)
+        inverted = InvertedTrigger(fitted.inversion, torch.empty(0, dtype=torch.long))
+    trigger = inverted if candidate is None else candidate[1]
+    metrics = evaluate_torch(model, holdout, probes.attacks, trigger=trigger)
+    if _checks(gate, TRIGGER_FREE_PREFIXES):
+        metrics.update(trigger_free_metrics(model, holdout, probes, seed, inverted=inverted,
+                                            candidate=None if candidate is None else candidate[0]))
+    return finite_metrics(metrics, "held-out"), inverted
+
+
+@dataclass(frozen=True)
+class _Judge:
+    """How the hardening policy judges an attempt: the gate's checks that held-out images can answer (each
+    stricter by ``margin``), against the candidate's metrics on the same images."""
+
+    holdout: ImageData
+    probes: ProbesParams
+    gate: GateConfig
+    seed: int
+    margin: float
+    candidate: dict[str, Any]
+    trigger: InvertedTrigger | None  # the candidate's reconstructed trigger, stamped on every held-out image
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, holdout: ImageData, probes: ProbesParams, gate: GateConfig, seed: int,
+           margin: float) -> _Judge:
+        metrics, trigger = _holdout_metrics(model, holdout, probes, gate, seed)
+        return cls(holdout, probes, gate, seed, margin, metrics, trigger)
+
+    def __call__(self, model: torch.nn.Module) -> tuple[dict[str, Any], tuple[int, int, float]]:
+        """The attempt's verdict fields (``passed``, ``failed``, ``holdout``) and its rank when none passes:
+        fewest checks failed at the gate's own thresholds, then with the margin, then the highest accuracy."""
+        after, _ = _holdout_metrics(model, self.holdout, self.probes, self.gate, self.seed,
+                                    candidate=(self.candidate, self.trigger))
+        verdict = _judge(self.gate, self.candidate, after, self.margin)
+        failed = [c.reason for c in verdict.failed]
+        rank = (len(_judge(self.gate, self.candidate, after, 0.0).failed), len(failed), -after["acc"])
+        return {"passed": verdict.blessed, "failed": failed,
+                "holdout": {k: v for k, v in flatten(after).items() if k.startswith(JUDGED_PREFIXES)}}, rank
 
 
 def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: Path, clean_npz: Path, out_dir: Path,
@@ -285,8 +358,11 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     """Purify the candidate on the clean set with the ``purify`` section, then ``policy.fallbacks`` while needed.
 
     With fallbacks, ``policy.holdout`` of the clean set (stratified) is kept out of purification. Each attempt
-    purifies on the rest and is judged on the held-out images (clean accuracy and every probe, stamped on them)
-    by the gate's checks those can answer, each stricter by ``policy.margin``; the first that passes wins, else
+    purifies on the rest and is judged on the held-out images by the gate's checks those can answer, each
+    stricter by ``policy.margin``: clean accuracy, every probe stamped on them, and, when the gate checks any,
+    the candidate's reconstructed trigger and the trigger-free evidence (``scan/backdoor_score`` and its parts,
+    :func:`trigger_free_metrics`, with the candidate's suspect class asked of each attempt; only the gate's
+    facts need the later stages). The first that passes wins, else
     the one failing fewest checks at the gate's own thresholds (then with the margin; then the highest held-out
     accuracy). An attempt whose training diverges (non-finite loss) fails and the next one runs; when every
     attempt that ran diverged, :class:`~harden.errors.ParamsError` (exit 2). No attempt
@@ -311,9 +387,8 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     checkpoints = [out_dir.with_name(f".{out_dir.name}.{index}.ckpt") for index in range(1 + len(policy.fallbacks))]
     plan = [(a.method, a.config(base.seed, base.device, progress)) for a in [purify_params, *policy.fallbacks]]
-    judged = len(plan) > 1
     params_digest = {"purify": purify_params.model_dump(mode="json"), "seed": base.seed}
-    if judged:
+    if len(plan) > 1:
         if gate is None or probes is None:
             raise ParamsError("a policy with fallbacks judges attempts by the gate's checks and the probes: pass both")
         params_digest |= {"policy": policy.model_dump(mode="json"), "probes": probes.model_dump(mode="json"),
@@ -321,10 +396,9 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
         train, holdout = stratified_split(clean, fraction=1 - policy.holdout, seed=base.seed)
         if len(holdout) == 0 or len(train) == 0:
             raise DataError(f"policy.holdout={policy.holdout} of {len(clean)} clean images leaves an empty part")
-        trigger = _holdout_trigger(model, holdout, probes, gate, base.seed)
-        before = evaluate_torch(model, holdout, probes.attacks, trigger=trigger)
+        judge: _Judge | None = _Judge.of(model, holdout, probes, gate, base.seed, policy.margin)
     else:
-        train, holdout, trigger = clean, None, None
+        train, holdout, judge = clean, None, None
     attempts: list[dict[str, Any]] = []
     best: tuple[tuple[int, int, float], int, Any, Any] | None = None  # (rank, index, result, config)
     elapsed = 0.0
@@ -332,7 +406,7 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
         if elapsed >= policy.budget_s:
             attempts.append({"defense": defense, "config": config.to_dict(), "skipped": "time budget spent"})
             continue
-        if judged:
+        if judge is not None:
             log.info("policy attempt %d/%d: %s", index + 1, len(plan), defense)
         try:
             result = run_defense(defense, model, train.dataset(), config, checkpoint=checkpoints[index],
@@ -344,21 +418,15 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
             continue
         elapsed += result.wall_time_s
         row: dict[str, Any] = {"defense": defense, "config": config.to_dict(), "wall_time_s": result.wall_time_s}
-        if not judged:
+        if judge is None:
             best = ((0, 0, 0.0), index, result, config)
             attempts.append(row)
             break
-        after = evaluate_torch(result.model, holdout, probes.attacks, trigger=trigger)  # type: ignore[arg-type, union-attr]
-        verdict = _judge(gate, before, after, policy.margin)  # type: ignore[arg-type]
-        failed = [c.reason for c in verdict.failed]
-        row |= {"passed": verdict.blessed, "failed": failed,
-                "holdout": {k: v for k, v in flatten(after).items() if k.startswith(JUDGED_PREFIXES)}}
-        attempts.append(row)
-        # none passing: fewest checks failed at the gate's own thresholds, then with the margin, then accuracy
-        rank = (len(_judge(gate, before, after, 0.0).failed), len(failed), -after["acc"])  # type: ignore[arg-type]
+        verdict, rank = judge(result.model)
+        attempts.append(row | verdict)
         if best is None or rank < best[0]:
             best = (rank, index, result, config)
-        if verdict.blessed:
+        if verdict["passed"]:
             break
     if best is None:  # the first attempt always runs (the budget is positive), so every one that ran diverged
         raise ParamsError("purification diverged: " + "; ".join(f"{a['defense']}: {a['failed'][0]}"
@@ -493,22 +561,10 @@ def evaluate_stage(probes: ProbesParams, seed: int, candidate_dir: Path, purify_
     trigger = triggers.get("candidate")  # the candidate's suspected trigger probes both models
     before = evaluate_torch(candidate, test, probes.attacks, trigger=trigger)
     after = evaluate_onnx(Path(export_dir) / ONNX, test, probes.attacks, trigger=trigger)
-    if probes.scan.enabled:
-        scan = probes.scan
-        for model, metrics in ((candidate, before), (hardened, after)):
-            metrics.update(scan_metrics(model, test, samples=scan.samples, eps=scan.eps, steps=scan.steps, seed=seed,
-                                        progress=progress))
-    if probes.margin.enabled:
-        for model, metrics in ((candidate, before), (hardened, after)):
-            metrics.update(margin_metrics(model, test, seed=seed, progress=progress,
-                                          **probes.margin.model_dump(exclude={"enabled"})))
-        for metrics in (before, after):
-            metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(before, metrics)
-    for side, metrics in (("candidate", before), ("hardened", after)):
-        if triggers:
-            metrics.update(triggers[side].metrics())
-            if probes.scan.enabled:
-                metrics["scan/backdoor_score"] = backdoor_score(metrics)
+    before.update(trigger_free_metrics(candidate, test, probes, seed, inverted=trigger, progress=progress))
+    after.update(trigger_free_metrics(hardened, test, probes, seed, inverted=triggers.get("hardened"),
+                                      candidate=before, progress=progress))
+    before, after = finite_metrics(before, "candidate"), finite_metrics(after, "hardened")
     inversion = _save_triggers(triggers, Path(out_dir))  # empty without the inversion: no stale file survives
     purified: PurifyRecord = chain.record("purify")
     layers = _layer_masks(candidate, Path(purify_dir), purified) if purified.masked_layers else None

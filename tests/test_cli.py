@@ -168,7 +168,8 @@ def test_the_policy_falls_back_when_the_first_purifier_fails_on_held_out_clean_d
     accuracy check on the held-out clean images, so the policy tries the next one (fine-tuning at its paper
     settings), which passes and is the model that ships; both attempts are in purify.json and the report."""
     gate = {"metrics": [{"metric": "acc", "max_drop": 0.4}, {"metric": "asr_lift/*", "max": 1.0},
-                        {"metric": "inverted/asr_lift", "max": 1.0}],  # judged with the candidate's reconstructed trigger
+                        {"metric": "inverted/asr_lift", "max": 1.0},  # judged with the candidate's reconstructed trigger
+                        {"metric": "scan/backdoor_score", "max": 1e6}],  # and each attempt's own evidence
             "required_facts": ["onnx_parity", "fold_check"]}
     params = tiny_params(candidate=f"models:/{CANDIDATE}@candidate", gate=gate)
     params = deep_update(params, {"data": {"train": "synthetic:n=2000,seed=0", "clean_per_class": 10},  # a candidate
@@ -184,9 +185,12 @@ def test_the_policy_falls_back_when_the_first_purifier_fails_on_held_out_clean_d
     assert first["config"]["lr"] == 50.0 and second["config"]["lr"] != 50.0 and purified["config"] == second["config"]
     assert "acc went from" in first["failed"][0] and not second["failed"]
     assert all(0 <= a["holdout"]["inverted/asr"] <= 1 and "inverted/asr_lift" in a["holdout"] for a in (first, second))
+    assert all(a["holdout"]["scan/backdoor_score"] > 0 for a in (first, second))
     assert purified["holdout_samples"] and purified["clean_samples"] + purified["holdout_samples"] == 100
     report = (tmp_path / "runs" / "report" / "report.md").read_text()
     assert "Attempts of the hardening policy" in report and "ft (chosen)" in report
+    assert "| Held-out backdoor score |" in report
+    assert f"| {second['holdout']['scan/backdoor_score']:.4f} |" in report
     assert purified["holdout_margin"] == 0.01 and "with a margin of 0.01 on each threshold (`policy.margin`)" in report
     version = versions(sqlite_uri(tmp_path), HARDENED)[-1]  # the reviewer sees what was tried on the version page
     assert version.tags["hardening.attempts"] == "ft failed, ft passed (chosen)"

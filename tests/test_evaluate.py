@@ -205,7 +205,20 @@ def test_the_backdoor_score_reaches_one_at_either_flag_threshold():
     assert backdoor_score({"inverted/norm_ratio": 1 / NORM_RATIO_FACTOR, "scan/top_share": 0.1}) == pytest.approx(1)
     assert backdoor_score({"inverted/norm_ratio": 1.0, "scan/top_share": SCAN_SHARE_FLAG}) == pytest.approx(1)
     assert backdoor_score({"inverted/norm_ratio": 0.7, "scan/top_share": 0.3}) < 1  # a clean demo model's values
-    assert backdoor_score({"inverted/norm_ratio": 0.0, "scan/top_share": 0.3}) == float("inf")
+    empty_stamp = backdoor_score({"inverted/norm_ratio": 0.0, "scan/top_share": 0.3})
+    assert 100 < empty_stamp < float("inf"), "a class reached with an empty stamp flags, with a finite score"
+
+
+def test_non_finite_metrics_are_left_out_so_a_check_on_them_cannot_pass(caplog):
+    from harden.evaluate import finite_metrics
+
+    metrics = {"acc": 0.9, "inverted/anomaly_index": float("inf"), "margin/values": [1.0, float("nan")],
+               "margin/target": 3, "per_class_acc": {"0": None}}
+    with caplog.at_level("WARNING"):
+        kept = finite_metrics(metrics, "hardened")
+    assert kept == {"acc": 0.9, "margin/target": 3, "per_class_acc": {"0": None}}
+    assert "hardened metric inverted/anomaly_index is not finite" in caplog.text
+    assert "margin/values" in caplog.text
 
 
 def test_the_maximum_margin_p_value_joins_the_score_at_its_own_threshold():

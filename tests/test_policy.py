@@ -6,8 +6,9 @@ learning rate shows), a pull directory made by hand (the package and its ``prove
 ``check_chain(pull=...)`` reads; no registry) and a clean npz. The attempts are cheap ``ft`` runs (0 or 1 epoch).
 Covered: no attempt passes (the one failing fewest checks is kept, ties broken by the higher held-out accuracy),
 the policy's margin (an attempt within it of a bound fails; when none passes, the gate's own thresholds rank first),
-the time budget (attempts after it are recorded as skipped), a ``policy.holdout`` that leaves an empty part, and
-an attempt whose training diverges (it fails, the next one runs; when all diverge, the stage refuses).
+the time budget (attempts after it are recorded as skipped), a ``policy.holdout`` that leaves an empty part, an
+attempt whose training diverges (it fails, the next one runs; when all diverge, the stage refuses), and attempts
+judged on their held-out backdoor score and on the candidate's suspect class.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from pydantic import TypeAdapter
 
 from harden import stages
 from harden.errors import DataError, ParamsError
+from harden.evaluate import backdoor_score, margin_metrics
 from harden.gate import GateConfig
 from harden.package import InputSpec, ModelSpec, save_package
 from harden.params import BaseParams, PolicyParams, ProbesParams, Purify
 from harden.records import PACKAGE, Provenance, tree_sha256
+from nft_core.maxmargin import margin_pvalue
 
 SIZE = 16
 CLASSES = 10
@@ -187,3 +190,47 @@ def test_a_purification_whose_every_attempt_diverges_is_refused(setup: Setup, tm
         stages.purify_stage(purify(method="ft", epochs=2, lr=1e12, batch_size=16), BASE, setup.pull, setup.clean,
                             tmp_path / "purify", progress=False)
     assert not (tmp_path / "purify").exists()
+
+
+#: The trigger-free evidence at test sizes (the defaults take minutes on a CPU).
+EVIDENCE = ProbesParams(scan={"samples": 10, "steps": 2}, inversion={"samples": 10, "steps": 5, "batch_size": 8},
+                        margin={"starts": 2, "steps": 5})
+
+
+@pytest.mark.parametrize("bound", [1e6, 0.0])
+def test_each_attempt_is_judged_on_its_held_out_backdoor_score(setup: Setup, tmp_path: Path, bound: float):
+    """With a gate on ``scan/backdoor_score``, each attempt's score and its parts (reconstruction, scan, maximum
+    margins) are measured on the held-out images and judged: a bound no score reaches passes the first attempt
+    and nothing else runs; a bound every score breaks (a score is positive) fails it, and the fallback runs."""
+    gate = GateConfig(metrics=[{"metric": "scan/backdoor_score", "max": bound}], required_facts=[],
+                      allow_no_probes=True)
+    policy = PolicyParams(fallbacks=[purify(method="ft", epochs=0)], holdout=0.4, margin=0.0)
+    record = stages.purify_stage(purify(method="ft", epochs=0), BASE, setup.pull, setup.clean, tmp_path / "purify",
+                                 policy=policy, probes=EVIDENCE, gate=gate, progress=False)
+    assert len(record.attempts) == (1 if bound else 2)
+    for attempt in record.attempts:
+        held = attempt.holdout
+        assert {"inverted/norm_ratio", "inverted/asr", "scan/top_share", "margin/suspect_pvalue"} <= set(held)
+        assert held["scan/backdoor_score"] == pytest.approx(backdoor_score(held))
+        assert held["scan/backdoor_score"] > 0
+        assert attempt.passed is (bound > 0)
+        assert bound or "scan/backdoor_score" in attempt.failed[0]
+
+
+def test_each_attempt_is_asked_about_the_candidate_s_suspect_class(setup: Setup, tmp_path: Path):
+    """``margin/suspect_pvalue`` of an attempt is the p-value of the class whose margin stood out in the
+    *candidate*, among the attempt's margins; an unchanged candidate (``ft`` for 0 epochs) has the same margins."""
+    gate = GateConfig(metrics=[{"metric": "margin/suspect_pvalue", "min": 0.0}], required_facts=[],
+                      allow_no_probes=True)
+    policy = PolicyParams(fallbacks=[purify(method="ft", epochs=0)], holdout=0.4, margin=0.0)
+    record = stages.purify_stage(purify(method="ft", epochs=0), BASE, setup.pull, setup.clean, tmp_path / "purify",
+                                 policy=policy, probes=EVIDENCE, gate=gate, progress=False)
+    held = record.attempts[0].holdout
+    candidate = stages._load_model(setup.pull / PACKAGE)[0]
+    margins = margin_metrics(candidate, stages.read_npz(setup.clean), seed=BASE.seed,
+                             **EVIDENCE.margin.model_dump(exclude={"enabled"}))
+    assert held["margin/target"] == margins["margin/target"]
+    assert held["margin/suspect_pvalue"] == pytest.approx(margin_pvalue(margins["margin/values"],
+                                                                        label=margins["margin/target"]))
+    assert held["margin/suspect_pvalue"] < held["margin/pvalue"], "a named class's p, not the largest of ten's"
+    assert "inverted/norm_ratio" not in held, "no check asks for a reconstruction: none is made"
