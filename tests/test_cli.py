@@ -191,7 +191,8 @@ def test_the_policy_falls_back_when_the_first_purifier_fails_on_held_out_clean_d
     assert "Attempts of the hardening policy" in report and "ft (chosen)" in report
     assert "| Held-out backdoor score |" in report
     assert f"| {second['holdout']['scan/backdoor_score']:.4f} |" in report
-    assert purified["holdout_margin"] == 0.01 and "with a margin of 0.01 on each threshold (`policy.margin`)" in report
+    assert purified["holdout_margin"] == 0.01
+    assert "with a margin of 0.01 on each threshold (`policy.margin`)\n(the test set is not used here)" in report
     version = versions(sqlite_uri(tmp_path), HARDENED)[-1]  # the reviewer sees what was tried on the version page
     assert version.tags["hardening.attempts"] == "ft failed, ft passed (chosen)"
     assert version.tags["hardening.defense"] == "ft"
