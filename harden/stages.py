@@ -22,7 +22,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,9 +41,6 @@ from harden.records import (Attempt, Chain, FoldRecord, InversionSummary, Masked
                             ModelTriggers, ParityRecord, Provenance, PurifyRecord, Registration,
                             RegistrationSkipped, ReparamEntry, ReportRecord, canonical_sha256, check_chain,
                             tree_sha256)
-from harden.registry import (PLOT_ROLE_PREFIX, parse_model_ref, pull, register_candidate, register_hardened,
-                             strip_credentials)
-from harden.report import ReportFiles, TriggerView, headline_metrics, write_headline, write_report
 from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.data.npz import load_npz
 from nft_core.defenses import run_defense
@@ -51,6 +48,12 @@ from nft_core.loop import remove_checkpoint
 from nft_core.masks import MaskedLayer, mask_state
 from nft_core.models import Normalized
 from nft_core.reparam import Reparam, describe, fold, reattach
+
+if TYPE_CHECKING:
+    from harden.report import ReportFiles, TriggerView
+
+# harden.registry (MLflow) and harden.report (matplotlib) are imported by the stages that use them: every stage
+# runs in a process of its own (DVC, Kubeflow), and the two take a second and a half to import.
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +198,7 @@ def make_demo_candidate(params: Params, out_dir: Path, *, progress: bool = True)
     With ``candidate.demo.enabled: false`` (hardening your own model) it registers nothing and only writes
     ``candidate.json`` saying so, so the DVC chain ``candidate -> pull`` leaves your registry alone.
     """
+    from harden.registry import parse_model_ref, register_candidate
     from nft_core.attacks import make_attack
     from nft_core.train import make_backdoored_candidate
 
@@ -232,6 +236,8 @@ def make_demo_candidate(params: Params, out_dir: Path, *, progress: bool = True)
 
 def pull_stage(candidate: CandidateParams, tracking_uri: str, out_dir: Path) -> Provenance:
     """Pull ``candidate.model`` from the registry into ``out_dir/package`` with ``out_dir/provenance.json``."""
+    from harden.registry import pull
+
     with atomic_dir(out_dir) as tmp:
         return pull(candidate.model, tmp, tracking_uri=tracking_uri, allow_pickle=candidate.allow_pickle)
 
@@ -599,6 +605,8 @@ def read_triggers(evaluate_dir: Path, record: MetricsRecord) -> dict[str, Trigge
     Raises:
         ChainError: the file is missing or is not the one the evaluation wrote.
     """
+    from harden.report import TriggerView
+
     if record.inversion is None:
         return None
     path = Path(evaluate_dir) / record.inversion.file
@@ -671,6 +679,8 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
     for ``dvc exp show``).
 
     The report renders only a verdict that follows from the evidence (:func:`verify_blessing`)."""
+    from harden.report import ReportFiles, headline_metrics, write_headline, write_report
+
     chain = check_chain(pull=Path(pull_dir), purify=Path(purify_dir), fold=Path(fold_dir), export=Path(export_dir),
                         evaluate=Path(evaluate_dir), gate=Path(gate_dir))
     metrics: MetricsRecord = chain.record("metrics")
@@ -759,6 +769,8 @@ def promote_stage(params: Params, *, experiment: str | None, pull_dir: Path, fol
     (``experiment``, see :func:`dvc_experiment`) while ``promote.register_experiments`` is false. There the chain
     and the blessing are verified as when registering, but nothing is registered and no alias moves;
     ``registered.json`` says so (:class:`~harden.records.RegistrationSkipped`)."""
+    from harden.registry import strip_credentials
+
     if experiment is None or params.promote.register_experiments:
         return register_stage(params, pull_dir=pull_dir, fold_dir=fold_dir, export_dir=export_dir, clean_npz=clean_npz,
                               test_npz=test_npz, purify_dir=purify_dir, evaluate_dir=evaluate_dir, gate_dir=gate_dir,
@@ -789,6 +801,8 @@ def register_stage(params: Params, *, pull_dir: Path, fold_dir: Path, export_dir
     model, and only when ``move_alias`` (the Kubeflow pipeline moves it in a separate step inside its
     ``dsl.If``). A rejected version is registered and tagged rejected with the gate's reasons.
     """
+    from harden.registry import PLOT_ROLE_PREFIX, register_hardened, strip_credentials
+
     chain = check_chain(pull=Path(pull_dir), clean=Path(clean_npz), test=Path(test_npz), purify=Path(purify_dir),
                         fold=Path(fold_dir), export=Path(export_dir), evaluate=Path(evaluate_dir),
                         gate=Path(gate_dir), report=Path(report_dir))

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -90,6 +89,8 @@ def margin_pvalue(margins: list[float] | np.ndarray, label: int | None = None) -
     null = np.delete(r, k)
     if np.ptp(null) == 0:
         return 0.0 if r[k] > null[0] else 1.0
+    from scipy import stats  # here, not at import: scipy.stats takes half a second, and every stage imports this
+
     with warnings.catch_warnings():  # the optimiser's own RuntimeWarnings on a poor start say nothing here
         warnings.simplefilter("ignore", RuntimeWarning)
         shape, loc, scale = stats.gamma.fit(null)
