@@ -309,7 +309,9 @@ def _holdout_metrics(model: torch.nn.Module, holdout: ImageData, probes: ProbesP
     candidate's reconstructed trigger) and, when a gate check asks for it, its trigger-free evidence there.
 
     ``candidate``: the candidate's ``(metrics, reconstructed trigger)`` from this function; None: ``model`` is
-    the candidate. Returns this model's metrics and its own reconstruction (None when no check needs one).
+    the candidate. Returns this model's metrics and its own reconstruction, made for every model when a check
+    names anything under ``inverted/`` or the score (an attempt's is needed only for the score and the stamp
+    statistics, not for ``inverted/asr``, which stamps the candidate's), else None.
 
     A trigger is reconstructed from half the held-out images and then stamped on all of them (the candidate's,
     as ``inverted/asr``; no image is left out): it was fitted to the candidate, and the attempts never saw
