@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,6 +47,8 @@ def random_crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor | None
 def make_mixer(kind: str, alpha: float, num_classes: int) -> Mixer:
     """A function ``(images, labels) -> (images, soft labels)`` for ``kind`` in mixup | cutmix | none."""
     if kind in ("mixup", "cutmix"):
+        from torchvision.transforms import v2  # here: importing torchvision takes 1.7 s, and every stage imports this
+
         mixer: Mixer = (v2.MixUp if kind == "mixup" else v2.CutMix)(alpha=alpha, num_classes=num_classes)
         return mixer
     if kind == "none":

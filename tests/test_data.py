@@ -100,9 +100,8 @@ def test_cifar10_reads_the_torchvision_batch_format(tmp_path):
     # MD5 digests, so a subclass carries the digests of these files; loader and torchvision code run as is.
     import hashlib
 
+    import torchvision.datasets
     from torchvision.datasets import CIFAR10
-
-    import nft_core.data.folders as folders
 
     base = tmp_path / CIFAR10.base_folder
     base.mkdir()
@@ -121,7 +120,7 @@ def test_cifar10_reads_the_torchvision_batch_format(tmp_path):
         meta = {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])}
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(folders.datasets, "CIFAR10", LocalCIFAR10)
+        mp.setattr(torchvision.datasets, "CIFAR10", LocalCIFAR10)  # the loader imports torchvision when called
         test = load_dataset(f"torchvision:CIFAR10:{tmp_path}", train=False)
         train = load_dataset(f"torchvision:CIFAR10:{tmp_path}", train=True)
     assert test.x.shape == (4, 3, 32, 32) and len(train) == 20

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import datasets
-from torchvision.transforms import v2
 
 from nft_core.data.image_data import ImageData
 
-_TO_UINT8 = v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])
+
+
+def _to_uint8() -> Callable[[Any], torch.Tensor]:
+    """PIL image -> uint8 C x H x W tensor. torchvision is imported by the loaders that use it, not by every stage
+    (its import takes 1.7 s, and every stage imports this module)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])
 
 #: Largest image an image folder may hold (pixels), checked from the file's header before decoding it.
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -58,13 +64,17 @@ def load_imagefolder(root: str | Path) -> ImageData:
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"imagefolder dataset {str(root)!r} is not a directory")
-    folder = datasets.ImageFolder(str(root), transform=_TO_UINT8, loader=open_bounded)
+    from torchvision import datasets
+
+    folder = datasets.ImageFolder(str(root), transform=_to_uint8(), loader=open_bounded)
     x, y = _stack(folder, f"imagefolder dataset {str(root)!r}")
     return ImageData(x, y, len(folder.classes), tuple(folder.classes))
 
 
 def load_cifar10(root: str | Path, train: bool, download: bool) -> ImageData:
     """CIFAR-10 from ``root`` (the python-pickle batches ``torchvision.datasets.CIFAR10`` reads)."""
+    from torchvision import datasets
+
     ds = datasets.CIFAR10(str(root), train=train, download=download)
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return ImageData(x, torch.tensor(ds.targets, dtype=torch.long), len(ds.classes), tuple(ds.classes))
@@ -72,7 +82,10 @@ def load_cifar10(root: str | Path, train: bool, download: bool) -> ImageData:
 
 def load_gtsrb(root: str | Path, train: bool, download: bool) -> ImageData:
     """GTSRB from ``root`` (``torchvision.datasets.GTSRB``), resized to 32 x 32, 43 classes."""
-    transform = v2.Compose([_TO_UINT8, v2.Resize((GTSRB_SIZE, GTSRB_SIZE), antialias=True)])
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([_to_uint8(), v2.Resize((GTSRB_SIZE, GTSRB_SIZE), antialias=True)])
     ds = datasets.GTSRB(str(root), split="train" if train else "test", transform=transform, download=download)
     x, y = _stack(ds, f"GTSRB dataset at {str(root)!r}")
     return ImageData(x, y, 43)
