@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harden.errors import ProbeError
+from harden.errors import PackageError, ProbeError
 from harden.probes import Probe
 from harden.onnx_export import onnx_predict_logits, onnx_session
 from nft_core.attacks import make_attack
@@ -44,7 +44,7 @@ from nft_core.metrics import (accuracy, attack_success_rate, clean_target_rate, 
                               robust_accuracy)
 from nft_core.purify import PurifyResult
 from nft_core.invert import Inversion, reconstruct_triggers, stamp
-from nft_core.maxmargin import margin_pvalue, max_margin_statistics
+from nft_core.maxmargin import NonFiniteMargins, margin_pvalue, max_margin_statistics
 from nft_core.scan import adversarial_label_concentration
 
 log = logging.getLogger(__name__)
@@ -239,9 +239,16 @@ def margin_metrics(model: nn.Module, test: ImageData, *, seed: int = 0, progress
     Returns ``margin/pvalue`` (small: one class reaches an outlying margin), ``margin/target`` (that class),
     ``margin/ratio`` (its margin over the median class's; left out when the median is not positive, so a gate
     check on it cannot pass) and ``margin/values`` (every class's margin).
+
+    Raises:
+        PackageError: the model's outputs overflow (a margin is not finite): a model no statistic can judge
+            is refused (exit 3), never scored without this evidence.
     """
     c, h, w = test.x.shape[1:]
-    result = max_margin_statistics(model, (c, h, w), test.num_classes, seed=seed, progress=progress, **settings)
+    try:
+        result = max_margin_statistics(model, (c, h, w), test.num_classes, seed=seed, progress=progress, **settings)
+    except NonFiniteMargins as err:
+        raise PackageError(f"model refused: {err}") from err
     ratio = {} if result.ratio is None else {"margin/ratio": result.ratio}
     return {"margin/pvalue": result.pvalue, "margin/target": result.target, **ratio, "margin/values": result.margins}
 

@@ -98,6 +98,10 @@ def margin_pvalue(margins: list[float] | np.ndarray, label: int | None = None) -
     return float(min(1.0, max(0.0, 1.0 - cdf ** (len(r) if label is None else 1))))
 
 
+class NonFiniteMargins(ValueError):
+    """A model whose outputs overflow on images in [0, 1]: its margins, and any statistic of them, are undefined."""
+
+
 def max_margin_statistics(model: nn.Module, image_shape: tuple[int, int, int], num_classes: int, *, starts: int = 8,
                           steps: int = 200, lr: float = 0.05, classes_per_chunk: int = 16, seed: int = 0,
                           progress: bool = False) -> MaxMargin:
@@ -116,6 +120,7 @@ def max_margin_statistics(model: nn.Module, image_shape: tuple[int, int, int], n
 
     Raises:
         ValueError: invalid settings or a model with fewer outputs than ``num_classes``.
+        NonFiniteMargins: a margin is not finite (the model's outputs overflow).
     """
     if starts < 1 or steps < 1 or classes_per_chunk < 1 or lr <= 0:
         raise ValueError(f"invalid settings: starts={starts}, steps={steps}, classes_per_chunk={classes_per_chunk}, "
@@ -138,7 +143,7 @@ def max_margin_statistics(model: nn.Module, image_shape: tuple[int, int, int], n
         bar.close()
         model.train(was_training)
     if not all(math.isfinite(m) for m in margins):
-        raise ValueError(f"the model's margins are not finite ({margins}): its outputs overflow")
+        raise NonFiniteMargins(f"the model's margins are not finite ({margins}): its outputs overflow")
     return MaxMargin(margins, margin_pvalue(margins))
 
 

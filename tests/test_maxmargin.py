@@ -83,3 +83,23 @@ def test_a_model_whose_margins_stay_negative_reports_no_ratio_and_nothing_non_fi
     metrics = margin_metrics(model, test, starts=1, steps=1, lr=1e-4)
     assert "margin/ratio" not in metrics
     assert all(math.isfinite(v) for v in [metrics["margin/pvalue"], *metrics["margin/values"]])
+
+
+def test_a_model_whose_outputs_overflow_is_refused_not_scored_without_its_margins():
+    """Finite weights, infinite logits: no margin, and no p-value, exists. The library says so; the evaluation
+    refuses the model (exit 3) rather than scoring it on the rest of the evidence."""
+    from harden.errors import PackageError, exit_code
+    from harden.evaluate import margin_metrics
+    from nft_core.data import ImageData
+    from nft_core.maxmargin import NonFiniteMargins
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, 8))
+    with torch.no_grad():
+        model[1].weight.fill_(3e38)  # any non-black image sums past float32's largest value
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(NonFiniteMargins, match="not finite"):
+        max_margin_statistics(model, (3, SIZE, SIZE), 8, starts=1, steps=2)
+    test = ImageData(torch.zeros(8, 3, SIZE, SIZE, dtype=torch.uint8), torch.arange(8), num_classes=8)
+    with pytest.raises(PackageError, match="model refused: the model's margins are not finite") as err:
+        margin_metrics(model, test, starts=1, steps=2)
+    assert exit_code(err.value) == 3
