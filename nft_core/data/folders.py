@@ -12,13 +12,13 @@ from PIL import Image, UnidentifiedImageError
 from nft_core.data.image_data import ImageData
 
 
-
 def _to_uint8() -> Callable[[Any], torch.Tensor]:
     """PIL image -> uint8 C x H x W tensor. torchvision is imported by the loaders that use it, not by every stage
     (its import takes 1.7 s, and every stage imports this module)."""
     from torchvision.transforms import v2
 
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])
+
 
 #: Largest image an image folder may hold (pixels), checked from the file's header before decoding it.
 MAX_IMAGE_PIXELS = 4096 * 4096
