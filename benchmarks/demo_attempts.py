@@ -23,9 +23,8 @@ from typing import Any
 import yaml
 
 from harden.params import PURIFY_VARIANTS, Params
-from harden.stages import _load
 from nft_core.attacks import make_attack
-from nft_core.data import ImageData, stratified_split
+from nft_core.data import ImageData, load_dataset, stratified_split
 from nft_core.defenses import run_defense
 from nft_core.metrics import accuracy, attack_success_rate, predict
 from nft_core.train import make_backdoored_candidate
@@ -65,13 +64,15 @@ def main() -> None:
         r = copy.deepcopy(raw)
         r["base"]["seed"] = seed
         p = Params.model_validate(r)
-        train, test = _load(p.data.train, train=True), _load(p.data.test, train=False)
+        train = load_dataset(p.data.train, train=True, download=p.data.download)
+        test = load_dataset(p.data.test, train=False, download=p.data.download)
         demo = p.candidate.demo
         c, h, w = (int(n) for n in train.x.shape[1:])
         attack = make_attack(demo.attack, target=demo.target, mode=demo.mode, num_classes=train.num_classes,
                              image_shape=(c, h, w), seed=seed)
         model, _ = make_backdoored_candidate(train, attack, builder=demo.builder, poison_rate=demo.poison_rate,
                                              epochs=demo.epochs, seed=seed, progress=False)
+        # the same draws as the prepare-data and purify stages (harden.stages.prepare_data, purify_stage)
         clean, _ = stratified_split(train, fraction=p.data.clean_fraction, per_class=p.data.clean_per_class,
                                     seed=seed)
         purify_set, holdout = stratified_split(clean, fraction=1 - p.policy.holdout, seed=seed)
