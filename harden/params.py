@@ -94,7 +94,7 @@ class DemoCandidateParams(_Section):
     target: int = Field(0, ge=0, description="attack target label")
     mode: Literal["all2one", "all2all"] = "all2one"
     poison_rate: float = Field(0.1, gt=0, lt=1, description="share of training images poisoned")
-    epochs: int = Field(12, ge=1, description="training epochs of the demo candidate (params.yaml says why 12)")
+    epochs: int = Field(12, ge=1, description="training epochs of the demo candidate")
 
 
 class CandidateParams(_Section):
