@@ -4,14 +4,17 @@ A population of candidates the project makes (every synthesized attack at two po
 models of the same architecture over several seeds) is scanned exactly as the evaluate stage scans a model
 (:func:`harden.evaluate.invert_trigger`, :func:`harden.evaluate.scan_metrics`,
 :func:`harden.evaluate.margin_metrics`, the settings of ``params.yaml``'s ``probes`` section). Each backdoored
-candidate is then hardened with ``params.yaml``'s ``purify`` section on a clean set drawn from the training
-images and scanned again. The table gives, per rule (NC's anomaly index, the norm ratio, the scan, MM-BD's
-p-value, the combined backdoor score), the true-positive rate on backdoored candidates, the false-positive rate
-on benign ones, and the share still flagged after hardening, plus the reconstructed trigger's ASR on the
-hardened models.
+candidate that learned its backdoor is then hardened with ``params.yaml``'s ``purify`` section on a clean set drawn
+from the training images and scanned again; when that model fails the gate's ACC and ASR-lift checks, the
+``policy.fallbacks`` are tried in turn, as the step does (judged here on the test set with the real trigger, where
+the step judges on held-out clean images with its probes), and the first that passes is what a blessed hardening
+ships. Candidates train as the demo's does (``candidate.demo.epochs``). The table gives, per rule (NC's anomaly
+index, the norm ratio, the scan, MM-BD's p-value, the combined backdoor score), the true-positive rate on
+backdoored candidates, the false-positive rate on benign ones, and the share still flagged after hardening, plus
+the reconstructed trigger's ASR on the hardened models.
 
-    .venv/bin/python -m benchmarks.detector --no-harden            # scan only: about 13 min on 2 cores
-    .venv/bin/python -m benchmarks.detector                        # and harden: about 7 min more a candidate
+    .venv/bin/python -m benchmarks.detector --no-harden            # scan only: about 1 h on 2 cores (17 models)
+    .venv/bin/python -m benchmarks.detector                        # and harden: about 5 min more a candidate
     .venv/bin/python -m benchmarks.detector --table-only           # re-render from the cached rows
 
 Rows are cached by content (candidate recipe, settings) under ``--cache``; a rerun only measures what is new.
@@ -125,10 +128,10 @@ def _mmbd(m: dict[str, Any]) -> str:
 
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per candidate (attack, rate, seed): a run that hardened it wins over one that only scanned it."""
-    best: dict[tuple[str, float, int], dict[str, Any]] = {}
+    """One row per candidate (attack, rate, seed, epochs): a run that hardened it wins over one that only scanned it."""
+    best: dict[tuple[str, float, int, int], dict[str, Any]] = {}
     for row in rows:
-        key = (row["attack"], row["rate"], row["seed"])
+        key = (row["attack"], row["rate"], row["seed"], row.get("epochs", 6))  # rows before 2026-11-23's: 6 epochs
         if key not in best or (row["hardened"] and not best[key]["hardened"]):
             best[key] = row
     return list(best.values())
@@ -137,10 +140,14 @@ def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def with_suspect(row: dict[str, Any]) -> dict[str, Any]:
     """The row with ``margin/suspect_pvalue`` on both sides, as the evaluate stage writes it: the hardened
     model is asked about the candidate's suspect (its own largest margin is kept as ``margin/pvalue``)."""
-    c, h = row["candidate"], row["hardened"]
+    c = row["candidate"]
     c = {**c, "margin/suspect_pvalue": suspect_margin_pvalue(c, c)}
-    h = h and {**h, "margin/suspect_pvalue": suspect_margin_pvalue(c, h)}
-    return {**row, "candidate": c, "hardened": h}
+
+    def asked(h: dict[str, Any] | None) -> dict[str, Any] | None:
+        return h and {**h, "margin/suspect_pvalue": suspect_margin_pvalue(c, h)}
+
+    return {**row, "candidate": c, "hardened": asked(row["hardened"]),
+            "fallbacks": [{**a, "hardened": asked(a["hardened"])} for a in row.get("fallbacks") or []]}
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -151,27 +158,30 @@ def render(rows: list[dict[str, Any]]) -> str:
                  for r in poisoned if r not in bad]
     benign = [r for r in rows if r["attack"] == "none"]
     hardened = [r for r in bad if r.get("hardened")]
-    blessed = [r for r in hardened if r["blessed"]]
+    blessed = [r for r in hardened if shipped(r)[2]]
+    first = sum(bool(r["blessed"]) for r in hardened)
     lines = [f"Candidates: {len(bad)} backdoored ({', '.join(sorted({r['attack'] for r in bad}))}), {len(benign)} "
              f"benign; poisoned but the backdoor not learned, left out: {', '.join(unlearned) or 'none'}. "
-             f"Hardened: {len(hardened)}, of which {len(blessed)} pass the gate's ACC and ASR-lift checks.",
+             f"Hardened: {len(hardened)}; the purify section passes the gate's ACC and ASR-lift checks on {first}, "
+             f"the policy's fallbacks on {len(blessed) - first} more, nothing on {len(hardened) - len(blessed)}.",
              "", "| rule | TPR (backdoored) | FPR (benign) | flagged after hardening | flagged after a blessed hardening |",
              "|---|---|---|---|---|"]
     for name, rule in rules().items():
         lines.append(f"| {name} | {pct(sum(rule(r['candidate']) for r in bad), len(bad))} | "
                      f"{pct(sum(rule(r['candidate']) for r in benign), len(benign))} | "
-                     f"{pct(sum(rule(r['hardened']) for r in hardened), len(hardened))} | "
-                     f"{pct(sum(rule(r['hardened']) for r in blessed), len(blessed))} |")
+                     f"{pct(sum(rule(shipped(r)[1]) for r in hardened), len(hardened))} | "
+                     f"{pct(sum(rule(shipped(r)[1]) for r in blessed), len(blessed))} |")
     header = ("candidate", "rate", "ACC", "ASR", "suspect (target 0)", "anomaly index", "norm ratio",
-              "scan top (share)", "MM-BD top (p)", "score", "after: ACC", "ASR", "inverted ASR", "norm ratio",
+              "scan top (share)", "MM-BD top (p)", "score", "shipped", "after: ACC", "ASR", "inverted ASR", "norm ratio",
               "MM-BD top (p); the candidate's suspect (p)", "score")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        c, h = r["candidate"], r.get("hardened") or {}
+        c, (method, h, ok) = r["candidate"], shipped(r)
+        h = h or {}
         asr = c.get("asr/real")
-        after = (f"{100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
+        after = (f"{method}{'' if ok else ' (fails)'} | {100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
                  f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)}; {c['margin/target']} ({h['margin/suspect_pvalue']:.1e}) | "
-                 f"{backdoor_score(h):.2f}") if h else "| | | | |"
+                 f"{backdoor_score(h):.2f}") if h else "| | | | | |"
         lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
                      f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
                      f"{c['inverted/anomaly_index']:.2f} | {c['inverted/norm_ratio']:.2f} | "
@@ -180,12 +190,35 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def passes(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """The shipped gate's ACC and ASR-lift bounds (3 and 5 points), on the test set with the real trigger."""
+    return bool(before["acc"] - after["acc"] <= 0.03 and after["asr_lift/real"] <= 0.05)
+
+
+def harden(method: Any, model: Normalized, clean: ImageData, test: ImageData, params: Any, probe: Probe | None,
+           inv: Any, before: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``method`` (a ``purify``-section entry) run on the clean set, the result scanned; and whether it passes."""
+    torch.manual_seed(0)
+    result = run_defense(method.method, model, clean.dataset(), method.config(0, "cpu", progress=False))
+    after, _ = scan_model(result.model, test, params.probes, seed=0, probe=probe, trigger=inv)
+    return after, passes(before, after)
+
+
+def shipped(row: dict[str, Any]) -> tuple[str, dict[str, Any] | None, bool]:
+    """What the policy ships for a row: the first attempt that passes, else the ``purify`` section's (rejected)."""
+    for attempt in row.get("fallbacks") or []:
+        if attempt["blessed"]:
+            return attempt["method"], attempt["hardened"], True
+    return row.get("method", "nft"), row.get("hardened"), bool(row.get("blessed"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--benign-seeds", default="0,1,2,3,4")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--epochs", type=int, default=6, help="candidates' training epochs (the demo's)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="candidates' training epochs (default: params.yaml's candidate.demo.epochs, the demo's)")
     parser.add_argument("--n-train", type=int, default=5000)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--no-harden", action="store_true", help="scan the candidates only")
@@ -199,37 +232,47 @@ def main() -> None:
     done = {row["key"]: row for row in map(json.loads, results.read_text().splitlines())} if results.exists() else {}
     if not args.table_only:
         params = load_params(args.params)
+        epochs = args.epochs or params.candidate.demo.epochs
         train, test = make_synthetic(args.n_train, seed=0), make_synthetic(args.n_test, seed=0, train=False)
         clean = stratified_split(train, fraction=params.data.clean_fraction, seed=1)[0]
-        plan = [(a, lvl, 0) for a in args.attacks.split(",") for lvl in (0, 1)]
-        plan += [("none", 0, int(s)) for s in args.benign_seeds.split(",")]
+        plan = [(a, lvl, 0) for a in args.attacks.split(",") if a for lvl in (0, 1)]
+        plan += [("none", 0, int(s)) for s in args.benign_seeds.split(",") if s]
         settings = {"probes": params.probes.model_dump(mode="json"), "purify": params.purify.model_dump(mode="json"),
                     "harden": not args.no_harden, "clean": len(clean), "v": 2}
+        fallbacks = [f.model_dump(mode="json") for f in params.policy.fallbacks]
         for attack_name, level, seed in plan:
-            model, info = candidate(train, attack_name, level, seed, args.epochs, args.cache / "candidates")
+            model, info = candidate(train, attack_name, level, seed, epochs, args.cache / "candidates")
             key = digest({"candidate": info["key"], "settings": settings})
-            if key in done:
-                continue
             probe = None if attack_name == "none" else Probe(name="real", attack=attack_name, target=TARGET)
-            before, inv = scan_model(model, test, params.probes, seed=0, probe=probe)
-            row = {"key": key, "date": str(date.today()), "attack": attack_name, "rate": info["rate"], "seed": seed,
-                   "threads": torch.get_num_threads(), "torch": torch.__version__, "candidate": before,
-                   "hardened": None, "blessed": None}
-            if attack_name != "none" and not args.no_harden:
-                torch.manual_seed(0)
-                result = run_defense(params.purify.method, model, clean.dataset(),
-                                     params.purify.config(0, "cpu", progress=False))
-                after, _ = scan_model(result.model, test, params.probes, seed=0, probe=probe, trigger=inv)
-                row["hardened"] = after
-                row["blessed"] = bool(before["acc"] - after["acc"] <= 0.03 and after["asr_lift/real"] <= 0.05)
+            row = done.get(key)
+            if row is None:
+                before, inv = scan_model(model, test, params.probes, seed=0, probe=probe)
+                row = {"key": key, "date": str(date.today()), "attack": attack_name, "rate": info["rate"],
+                       "seed": seed, "epochs": epochs, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "method": params.purify.method, "candidate": before, "hardened": None, "blessed": None}
+                if attack_name != "none" and not args.no_harden and before["asr/real"] >= LEARNED_ASR:
+                    row["hardened"], row["blessed"] = harden(params.purify, model, clean, test, params, probe, inv,
+                                                             before)
+            elif row["blessed"] is False and row.get("policy") != fallbacks and not args.no_harden:
+                inv = invert_trigger(model, test, seed=0, **params.probes.inversion.model_dump(exclude={"enabled"}))
+                before = row["candidate"]
+            else:
+                continue
+            if row["blessed"] is False and row.get("policy") != fallbacks:  # the step's policy: its fallbacks in turn
+                row["policy"], row["fallbacks"] = fallbacks, []
+                for method in params.policy.fallbacks:
+                    after, passed = harden(method, model, clean, test, params, probe, inv, before)
+                    row["fallbacks"].append({"method": method.method, "hardened": after, "blessed": passed})
+                    if passed:
+                        break
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             done[key] = row
-            h = row["hardened"]
+            before, h = row["candidate"], shipped(row)[1]
             print(f"{attack_name} rate {info['rate']:.3f} seed {seed}: ACC {100 * before['acc']:.1f} "
                   f"index {before['inverted/anomaly_index']:.2f} ratio {before['inverted/norm_ratio']:.2f} "
                   f"suspect {before['inverted/target']} MM-BD {_mmbd(before)} scan {before['scan/top_label']}/{before['scan/top_share']:.2f}"
-                  + (f" | after ACC {100 * h['acc']:.1f} ASR {100 * h['asr/real']:.1f} inverted ASR "
+                  + (f" | after ({shipped(row)[0]}) ACC {100 * h['acc']:.1f} ASR {100 * h['asr/real']:.1f} inverted ASR "
                      f"{100 * h['inverted/asr']:.1f} index {h['inverted/anomaly_index']:.2f}" if h else ""), flush=True)
     print(render(list(done.values())))
 
