@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, backdoor_score, evaluate_torch,
-                             invert_trigger, margin_metrics, scan_metrics, suspect_margin_pvalue)
-from harden.params import load_params
+from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, InvertedTrigger, backdoor_score,
+                             evaluate_torch, invert_trigger, margin_metrics, scan_metrics, suspect_margin_pvalue)
+from harden.gate import GateConfig, evaluate_gate
+from harden.params import Params, PurifyParams, load_params
 from harden.probes import Probe
 from nft_core.attacks import ATTACKS, make_attack
 from nft_core.data import ImageData, make_synthetic, stratified_split
@@ -190,18 +191,24 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def passes(before: dict[str, Any], after: dict[str, Any]) -> bool:
-    """The shipped gate's ACC and ASR-lift bounds (3 and 5 points), on the test set with the real trigger."""
-    return bool(before["acc"] - after["acc"] <= 0.03 and after["asr_lift/real"] <= 0.05)
+#: The gate's checks this benchmark judges a hardening by (with the gate's own bounds): accuracy and ASR lift.
+JUDGED = ("acc", "asr_lift/")
 
 
-def harden(method: Any, model: Normalized, clean: ImageData, test: ImageData, params: Any, probe: Probe | None,
-           inv: Any, before: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def passes(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether ``gate``'s accuracy and ASR-lift checks pass, here on the test set with the real trigger."""
+    checks = [c for c in gate.metrics if c.metric.startswith(JUDGED)]
+    return evaluate_gate(gate.model_copy(update={"metrics": checks, "required_facts": [], "on_missing": "fail"}),
+                         before, after, {}).blessed
+
+
+def harden(method: PurifyParams, model: Normalized, clean: ImageData, test: ImageData, params: Params,
+           probe: Probe | None, inv: InvertedTrigger, before: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """``method`` (a ``purify``-section entry) run on the clean set, the result scanned; and whether it passes."""
     torch.manual_seed(0)
     result = run_defense(method.method, model, clean.dataset(), method.config(0, "cpu", progress=False))
     after, _ = scan_model(result.model, test, params.probes, seed=0, probe=probe, trigger=inv)
-    return after, passes(before, after)
+    return after, passes(params.gate, before, after)
 
 
 def shipped(row: dict[str, Any]) -> tuple[str, dict[str, Any] | None, bool]:
@@ -268,11 +275,11 @@ def main() -> None:
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             done[key] = row
-            before, h = row["candidate"], shipped(row)[1]
+            before, (method_name, h, _) = row["candidate"], shipped(row)
             print(f"{attack_name} rate {info['rate']:.3f} seed {seed}: ACC {100 * before['acc']:.1f} "
                   f"index {before['inverted/anomaly_index']:.2f} ratio {before['inverted/norm_ratio']:.2f} "
                   f"suspect {before['inverted/target']} MM-BD {_mmbd(before)} scan {before['scan/top_label']}/{before['scan/top_share']:.2f}"
-                  + (f" | after ({shipped(row)[0]}) ACC {100 * h['acc']:.1f} ASR {100 * h['asr/real']:.1f} inverted ASR "
+                  + (f" | after ({method_name}) ACC {100 * h['acc']:.1f} ASR {100 * h['asr/real']:.1f} inverted ASR "
                      f"{100 * h['inverted/asr']:.1f} index {h['inverted/anomaly_index']:.2f}" if h else ""), flush=True)
     print(render(list(done.values())))
 
