@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.gtsrb import data_digest
 from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, InvertedTrigger, backdoor_score,
                              evaluate_torch, invert_trigger, margin_metrics, scan_metrics, suspect_margin_pvalue)
 from harden.gate import GateConfig, evaluate_gate
@@ -80,12 +81,6 @@ class Source:
         if (self.spec, self.arch, self.flip) == ("synthetic", "small_cnn", True):
             return {"n": len(self.train), "v": 1}
         return {"n": len(self.train), "data": data_digest(self.train), "arch": self.arch, "flip": self.flip, "v": 1}
-
-
-def data_digest(data: ImageData) -> str:
-    h = hashlib.sha256(data.x.numpy().tobytes())
-    h.update(data.y.numpy().tobytes())
-    return h.hexdigest()
 
 
 def candidate(source: Source, attack_name: str, level: int, seed: int, epochs: int,

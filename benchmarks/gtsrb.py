@@ -411,8 +411,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = args.cache / "results.jsonl"
     if args.table_only:
-        candidates = [json.loads(p.read_text()) for p in args.cache.glob("*.json")]
-        write(args.out, render(read_results(results), candidates, make_header(args, None, None)))
+        cached = [json.loads(p.read_text()) for p in args.cache.glob("*.json")]
+        write(args.out, render(read_results(results), cached, make_header(args, None, None)))
         return
     if args.data is None and (args.npz is None or args.pack):
         parser.error("--data GTSRB_ROOT is needed (only --table-only and --npz work without it)")
