@@ -18,7 +18,7 @@ the reconstructed trigger's ASR on the hardened models.
     .venv/bin/python -m benchmarks.detector --no-harden            # scan only: about 1 h on 2 cores (17 models)
     .venv/bin/python -m benchmarks.detector                        # and harden: about 5 min more a candidate
     .venv/bin/python -m benchmarks.detector --table-only           # re-render from the cached rows
-    # GTSRB, ResNet-18 (6 epochs: 92 % clean accuracy), 10 % poisoning, three benign seeds: about 10 min a model
+    # GTSRB, ResNet-18 (6 epochs: 89-92 % clean accuracy), 10 % poisoning, three benign seeds: about 20 min a model
     .venv/bin/python -m benchmarks.detector --data torchvision:GTSRB:ROOT --arch resnet18 --no-flip --epochs 6 \
         --attacks badnets,blend,sig,wanet,trojan --levels 1 --benign-seeds 0,1,2 --no-harden --cache runs/bench/detector-gtsrb
 
