@@ -10,17 +10,18 @@ from the training images and scanned again; when that model fails the gate's ACC
 the step judges on held-out clean images with its probes), and the first that passes is what a blessed hardening
 ships. By default the candidates are the demo's: its small CNN on the synthetic shapes, trained for
 ``candidate.demo.epochs`` epochs. ``--data`` takes a dataset spec with both splits instead (real photographs:
-``torchvision:GTSRB:ROOT``) and ``--arch`` a real architecture (torchvision's ResNet-18). The table gives, per rule (NC's anomaly
-index, the norm ratio, the scan, MM-BD's p-value, the combined backdoor score), the true-positive rate on
-backdoored candidates, the false-positive rate on benign ones, and the share still flagged after hardening, plus
-the reconstructed trigger's ASR on the hardened models.
+``torchvision:GTSRB:ROOT``) and ``--arch`` a real architecture (torchvision's ResNet-18). The table gives, per
+rule (NC's anomaly index, the norm ratio, the scan, MM-BD's p-value, the combined backdoor score), the
+true-positive rate on backdoored candidates, the false-positive rate on benign ones, and the share still flagged
+after hardening, plus the reconstructed trigger's ASR on the hardened models.
 
     .venv/bin/python -m benchmarks.detector --no-harden            # scan only: about 1 h on 2 cores (17 models)
     .venv/bin/python -m benchmarks.detector                        # and harden: about 5 min more a candidate
     .venv/bin/python -m benchmarks.detector --table-only           # re-render from the cached rows
     # GTSRB, ResNet-18 (6 epochs: 89-92 % clean accuracy), 10 % poisoning, three benign seeds: about 20 min a model
     .venv/bin/python -m benchmarks.detector --data torchvision:GTSRB:ROOT --arch resnet18 --no-flip --epochs 6 \
-        --attacks badnets,blend,sig,wanet,trojan --levels 1 --benign-seeds 0,1,2 --no-harden --cache runs/bench/detector-gtsrb
+        --attacks badnets,blend,sig,wanet,trojan --levels 1 --benign-seeds 0,1,2 --no-harden \
+        --cache runs/bench/detector-gtsrb
 
 Rows are cached by content (candidate recipe, settings) under ``--cache``; a rerun only measures what is new.
 """
@@ -33,6 +34,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import date
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +75,11 @@ class Source:
     train: ImageData
     arch: str = "small_cnn"
     flip: bool = True
-    spec: str = "synthetic"
 
+    @cached_property
     def recipe(self) -> dict[str, Any]:
-        """What a candidate is made from besides attack, rate, seed and epochs. The demo's source (synthetic shapes,
-        small CNN, flips) adds nothing, so the candidates cached before ``--data`` existed keep their keys."""
-        if (self.spec, self.arch, self.flip) == ("synthetic", "small_cnn", True):
-            return {"n": len(self.train), "v": 1}
+        """What a candidate is made from besides attack, rate, seed and epochs: the training set's content digest
+        (so candidates cached from other data are never reused), the architecture and the flip setting."""
         return {"n": len(self.train), "data": data_digest(self.train), "arch": self.arch, "flip": self.flip, "v": 1}
 
 
@@ -96,7 +96,7 @@ def candidate(source: Source, attack_name: str, level: int, seed: int, epochs: i
         rate = CLEAN_LABEL_SHARES[level] * float((train.y == TARGET).float().mean())
     else:
         rate = RATES[level]
-    recipe = {"attack": attack_name, "rate": rate, "seed": seed, "epochs": epochs, **source.recipe()}
+    recipe = {"attack": attack_name, "rate": rate, "seed": seed, "epochs": epochs, **source.recipe}
     key = digest(recipe)
     weights, meta = cache / f"{key}.safetensors", cache / f"{key}.json"
     mean, std = channel_stats(train)
@@ -195,9 +195,11 @@ def render(rows: list[dict[str, Any]]) -> str:
     hardened = [r for r in bad if r.get("hardened")]
     blessed = [r for r in hardened if shipped(r)[2]]
     first = sum(bool(r["blessed"]) for r in hardened)
-    sources = sorted({f"{r.get('arch', 'small_cnn')} on {r.get('data', 'synthetic')}" for r in rows})  # older rows: the demo's
-    lines = [f"Candidates ({', '.join(sources)}): {len(bad)} backdoored ({', '.join(sorted({r['attack'] for r in bad}))}), {len(benign)} "
-             f"benign; poisoned but the backdoor not learned, left out: {', '.join(unlearned) or 'none'}. "
+    # rows from before --data have neither field: they are the demo's
+    sources = ", ".join(sorted({f"{r.get('arch', 'small_cnn')} on {r.get('data', 'synthetic')}" for r in rows}))
+    attacks = ", ".join(sorted({r["attack"] for r in bad}))
+    lines = [f"Candidates ({sources}): {len(bad)} backdoored ({attacks}), {len(benign)} benign; poisoned but the "
+             f"backdoor not learned, left out: {', '.join(unlearned) or 'none'}. "
              f"Hardened: {len(hardened)}; the purify section passes the gate's ACC and ASR-lift checks on {first}, "
              f"the policy's fallbacks on {len(blessed) - first} more, nothing on {len(hardened) - len(blessed)}.",
              "", "| rule | TPR (backdoored) | FPR (benign) | flagged after hardening | flagged after a blessed hardening |",
@@ -265,6 +267,12 @@ def load_splits(spec: str, n_train: int | None, n_test: int | None) -> tuple[Ima
     return splits[0], splits[1]
 
 
+def data_label(spec: str) -> str:
+    """``spec`` without local paths: ``synthetic``, ``torchvision:GTSRB``, ``npz``, ``imagefolder``."""
+    parts = spec.split(":")
+    return ":".join(parts[:2] if parts[0] == "torchvision" else parts[:1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", default=",".join(ATTACKS))
@@ -295,7 +303,7 @@ def main() -> None:
         params = load_params(args.params)
         epochs = args.epochs or params.candidate.demo.epochs
         train, test = load_splits(args.data, args.n_train, args.n_test)
-        source = Source(train, args.arch, args.flip, args.data)
+        source = Source(train, args.arch, args.flip)
         clean = stratified_split(train, fraction=params.data.clean_fraction, seed=1)[0]
         plan = [(a, int(lvl), 0) for a in args.attacks.split(",") if a for lvl in args.levels.split(",")]
         plan += [("none", 0, int(s)) for s in args.benign_seeds.split(",") if s]
@@ -310,7 +318,7 @@ def main() -> None:
             if row is None:
                 before, inv = scan_model(model, test, params.probes, seed=0, probe=probe)
                 row = {"key": key, "date": str(date.today()), "attack": attack_name, "rate": info["rate"],
-                       "seed": seed, "epochs": epochs, "data": ":".join(args.data.split(":")[:2]),
+                       "seed": seed, "epochs": epochs, "data": data_label(args.data),
                        "arch": args.arch, "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "method": params.purify.method, "candidate": before, "hardened": None, "blessed": None}
                 if attack_name != "none" and not args.no_harden and before["asr/real"] >= LEARNED_ASR:
