@@ -22,6 +22,8 @@ after hardening, plus the reconstructed trigger's ASR on the hardened models.
     .venv/bin/python -m benchmarks.detector --data torchvision:GTSRB:ROOT --arch resnet18 --no-flip --epochs 6 \
         --attacks badnets,blend,sig,wanet,trojan --levels 1 --benign-seeds 0,1,2 --no-harden \
         --cache runs/bench/detector-gtsrb
+    # on a GPU: --device cuda; --npz TRAIN TEST reads the subsets benchmarks/gtsrb.py --pack writes, and
+    # benchmarks/detector_rows.sh runs one process per attack side by side (BENCHMARKS.md has the commands)
 
 Rows are cached by content (candidate recipe, settings) under ``--cache``; a rerun only measures what is new.
 """
@@ -84,7 +86,7 @@ class Source:
 
 
 def candidate(source: Source, attack_name: str, level: int, seed: int, epochs: int,
-              cache: Path) -> tuple[Normalized, dict]:
+              cache: Path, device: str = "cpu") -> tuple[Normalized, dict]:
     """A cached backdoored (``level`` 0/1: the lower/higher rate) or benign (``attack_name == 'none'``) model."""
     train = source.train
     channels, height, width = train.x.shape[1:]
@@ -104,17 +106,17 @@ def candidate(source: Source, attack_name: str, level: int, seed: int, epochs: i
     if weights.exists() and meta.exists():
         model = Normalized(build_model(builder, num_classes=train.num_classes), mean, std)
         model.net.load_state_dict(load_file(str(weights)))
-        return model.eval(), json.loads(meta.read_text())
+        return model.to(device).eval(), json.loads(meta.read_text())
     print(f"  training {source.arch} {attack_name} at {rate:.3f}, seed {seed} ({len(train)} images, {epochs} epochs)",
           flush=True)
     model, info = make_backdoored_candidate(train, attack, builder=builder, poison_rate=rate, epochs=epochs,
                                             seed=seed, mean=mean, std=std, flip=source.flip, progress=False,
-                                            device="cpu")
+                                            device=device)
     cache.mkdir(parents=True, exist_ok=True)
     save_file(model.net.state_dict(), str(weights))
-    record = {"key": key, **recipe, "train_time_s": info["wall_time_s"]}
+    record = {"key": key, **recipe, "train_time_s": info["wall_time_s"], "device": str(info.get("device", device))}
     meta.write_text(json.dumps(record))
-    return model.eval(), record
+    return model.to(device).eval(), record  # train_classifier hands the model back on the CPU
 
 
 def scan_model(model: torch.nn.Module, test: ImageData, probes: Any, seed: int, probe: Probe | None,
@@ -240,11 +242,13 @@ def passes(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> b
 
 
 def harden(method: PurifyParams, model: Normalized, clean: ImageData, test: ImageData, params: Params,
-           probe: Probe | None, inv: InvertedTrigger, before: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """``method`` (a ``purify``-section entry) run on the clean set, the result scanned; and whether it passes."""
+           probe: Probe | None, inv: InvertedTrigger, before: dict[str, Any],
+           device: str = "cpu") -> tuple[dict[str, Any], bool]:
+    """``method`` (a ``purify``-section entry) run on the clean set, the result scanned on ``device``; and whether
+    it passes."""
     torch.manual_seed(0)
-    result = run_defense(method.method, model, clean.dataset(), method.config(0, "cpu", progress=False))
-    after, _ = scan_model(result.model, test, params.probes, seed=0, probe=probe, trigger=inv)
+    result = run_defense(method.method, model, clean.dataset(), method.config(0, device, progress=False))
+    after, _ = scan_model(result.model.to(device), test, params.probes, seed=0, probe=probe, trigger=inv)
     return after, passes(params.gate, before, after)
 
 
@@ -267,6 +271,11 @@ def load_splits(spec: str, n_train: int | None, n_test: int | None) -> tuple[Ima
     return splits[0], splits[1]
 
 
+def unflipped(method: PurifyParams) -> PurifyParams:
+    """``method`` without horizontal flips (its ``flip`` field off, where it has one)."""
+    return method.model_copy(update={"flip": False}) if "flip" in type(method).model_fields else method
+
+
 def data_label(spec: str) -> str:
     """``spec`` without local paths: ``synthetic``, ``torchvision:GTSRB``, ``npz``, ``imagefolder``."""
     parts = spec.split(":")
@@ -282,6 +291,10 @@ def main() -> None:
                         help="candidates' training epochs (default: params.yaml's candidate.demo.epochs, the demo's)")
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic' (the demo's shapes) or a dataset spec with both splits, e.g. torchvision:GTSRB:ROOT")
+    parser.add_argument("--npz", nargs=2, metavar=("TRAIN", "TEST"),
+                        help="both splits from two npz files instead of --data (benchmarks/gtsrb.py --pack makes them)")
+    parser.add_argument("--data-name", default=None,
+                        help="what the rows call the data (default: --data without local paths, or 'npz')")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="small_cnn")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                         help="mirror training images (--no-flip for road signs, which are not mirror-symmetric)")
@@ -290,7 +303,10 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=None, help="training images (synthetic: 5,000; else all)")
     parser.add_argument("--n-test", type=int, default=None,
                         help="test images, a stratified subset (synthetic: 2,000; else all)")
+    parser.add_argument("--clean-fraction", type=float, default=None,
+                        help="the defender's share of the training images (default: params.yaml's data.clean_fraction)")
     parser.add_argument("--no-harden", action="store_true", help="scan the candidates only")
+    parser.add_argument("--device", default="cpu", help="train, purify and scan here (cpu, cuda)")
     parser.add_argument("--cache", type=Path, default=REPO / "runs/bench/detector")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table-only", action="store_true")
@@ -302,28 +318,36 @@ def main() -> None:
     if not args.table_only:
         params = load_params(args.params)
         epochs = args.epochs or params.candidate.demo.epochs
-        train, test = load_splits(args.data, args.n_train, args.n_test)
+        if args.npz:
+            train, test = (load_dataset(f"npz:{path}") for path in args.npz)
+        else:
+            train, test = load_splits(args.data, args.n_train, args.n_test)
+        data_name = args.data_name or ("npz" if args.npz else data_label(args.data))
         source = Source(train, args.arch, args.flip)
-        clean = stratified_split(train, fraction=params.data.clean_fraction, seed=1)[0]
+        clean = stratified_split(train, fraction=args.clean_fraction or params.data.clean_fraction, seed=1)[0]
+        if not args.flip:  # the purifiers must not mirror what the candidates never saw mirrored either
+            params = params.model_copy(update={
+                "purify": unflipped(params.purify),
+                "policy": params.policy.model_copy(update={"fallbacks": [unflipped(f) for f in params.policy.fallbacks]})})
         plan = [(a, int(lvl), 0) for a in args.attacks.split(",") if a for lvl in args.levels.split(",")]
         plan += [("none", 0, int(s)) for s in args.benign_seeds.split(",") if s]
         settings = {"probes": params.probes.model_dump(mode="json"), "purify": params.purify.model_dump(mode="json"),
                     "harden": not args.no_harden, "clean": len(clean), "v": 2}
         fallbacks = [f.model_dump(mode="json") for f in params.policy.fallbacks]
         for attack_name, level, seed in plan:
-            model, info = candidate(source, attack_name, level, seed, epochs, args.cache / "candidates")
+            model, info = candidate(source, attack_name, level, seed, epochs, args.cache / "candidates", args.device)
             key = digest({"candidate": info["key"], "settings": settings})
             probe = None if attack_name == "none" else Probe(name="real", attack=attack_name, target=TARGET)
             row = done.get(key)
             if row is None:
                 before, inv = scan_model(model, test, params.probes, seed=0, probe=probe)
                 row = {"key": key, "date": str(date.today()), "attack": attack_name, "rate": info["rate"],
-                       "seed": seed, "epochs": epochs, "data": data_label(args.data),
+                       "seed": seed, "epochs": epochs, "data": data_name, "device": args.device,
                        "arch": args.arch, "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "method": params.purify.method, "candidate": before, "hardened": None, "blessed": None}
                 if attack_name != "none" and not args.no_harden and before["asr/real"] >= LEARNED_ASR:
                     row["hardened"], row["blessed"] = harden(params.purify, model, clean, test, params, probe, inv,
-                                                             before)
+                                                             before, args.device)
             elif row["blessed"] is False and row.get("policy") != fallbacks and not args.no_harden:
                 inv = invert_trigger(model, test, seed=0, **params.probes.inversion.model_dump(exclude={"enabled"}))
                 before = row["candidate"]
@@ -332,7 +356,7 @@ def main() -> None:
             if row["blessed"] is False and row.get("policy") != fallbacks:  # the step's policy: its fallbacks in turn
                 row["policy"], row["fallbacks"] = fallbacks, []
                 for method in params.policy.fallbacks:
-                    after, passed = harden(method, model, clean, test, params, probe, inv, before)
+                    after, passed = harden(method, model, clean, test, params, probe, inv, before, args.device)
                     row["fallbacks"].append({"method": method.method, "hardened": after, "blessed": passed})
                     if passed:
                         break
