@@ -180,15 +180,18 @@ def scan_metrics(model: nn.Module, test: ImageData, *, samples: int = 500, eps: 
                  seed: int = 0, batch_size: int = 256, progress: bool = False) -> dict[str, Any]:
     """Trigger-free scan (:mod:`nft_core.scan`) on ``samples`` random clean images of ``test``.
 
-    Returns ``scan/top_share``, ``scan/top_label`` and ``scan/flip_rate``. PyTorch only (the attack needs
-    gradients): the hardened model is scanned through its folded PyTorch twin, which the ONNX parity check
-    ties to the shipped file.
+    Returns ``scan/top_share``, ``scan/top_label``, ``scan/flip_rate`` and ``scan/label_shares`` (every class's
+    share of the successful flips, all 0 when nothing flipped; the report plots them). PyTorch only (the
+    attack needs gradients): the hardened model is scanned through its folded PyTorch twin, which the ONNX
+    parity check ties to the shipped file.
     """
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:samples]
     result = adversarial_label_concentration(model, test.images()[idx], test.y[idx], eps=eps, steps=steps,
                                              batch_size=batch_size, seed=seed, num_classes=test.num_classes,
                                              progress=progress)
-    return {"scan/top_share": result.top_share, "scan/top_label": result.top_label, "scan/flip_rate": result.flip_rate}
+    shares = [count / max(result.n_flipped, 1) for count in result.label_histogram]
+    return {"scan/top_share": result.top_share, "scan/top_label": result.top_label, "scan/flip_rate": result.flip_rate,
+            "scan/label_shares": shares}
 
 
 @dataclass(frozen=True)

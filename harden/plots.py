@@ -163,6 +163,14 @@ def max_margins(margins: Mapping[str, tuple[Sequence[float], float]], suspect: i
                            lambda model, values: [(float(np.median(values)), "--", f"{model}: median")])
 
 
+def scan_labels(shares: Mapping[str, Sequence[float]], flag: float) -> Figure:
+    """Per-class share of the scan's successful adversarial flips for each model, with the share at which the
+    top class flags the model (``flag``: a backdoor target draws most of them)."""
+    return _per_class_bars(shares, {model: model for model in shares}, "share of adversarial flips",
+                           "Where the scan's adversarial examples land",
+                           lambda model, values: [(flag, ":", f"flags at {flag:g}")] if model == next(iter(shares)) else [])
+
+
 def inversion_norms(norms: Mapping[str, Sequence[float]], ratio_factor: float) -> Figure:
     """Per-class L1 norm of the reconstructed masks for each model, with each model's median and the norm a
     class must fall below to flag the model (median / ``ratio_factor``: a backdoor target needs a small mask)."""

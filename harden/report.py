@@ -33,7 +33,7 @@ import jinja2
 import numpy as np
 
 from harden import plots
-from harden.evaluate import NORM_RATIO_FACTOR, LayerMasks, compare, flatten, mask_statistics
+from harden.evaluate import NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, LayerMasks, compare, flatten, mask_statistics
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
 from harden.records import Attempt
@@ -47,6 +47,9 @@ PLOTS: dict[str, tuple[str, str]] = {
     "triggers": ("triggers.png", "Reconstructed trigger of each model's suspected target (Neural Cleanse)"),
     "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a class below median / 3 "
                         "flags the model (backdoor score >= 1)"),
+    "scan_labels": ("scan_labels.png", "Where the scan's untargeted adversarial examples land, per class (PBE): a "
+                    "backdoored model sends most of them to its target; a top share at the dotted line flags the "
+                    "model (backdoor score >= 1)"),
     "max_margins": ("max_margins.png", "Largest reachable margin per class (MM-BD, no images needed): one class far "
                     "above the others flags the model; the legend gives the p-value of the candidate's suspect in "
                     "each model, which the backdoor score uses"),
@@ -188,8 +191,11 @@ def write_plot_data(plot_dir: Path, comparison: Mapping[str, Mapping[str, float 
 
 def _figures(comparison: Mapping[str, Mapping[str, float | None]], history: Sequence[Mapping[str, float]] | None,
              masks: Sequence[LayerMasks] | None, inversion: Mapping[str, TriggerView] | None,
-             margins: Mapping[str, tuple[Sequence[float], float]], suspect: int | None) -> dict[str, Any]:
+             margins: Mapping[str, tuple[Sequence[float], float]], suspect: int | None,
+             scans: Mapping[str, Sequence[float]]) -> dict[str, Any]:
     figures = {"before_after": plots.before_after_bars(comparison)}
+    if scans:
+        figures["scan_labels"] = plots.scan_labels(scans, SCAN_SHARE_FLAG)
     if margins and suspect is not None:
         figures["max_margins"] = plots.max_margins(margins, suspect)
     if inversion:
@@ -266,7 +272,9 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
     margins = {model: (m["margin/values"], m.get("margin/suspect_pvalue", m["margin/pvalue"]))
                for model, m in (("candidate", before), ("hardened", after)) if "margin/values" in m}
     suspect = before.get("margin/target")
-    for key, fig in _figures(comparison, history, masks, inversion, margins, suspect).items():
+    scans = {model: m["scan/label_shares"] for model, m in (("candidate", before), ("hardened", after))
+             if "scan/label_shares" in m}
+    for key, fig in _figures(comparison, history, masks, inversion, margins, suspect, scans).items():
         file_name, caption = PLOTS[key]
         plot_paths[key] = plots.save_png(fig, out / "plots" / file_name)
         images.append({"key": key, "caption": caption, "file": f"plots/{file_name}",

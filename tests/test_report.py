@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harden.evaluate import (Probe, evaluate_torch, invert_trigger, layer_masks, margin_metrics,
-                             purification_summary, suspect_margin_pvalue)
+                             purification_summary, scan_metrics, suspect_margin_pvalue)
 from harden.gate import evaluate_gate
 from harden.report import TriggerView, write_report
 from nft_core.config import NFTConfig
@@ -52,6 +52,8 @@ def run(tmp_path_factory):
     before, after = evaluate_torch(candidate, test, probes), evaluate_torch(hardened, test, probes)
     before.update(margin_metrics(candidate, test, starts=1, steps=3))
     after.update(margin_metrics(hardened, test, starts=1, steps=3))
+    before.update(scan_metrics(candidate, test, steps=2))
+    after.update(scan_metrics(hardened, test, steps=2))
     for metrics in (before, after):
         metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(before, metrics)
     blessing = evaluate_gate({"metrics": [{"metric": "acc", "max_drop": 0.02}, {"metric": "asr/*", "max": 0.05}]},
@@ -72,7 +74,7 @@ def test_html_is_self_contained_with_real_pngs(run):
     parser = _Collector()
     parser.feed(files.html.read_text())
     parser.close()
-    assert len(parser.images) == 7 and parser.tables >= 4  # 4 purification plots, the trigger, the norms, the margins
+    assert len(parser.images) == 8 and parser.tables >= 4  # 4 purification plots, trigger, norms, scan, margins
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1])
@@ -82,6 +84,7 @@ def test_html_is_self_contained_with_real_pngs(run):
     assert f"{before['acc']:.4f}" in text and "ab|cd" in text  # real numbers and lineage, escaped as text
     assert all(c.reason in text for c in blessing.checks)
     assert "margin/pvalue" in text and "Largest reachable margin per class" in text  # the table row, the caption
+    assert "scan/top_share" in text and "the scan's untargeted adversarial examples land" in text
 
 
 def test_markdown_has_tables_and_references_png_files(run):

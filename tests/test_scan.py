@@ -6,7 +6,7 @@ from torch import nn
 
 from harden.evaluate import scan_metrics
 from nft_core.attacks import make_attack
-from nft_core.data import make_synthetic
+from nft_core.data import ImageData, make_synthetic
 from nft_core.metrics import attack_success_rate, predict
 from nft_core.scan import adversarial_label_concentration
 from nft_core.train import make_backdoored_candidate
@@ -40,6 +40,19 @@ def test_nothing_flips_under_a_tiny_budget():
     y = predict(model, torch.rand(10, 3, 8, 8))
     result = adversarial_label_concentration(model, torch.rand(10, 3, 8, 8), y, eps=1e-3, steps=1)
     assert (result.top_label, result.top_share, result.n_flipped, result.flip_rate) == (None, 0.0, 0, 0.0)
+
+
+def test_stage_wrapper_reports_every_class_s_share_of_the_flips():
+    model = linear_model()
+    test = ImageData(x=(torch.rand(40, 3, 8, 8) * 255).to(torch.uint8), y=torch.arange(40) % K, num_classes=K)
+    metrics = scan_metrics(model, test, samples=40, eps=0.5, steps=5, batch_size=16)
+    shares = metrics["scan/label_shares"]
+    flips = [round(s * 40 * metrics["scan/flip_rate"], 6) for s in shares]  # shares of whole flips, summing to 1
+    assert len(shares) == K and sum(shares) == pytest.approx(1) and all(f == int(f) for f in flips)
+    assert shares[metrics["scan/top_label"]] == metrics["scan/top_share"] == max(shares)
+    still = scan_metrics(linear_model(scale=0.0), ImageData(x=test.x, y=predict(linear_model(scale=0.0), test.images()),
+                                                            num_classes=K), samples=40, eps=1e-3, steps=1)
+    assert still["scan/label_shares"] == [0.0] * K  # nothing flipped: no share, not a division by zero
 
 
 @pytest.mark.parametrize("kwargs, message", [({"eps": 0.0}, "eps"), ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size")])
@@ -77,3 +90,5 @@ def test_scan_separates_backdoored_from_clean(models):
     assert bad.top_share > clean.top_share + 0.1
     metrics = scan_metrics(trained["backdoored"], test, samples=200)  # the stage wrapper reports the same scan
     assert (metrics["scan/top_label"], metrics["scan/top_share"]) == (TARGET, pytest.approx(bad.top_share, abs=0.05))
+    shares = metrics["scan/label_shares"]  # what the report plots: every class's share of the flips
+    assert len(shares) == K and sum(shares) == pytest.approx(1) and max(shares) == metrics["scan/top_share"]
