@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -45,7 +46,8 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.gtsrb import data_digest
 from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, InvertedTrigger, backdoor_score,
-                             evaluate_torch, invert_trigger, margin_metrics, scan_metrics, suspect_margin_pvalue)
+                             evaluate_torch, invert_trigger, margin_metrics, runner_up_ratio, scan_metrics,
+                             suspect_margin_pvalue)
 from harden.gate import GateConfig, evaluate_gate
 from harden.params import Params, PurifyParams, load_params
 from harden.probes import Probe
@@ -135,7 +137,25 @@ def scan_model(model: torch.nn.Module, test: ImageData, probes: Any, seed: int, 
     return metrics, inv
 
 
+#: The runner-up ratio at which the rules below flag a model (not part of the library's score): above every benign
+#: model measured, 2.26 at most (BENCHMARKS.md).
+RUNNER_UP_FLAG = 3.0
+
+
+def runner_up(metrics: dict[str, Any]) -> float | None:
+    """``scan/runner_up_ratio``, from ``scan/label_shares`` for rows written before it was reported; infinite when
+    fewer than two classes drew flips (a gate check on it fails then); None for rows without either."""
+    if "scan/label_shares" not in metrics:
+        return metrics.get("scan/runner_up_ratio")
+    ratio = runner_up_ratio(metrics["scan/label_shares"])
+    return math.inf if ratio is None else ratio
+
+
 def rules() -> dict[str, Any]:
+    """Rule name -> whether it flags a model's metrics (None: the row lacks what the rule needs)."""
+    def ratio_rule(also: Any = lambda m: False) -> Any:
+        return lambda m: None if (r := runner_up(m)) is None else bool(also(m) or r >= RUNNER_UP_FLAG)
+
     return {
         f"NC anomaly index > {ANOMALY_THRESHOLD:g}": lambda m: m["inverted/anomaly_index"] > ANOMALY_THRESHOLD,
         f"suspect mask {NORM_RATIO_FACTOR:g}x below the median": lambda m: m["inverted/norm_ratio"] <= 1 / NORM_RATIO_FACTOR,
@@ -145,6 +165,8 @@ def rules() -> dict[str, Any]:
         f"MM-BD p <= {MARGIN_P_FLAG:g}, the candidate's suspect": lambda m: m["margin/suspect_pvalue"] <= MARGIN_P_FLAG,
         "backdoor score without MM-BD >= 1": lambda m: backdoor_score(_without_margin(m)) >= 1,
         "backdoor score >= 1 (mask ratio, scan or MM-BD p)": lambda m: backdoor_score(m) >= 1,
+        f"scan runner-up ratio >= {RUNNER_UP_FLAG:g} (not in the score)": ratio_rule(),
+        f"backdoor score >= 1 or runner-up ratio >= {RUNNER_UP_FLAG:g}": ratio_rule(lambda m: backdoor_score(m) >= 1),
     }
 
 
@@ -152,12 +174,20 @@ def _without_margin(metrics: dict[str, Any]) -> dict[str, Any]:  # the score as 
     return {k: v for k, v in metrics.items() if not k.startswith("margin/")}
 
 
-def pct(n: int, d: int) -> str:
+def pct(flags: list[bool | None]) -> str:
+    """The share of models a rule flags, among those it could judge."""
+    judged = [f for f in flags if f is not None]
+    n, d = sum(judged), len(judged)
     return f"{100 * n / d:.0f} % ({n}/{d})" if d else "n/a"
 
 
 #: A poisoned candidate whose real trigger reaches less than this ASR did not learn its backdoor: left out of the rates.
 LEARNED_ASR = 0.5
+
+
+def _scan(m: dict[str, Any]) -> str:
+    ratio = runner_up(m)
+    return f"{m['scan/top_label']} ({m['scan/top_share']:.2f}{'' if ratio is None else f'; {ratio:.2f}x'})"
 
 
 def _mmbd(m: dict[str, Any]) -> str:
@@ -207,12 +237,11 @@ def render(rows: list[dict[str, Any]]) -> str:
              "", "| rule | TPR (backdoored) | FPR (benign) | flagged after hardening | flagged after a blessed hardening |",
              "|---|---|---|---|---|"]
     for name, rule in rules().items():
-        lines.append(f"| {name} | {pct(sum(rule(r['candidate']) for r in bad), len(bad))} | "
-                     f"{pct(sum(rule(r['candidate']) for r in benign), len(benign))} | "
-                     f"{pct(sum(rule(shipped(r)[1]) for r in hardened), len(hardened))} | "
-                     f"{pct(sum(rule(shipped(r)[1]) for r in blessed), len(blessed))} |")
+        lines.append(f"| {name} | {pct([rule(r['candidate']) for r in bad])} | "
+                     f"{pct([rule(r['candidate']) for r in benign])} | "
+                     f"{pct([rule(shipped(r)[1]) for r in hardened])} | {pct([rule(shipped(r)[1]) for r in blessed])} |")
     header = ("candidate", "rate", "ACC", "ASR", "suspect (target 0)", "anomaly index", "norm ratio",
-              "scan top (share)", "MM-BD top (p)", "score", "shipped", "after: ACC", "ASR", "inverted ASR", "norm ratio",
+              "scan top (share; runner-up ratio)", "MM-BD top (p)", "score", "shipped", "after: ACC", "ASR", "inverted ASR", "norm ratio",
               "MM-BD top (p); the candidate's suspect (p)", "score")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -225,7 +254,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
                      f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
                      f"{c['inverted/anomaly_index']:.2f} | {c['inverted/norm_ratio']:.2f} | "
-                     f"{c['scan/top_label']} ({c['scan/top_share']:.2f}) | {_mmbd(c)} | {backdoor_score(c):.2f} | "
+                     f"{_scan(c)} | {_mmbd(c)} | {backdoor_score(c):.2f} | "
                      f"{after} |")
     return "\n".join(lines)
 

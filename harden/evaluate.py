@@ -180,18 +180,33 @@ def scan_metrics(model: nn.Module, test: ImageData, *, samples: int = 500, eps: 
                  seed: int = 0, batch_size: int = 256, progress: bool = False) -> dict[str, Any]:
     """Trigger-free scan (:mod:`nft_core.scan`) on ``samples`` random clean images of ``test``.
 
-    Returns ``scan/top_share``, ``scan/top_label``, ``scan/flip_rate`` and ``scan/label_shares`` (every class's
-    share of the successful flips, all 0 when nothing flipped; the report plots them). PyTorch only (the
-    attack needs gradients): the hardened model is scanned through its folded PyTorch twin, which the ONNX
-    parity check ties to the shipped file.
+    Returns ``scan/top_share``, ``scan/top_label``, ``scan/flip_rate``, ``scan/label_shares`` (every class's
+    share of the successful flips, all 0 when nothing flipped; the report plots them) and
+    ``scan/runner_up_ratio`` (:func:`runner_up_ratio`; absent when fewer than two classes drew a flip, so a
+    gate check on it cannot pass). PyTorch only (the attack needs gradients): the hardened model is scanned
+    through its folded PyTorch twin, which the ONNX parity check ties to the shipped file.
     """
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:samples]
     result = adversarial_label_concentration(model, test.images()[idx], test.y[idx], eps=eps, steps=steps,
                                              batch_size=batch_size, seed=seed, num_classes=test.num_classes,
                                              progress=progress)
     shares = [count / max(result.n_flipped, 1) for count in result.label_histogram]
+    ratio = runner_up_ratio(shares)
     return {"scan/top_share": result.top_share, "scan/top_label": result.top_label, "scan/flip_rate": result.flip_rate,
-            "scan/label_shares": shares}
+            "scan/label_shares": shares, **({} if ratio is None else {"scan/runner_up_ratio": ratio})}
+
+
+def runner_up_ratio(shares: Sequence[float]) -> float | None:
+    """How many times more of the scan's adversarial flips the top class draws than the next one (None when
+    fewer than two classes drew any).
+
+    Unlike the top share, it does not shrink with the number of classes: a benign model's flips spread over
+    several natural sinks of similar weight (1.03-1.48 on GTSRB's 43 classes, up to 2.26 on the 10 synthetic
+    shapes), while a backdoor target that draws them stands alone (WaNet and Blend on GTSRB: 6.6-10.8). Measured
+    in BENCHMARKS.md (*Backdoor detection without the trigger*); reported and gateable, not part of
+    :func:`backdoor_score`."""
+    top, second = sorted(shares, reverse=True)[:2] if len(shares) >= 2 else (0.0, 0.0)
+    return top / second if second > 0 else None
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ RANGES: tuple[tuple[str, float, float], ...] = (
 METRIC_FAMILIES: tuple[str, ...] = (
     "acc", "min_class_acc", "per_class_acc/*", "asr/*", "asr_lift/*", "clean_rate/*", "robust_acc/*", "n/*",
     "eval_time_s",
-    "scan/flip_rate", "scan/top_label", "scan/top_share", "scan/backdoor_score",
+    "scan/flip_rate", "scan/top_label", "scan/top_share", "scan/runner_up_ratio", "scan/backdoor_score",
     "inverted/asr", "inverted/clean_rate", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio",
     "inverted/mask_l1", "inverted/target", "margin/pvalue", "margin/suspect_pvalue", "margin/target",
     "margin/ratio",

@@ -113,7 +113,8 @@ def _table_rows(comparison: Mapping[str, Mapping[str, float | None]]) -> list[di
     probes = sorted(k.split("/", 1)[1] for k in comparison if k.startswith("asr/"))
     keys = ["acc", "min_class_acc"] + [f"{m}/{p}" for p in probes for m in ("asr", "asr_lift", "clean_rate", "robust_acc")]
     keys += ["inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio", "inverted/target",
-             "scan/top_share", "scan/top_label", "scan/flip_rate", "margin/pvalue", "margin/ratio", "margin/target",
+             "scan/top_share", "scan/top_label", "scan/flip_rate", "scan/runner_up_ratio", "margin/pvalue",
+             "margin/ratio", "margin/target",
              "margin/suspect_pvalue", "scan/backdoor_score"]
     return [{"metric": k, **comparison[k]} for k in keys if k in comparison]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from harden.evaluate import scan_metrics
+from harden.evaluate import runner_up_ratio, scan_metrics
 from nft_core.attacks import make_attack
 from nft_core.data import ImageData, make_synthetic
 from nft_core.metrics import attack_success_rate, predict
@@ -53,6 +53,14 @@ def test_stage_wrapper_reports_every_class_s_share_of_the_flips():
     still = scan_metrics(linear_model(scale=0.0), ImageData(x=test.x, y=predict(linear_model(scale=0.0), test.images()),
                                                             num_classes=K), samples=40, eps=1e-3, steps=1)
     assert still["scan/label_shares"] == [0.0] * K  # nothing flipped: no share, not a division by zero
+    assert "scan/runner_up_ratio" not in still  # absent, so a gate check on it cannot pass
+    top, second = sorted(shares, reverse=True)[:2]
+    assert metrics["scan/runner_up_ratio"] == top / second
+
+
+def test_runner_up_ratio_needs_two_classes_that_drew_flips():
+    assert runner_up_ratio([0.5, 0.1, 0.4]) == pytest.approx(1.25)
+    assert runner_up_ratio([0.0, 1.0, 0.0]) is None and runner_up_ratio([0.0, 0.0]) is None and runner_up_ratio([1.0]) is None
 
 
 @pytest.mark.parametrize("kwargs, message", [({"eps": 0.0}, "eps"), ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size")])
