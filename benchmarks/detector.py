@@ -65,7 +65,7 @@ TARGET = 0
 RATES = (0.05, 0.1)
 CLEAN_LABEL_SHARES = (0.4, 0.8)
 #: ``--arch`` -> the model builder
-ARCHS = {"small_cnn": "small_cnn", "resnet18": "torchvision.resnet18"}
+ARCHS = {"small_cnn": "small_cnn", "resnet18": "torchvision.resnet18", "preact_resnet18": "preact_resnet18"}  # the last at width 64
 
 
 def digest(obj: Any) -> str:
