@@ -49,7 +49,7 @@ from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, 
                              evaluate_torch, invert_trigger, margin_metrics, runner_up_ratio, scan_metrics,
                              suspect_margin_pvalue)
 from harden.gate import GateConfig, evaluate_gate
-from harden.params import Params, PurifyParams, load_params
+from harden.params import Params, PurifyParams, load_params, load_yaml, parse_params
 from harden.probes import Probe
 from nft_core.attacks import ATTACKS, make_attack
 from nft_core.data import ImageData, load_dataset, make_synthetic, stratified_split
@@ -300,6 +300,14 @@ def load_splits(spec: str, n_train: int | None, n_test: int | None) -> tuple[Ima
     return splits[0], splits[1]
 
 
+def load_settings(path: Path, override: Path | None) -> Params:
+    """``path`` (a ``params.yaml``) with every section of ``override`` in place of its own, validated as one."""
+    if override is None:
+        return load_params(path)
+    sections = [load_yaml(p.read_text(), str(p)) for p in (path, override)]
+    return parse_params({**sections[0], **sections[1]}, f"{path} with {override}'s sections")
+
+
 def unflipped(method: PurifyParams) -> PurifyParams:
     """``method`` without horizontal flips (its ``flip`` field off, where it has one)."""
     return method.model_copy(update={"flip": False}) if "flip" in type(method).model_fields else method
@@ -316,6 +324,8 @@ def main() -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--benign-seeds", default="0,1,2,3,4")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--override", type=Path, default=None,
+                        help="a YAML file whose sections replace --params's (benchmarks/params-gtsrb.yaml: road signs)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="candidates' training epochs (default: params.yaml's candidate.demo.epochs, the demo's)")
     parser.add_argument("--data", default="synthetic",
@@ -345,7 +355,7 @@ def main() -> None:
     results = args.cache / "rows.jsonl"
     done = {row["key"]: row for row in map(json.loads, results.read_text().splitlines())} if results.exists() else {}
     if not args.table_only:
-        params = load_params(args.params)
+        params = load_settings(args.params, args.override)
         epochs = args.epochs or params.candidate.demo.epochs
         if args.npz:
             train, test = (load_dataset(f"npz:{path}") for path in args.npz)
