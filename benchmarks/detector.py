@@ -185,13 +185,29 @@ def pct(flags: list[bool | None]) -> str:
 LEARNED_ASR = 0.5
 
 
+def _suspect(candidate: dict[str, Any], hardened: dict[str, Any]) -> str:
+    if "margin/suspect_pvalue" not in hardened:
+        return "-"
+    return f"{candidate['margin/target']} ({hardened['margin/suspect_pvalue']:.1e})"
+
+
+def judged(rule: Any) -> Any:
+    """``rule``, answering None (not judged) for rows without a metric it reads."""
+    def safe(m: dict[str, Any]) -> bool | None:
+        try:
+            return rule(m)  # type: ignore[no-any-return]
+        except KeyError:
+            return None
+    return safe
+
+
 def _scan(m: dict[str, Any]) -> str:
     ratio = runner_up(m)
     return f"{m['scan/top_label']} ({m['scan/top_share']:.2f}{'' if ratio is None else f'; {ratio:.2f}x'})"
 
 
 def _mmbd(m: dict[str, Any]) -> str:
-    return f"{m['margin/target']} ({m['margin/pvalue']:.1e})"
+    return f"{m['margin/target']} ({m['margin/pvalue']:.1e})" if "margin/pvalue" in m else "-"
 
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -206,8 +222,11 @@ def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def with_suspect(row: dict[str, Any]) -> dict[str, Any]:
     """The row with ``margin/suspect_pvalue`` on both sides, as the evaluate stage writes it: the hardened
-    model is asked about the candidate's suspect (its own largest margin is kept as ``margin/pvalue``)."""
+    model is asked about the candidate's suspect (its own largest margin is kept as ``margin/pvalue``). Rows
+    from before MM-BD (2026-11-22) have no margins and stay as they are."""
     c = row["candidate"]
+    if "margin/pvalue" not in c:
+        return row
     c = {**c, "margin/suspect_pvalue": suspect_margin_pvalue(c, c)}
 
     def asked(h: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -236,7 +255,8 @@ def render(rows: list[dict[str, Any]]) -> str:
              f"the policy's fallbacks on {len(blessed) - first} more, nothing on {len(hardened) - len(blessed)}.",
              "", "| rule | TPR (backdoored) | FPR (benign) | flagged after hardening | flagged after a blessed hardening |",
              "|---|---|---|---|---|"]
-    for name, rule in rules().items():
+    for name, flags in rules().items():
+        rule = judged(flags)
         lines.append(f"| {name} | {pct([rule(r['candidate']) for r in bad])} | "
                      f"{pct([rule(r['candidate']) for r in benign])} | "
                      f"{pct([rule(shipped(r)[1]) for r in hardened])} | {pct([rule(shipped(r)[1]) for r in blessed])} |")
@@ -249,7 +269,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         h = h or {}
         asr = c.get("asr/real")
         after = (f"{method}{'' if ok else ' (fails)'} | {100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
-                 f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)}; {c['margin/target']} ({h['margin/suspect_pvalue']:.1e}) | "
+                 f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)}; {_suspect(c, h)} | "
                  f"{backdoor_score(h):.2f}") if h else "| | | | | |"
         lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
                      f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
