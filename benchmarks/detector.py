@@ -203,7 +203,8 @@ def judged(rule: Any) -> Any:
 
 def _scan(m: dict[str, Any]) -> str:
     ratio = runner_up(m)
-    return f"{m['scan/top_label']} ({m['scan/top_share']:.2f}{'' if ratio is None else f'; {ratio:.2f}x'})"
+    shown = "" if ratio is None else "; no runner-up" if math.isinf(ratio) else f"; {ratio:.2f}x"
+    return f"{m['scan/top_label']} ({m['scan/top_share']:.2f}{shown})"
 
 
 def _mmbd(m: dict[str, Any]) -> str:
