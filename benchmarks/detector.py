@@ -12,8 +12,8 @@ ships. By default the candidates are the demo's: its small CNN on the synthetic 
 ``candidate.demo.epochs`` epochs. ``--data`` takes a dataset spec with both splits instead (real photographs:
 ``torchvision:GTSRB:ROOT``) and ``--arch`` a real architecture (torchvision's ResNet-18, PreActResNet-18 at width
 64). The table gives, per rule (NC's anomaly index, the norm ratio, the scan, its runner-up ratio, MM-BD's p-value,
-the combined backdoor score), the true-positive rate on backdoored candidates, the false-positive rate on benign ones, and the share still flagged
-after hardening, plus the reconstructed trigger's ASR on the hardened models.
+the combined backdoor score), the true-positive rate on backdoored candidates, the false-positive rate on benign
+ones, and the share still flagged after hardening, plus the reconstructed trigger's ASR on the hardened models.
 
     .venv/bin/python -m benchmarks.detector --no-harden            # scan only: about 1 h on 2 cores (17 models)
     .venv/bin/python -m benchmarks.detector                        # and harden: about 5 min more a candidate
