@@ -145,7 +145,7 @@ RUNNER_UP_FLAG = 3.0
 def runner_up(metrics: dict[str, Any]) -> float | None:
     """``scan/runner_up_ratio``, from ``scan/label_shares`` for rows written before it was reported; infinite when
     fewer than two classes drew flips (a gate check on it fails then); None for rows without either."""
-    if "scan/label_shares" not in metrics:
+    if "scan/runner_up_ratio" in metrics or "scan/label_shares" not in metrics:
         return metrics.get("scan/runner_up_ratio")
     ratio = runner_up_ratio(metrics["scan/label_shares"])
     return math.inf if ratio is None else ratio

@@ -166,9 +166,13 @@ def max_margins(margins: Mapping[str, tuple[Sequence[float], float]], suspect: i
 def scan_labels(shares: Mapping[str, Sequence[float]], flag: float) -> Figure:
     """Per-class share of the scan's successful adversarial flips for each model, with the share at which the
     top class flags the model (``flag``: a backdoor target draws most of them)."""
+    first = next(iter(shares))  # one threshold line, drawn with the first model's bars
+
+    def lines(model: str, values: Sequence[float]) -> list[HLine]:
+        return [(flag, ":", f"flags at {flag:g}")] if model == first else []
+
     return _per_class_bars(shares, {model: model for model in shares}, "share of adversarial flips",
-                           "Where the scan's adversarial examples land",
-                           lambda model, values: [(flag, ":", f"flags at {flag:g}")] if model == next(iter(shares)) else [])
+                           "Where the scan's adversarial examples land", lines)
 
 
 def inversion_norms(norms: Mapping[str, Sequence[float]], ratio_factor: float) -> Figure:
