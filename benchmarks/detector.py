@@ -45,8 +45,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.gtsrb import data_digest
-from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, InvertedTrigger, backdoor_score,
-                             evaluate_torch, invert_trigger, margin_metrics, runner_up_ratio, scan_metrics,
+from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, RUNNER_UP_FLAG, SCAN_SHARE_FLAG, InvertedTrigger,
+                             backdoor_score, evaluate_torch, invert_trigger, margin_metrics, runner_up_ratio, scan_metrics,
                              suspect_margin_pvalue)
 from harden.gate import GateConfig, evaluate_gate
 from harden.params import Params, PurifyParams, load_params, load_yaml, parse_params
@@ -137,11 +137,6 @@ def scan_model(model: torch.nn.Module, test: ImageData, probes: Any, seed: int, 
     return metrics, inv
 
 
-#: The runner-up ratio at which the rules below flag a model (not part of the library's score): above every benign
-#: model measured, 2.26 at most (BENCHMARKS.md).
-RUNNER_UP_FLAG = 3.0
-
-
 def runner_up(metrics: dict[str, Any]) -> float | None:
     """``scan/runner_up_ratio``, from ``scan/label_shares`` for rows written before it was reported; infinite when
     fewer than two classes drew flips (a gate check on it fails then); None for rows without either."""
@@ -151,27 +146,38 @@ def runner_up(metrics: dict[str, Any]) -> float | None:
     return math.inf if ratio is None else ratio
 
 
+def score(metrics: dict[str, Any], *, margin: bool = True, ratio: bool = True) -> float:
+    """The library's :func:`backdoor_score` of a row (with the runner-up ratio of rows that stored only the label
+    shares), or the score without MM-BD's term or without the ratio's, as it was before each joined it."""
+    kept = {k: v for k, v in metrics.items() if (margin or not k.startswith("margin/"))
+            and (ratio or k != "scan/runner_up_ratio")}
+    shares_ratio = runner_up(metrics) if ratio else None
+    if shares_ratio is not None and math.isfinite(shares_ratio):
+        kept["scan/runner_up_ratio"] = shares_ratio
+    return backdoor_score(kept)
+
+
 def rules() -> dict[str, Any]:
     """Rule name -> whether it flags a model's metrics (None: the row lacks what the rule needs)."""
-    def ratio_rule(also: Any = lambda m: False) -> Any:
-        return lambda m: None if (r := runner_up(m)) is None else bool(also(m) or r >= RUNNER_UP_FLAG)
+    def needs_ratio(rule: Any) -> Any:
+        return lambda m: None if runner_up(m) is None else bool(rule(m))
+
+    def ratio_flags(metrics: dict[str, Any]) -> bool | None:
+        ratio = runner_up(metrics)
+        return None if ratio is None else ratio >= RUNNER_UP_FLAG
 
     return {
         f"NC anomaly index > {ANOMALY_THRESHOLD:g}": lambda m: m["inverted/anomaly_index"] > ANOMALY_THRESHOLD,
         f"suspect mask {NORM_RATIO_FACTOR:g}x below the median": lambda m: m["inverted/norm_ratio"] <= 1 / NORM_RATIO_FACTOR,
         f"scan top share >= {SCAN_SHARE_FLAG:g}": lambda m: m["scan/top_share"] >= SCAN_SHARE_FLAG,
+        f"scan runner-up ratio >= {RUNNER_UP_FLAG:g}": ratio_flags,
         f"MM-BD p <= {PAPER_ALPHA:g} (the paper's)": lambda m: m["margin/pvalue"] <= PAPER_ALPHA,
         f"MM-BD p <= {MARGIN_P_FLAG:g}": lambda m: m["margin/pvalue"] <= MARGIN_P_FLAG,
         f"MM-BD p <= {MARGIN_P_FLAG:g}, the candidate's suspect": lambda m: m["margin/suspect_pvalue"] <= MARGIN_P_FLAG,
-        "backdoor score without MM-BD >= 1": lambda m: backdoor_score(_without_margin(m)) >= 1,
-        "backdoor score >= 1 (mask ratio, scan or MM-BD p)": lambda m: backdoor_score(m) >= 1,
-        f"scan runner-up ratio >= {RUNNER_UP_FLAG:g} (not in the score)": ratio_rule(),
-        f"backdoor score >= 1 or runner-up ratio >= {RUNNER_UP_FLAG:g}": ratio_rule(lambda m: backdoor_score(m) >= 1),
+        "backdoor score without MM-BD or the ratio >= 1": lambda m: score(m, margin=False, ratio=False) >= 1,
+        "backdoor score without the ratio >= 1": lambda m: score(m, ratio=False) >= 1,
+        "backdoor score >= 1 (mask ratio, scan share or ratio, MM-BD p)": needs_ratio(lambda m: score(m) >= 1),
     }
-
-
-def _without_margin(metrics: dict[str, Any]) -> dict[str, Any]:  # the score as it was before MM-BD
-    return {k: v for k, v in metrics.items() if not k.startswith("margin/")}
 
 
 def pct(flags: list[bool | None]) -> str:
@@ -271,11 +277,11 @@ def render(rows: list[dict[str, Any]]) -> str:
         asr = c.get("asr/real")
         after = (f"{method}{'' if ok else ' (fails)'} | {100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
                  f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)}; {_suspect(c, h)} | "
-                 f"{backdoor_score(h):.2f}") if h else "| | | | | |"
+                 f"{score(h):.2f}") if h else "| | | | | |"
         lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
                      f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
                      f"{c['inverted/anomaly_index']:.2f} | {c['inverted/norm_ratio']:.2f} | "
-                     f"{_scan(c)} | {_mmbd(c)} | {backdoor_score(c):.2f} | "
+                     f"{_scan(c)} | {_mmbd(c)} | {score(c):.2f} | "
                      f"{after} |")
     return "\n".join(lines)
 

@@ -203,8 +203,7 @@ def runner_up_ratio(shares: Sequence[float]) -> float | None:
     Unlike the top share, it does not shrink with the number of classes: a benign model's flips spread over
     several natural sinks of similar weight (1.03-1.48 on GTSRB's 43 classes, up to 2.26 on the 10 synthetic
     shapes), while a backdoor target that draws them stands alone (WaNet and Blend on GTSRB: 6.6-10.8). Measured
-    in BENCHMARKS.md (*Backdoor detection without the trigger*); reported and gateable, not part of
-    :func:`backdoor_score`."""
+    in BENCHMARKS.md (*Backdoor detection without the trigger*); one of :func:`backdoor_score`'s terms."""
     top, second = sorted(shares, reverse=True)[:2] if len(shares) >= 2 else (0.0, 0.0)
     return top / second if second > 0 else None
 
@@ -290,6 +289,9 @@ NORM_RATIO_FACTOR = 3.0
 #: A scan whose top label takes this share of the adversarial examples is flagged.
 SCAN_SHARE_FLAG = 0.6
 
+#: A scan whose top label draws this many times the flips of the next one is flagged (:func:`runner_up_ratio`).
+RUNNER_UP_FLAG = 3.0
+
 #: A maximum-margin p-value at or below this flags a model (the MM-BD paper uses 0.05; see :func:`backdoor_score`).
 MARGIN_P_FLAG = 1e-3
 
@@ -303,12 +305,16 @@ NORM_RATIO_FLOOR = 1e-3
 def backdoor_score(metrics: Mapping[str, Any]) -> float:
     """One number from the trigger-free evidence of a model; 1 or more flags it as backdoored.
 
-    The largest of up to three ratios, each 1 at its own flag threshold:
+    The largest of up to four ratios, each 1 at its own flag threshold:
 
     - how many times smaller the suspect's reconstructed mask is than the median class's, over
       :data:`NORM_RATIO_FACTOR`;
     - the scan's top-label share over :data:`SCAN_SHARE_FLAG` (a clean 10-class model already sends 30 % of its
       adversarial examples to its natural sink);
+    - when reported, the scan's runner-up ratio (``scan/runner_up_ratio``) over :data:`RUNNER_UP_FLAG`: the top
+      share's threshold was set with 10 classes, and with 43 a WaNet target drawing half the flips stays under
+      it while drawing 9-10x the next class's. Benign models measured reach 2.26 (synthetic) and 1.48 (GTSRB),
+      hardened ones 1.0-1.9;
     - when the maximum-margin statistic ran: ``log p / log`` :data:`MARGIN_P_FLAG` (2 at p = 1e-6), with p the
       p-value of the candidate's suspect in this model (``margin/suspect_pvalue``, see
       :func:`suspect_margin_pvalue`; ``margin/pvalue`` when only that is given). With ten classes the gamma
@@ -324,6 +330,8 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
     """
     ratio = max(metrics["inverted/norm_ratio"], NORM_RATIO_FLOOR)
     terms = [1 / ratio / NORM_RATIO_FACTOR, metrics["scan/top_share"] / SCAN_SHARE_FLAG]
+    if "scan/runner_up_ratio" in metrics:  # absent when fewer than two classes drew flips: the top share says it
+        terms.append(metrics["scan/runner_up_ratio"] / RUNNER_UP_FLAG)
     pvalue = metrics.get("margin/suspect_pvalue", metrics.get("margin/pvalue"))
     if pvalue is not None:
         terms.append(math.log(max(pvalue, MARGIN_P_FLOOR)) / math.log(MARGIN_P_FLAG))

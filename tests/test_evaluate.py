@@ -232,6 +232,18 @@ def test_the_maximum_margin_p_value_joins_the_score_at_its_own_threshold():
     assert 1 < underflow < float("inf"), "a p-value that underflowed to 0 flags, with a finite score"
 
 
+def test_the_scan_s_runner_up_ratio_joins_the_score_at_its_own_threshold():
+    from harden.evaluate import RUNNER_UP_FLAG, backdoor_score
+
+    # a WaNet target on 43 classes: half the flips, under the top-share threshold set with 10, 9x the next class's
+    wanet = {"inverted/norm_ratio": 0.46, "scan/top_share": 0.54}
+    assert backdoor_score(wanet) < 1
+    assert backdoor_score({**wanet, "scan/runner_up_ratio": 9.0}) == pytest.approx(9.0 / RUNNER_UP_FLAG)
+    assert backdoor_score({**wanet, "scan/runner_up_ratio": RUNNER_UP_FLAG}) == pytest.approx(1)
+    benign = {"inverted/norm_ratio": 0.7, "scan/top_share": 0.08}
+    assert backdoor_score({**benign, "scan/runner_up_ratio": 1.48}) < 1  # the largest on a benign GTSRB model
+
+
 def test_a_hardened_model_is_scored_on_the_candidate_s_suspect_not_on_its_own_largest_margin():
     from harden.evaluate import backdoor_score, suspect_margin_pvalue
 
