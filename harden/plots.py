@@ -163,13 +163,16 @@ def max_margins(margins: Mapping[str, tuple[Sequence[float], float]], suspect: i
                            lambda model, values: [(float(np.median(values)), "--", f"{model}: median")])
 
 
-def scan_labels(shares: Mapping[str, Sequence[float]], flag: float) -> Figure:
+def scan_labels(shares: Mapping[str, Sequence[float]], flag: float, runner_up: float) -> Figure:
     """Per-class share of the scan's successful adversarial flips for each model, with the share at which the
-    top class flags the model (``flag``: a backdoor target draws most of them)."""
+    top class flags the model (``flag``: a backdoor target draws most of them) and, per model, ``runner_up``
+    times its second-largest share (a top class above it flags the model too)."""
     first = next(iter(shares))  # one threshold line, drawn with the first model's bars
 
     def lines(model: str, values: Sequence[float]) -> list[HLine]:
-        return [(flag, ":", f"flags at {flag:g}")] if model == first else []
+        second = sorted(values)[-2] if len(values) >= 2 else 0.0
+        own = [(runner_up * second, "--", f"{model}: {runner_up:g}x the runner-up")] if second > 0 else []
+        return ([(flag, ":", f"flags at {flag:g}")] if model == first else []) + own
 
     return _per_class_bars(shares, {model: model for model in shares}, "share of adversarial flips",
                            "Where the scan's adversarial examples land", lines)

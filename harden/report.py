@@ -33,7 +33,8 @@ import jinja2
 import numpy as np
 
 from harden import plots
-from harden.evaluate import NORM_RATIO_FACTOR, SCAN_SHARE_FLAG, LayerMasks, compare, flatten, mask_statistics
+from harden.evaluate import (NORM_RATIO_FACTOR, RUNNER_UP_FLAG, SCAN_SHARE_FLAG, LayerMasks, compare, flatten,
+                             mask_statistics)
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
 from harden.records import Attempt
@@ -48,8 +49,8 @@ PLOTS: dict[str, tuple[str, str]] = {
     "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a class below median / 3 "
                         "flags the model (backdoor score >= 1)"),
     "scan_labels": ("scan_labels.png", "Where the scan's untargeted adversarial examples land, per class (PBE): a "
-                    "backdoored model sends most of them to its target; a top share at the dotted line flags the "
-                    "model (backdoor score >= 1)"),
+                    "backdoored model sends most of them to its target; a top share at the dotted line, or at a "
+                    "model's dashed line (3x its runner-up's share), flags the model (backdoor score >= 1)"),
     "max_margins": ("max_margins.png", "Largest reachable margin per class (MM-BD, no images needed): one class far "
                     "above the others flags the model; the legend gives the p-value of the candidate's suspect in "
                     "each model, which the backdoor score uses"),
@@ -196,7 +197,7 @@ def _figures(comparison: Mapping[str, Mapping[str, float | None]], history: Sequ
              scans: Mapping[str, Sequence[float]]) -> dict[str, Any]:
     figures = {"before_after": plots.before_after_bars(comparison)}
     if scans:
-        figures["scan_labels"] = plots.scan_labels(scans, SCAN_SHARE_FLAG)
+        figures["scan_labels"] = plots.scan_labels(scans, SCAN_SHARE_FLAG, RUNNER_UP_FLAG)
     if margins and suspect is not None:
         figures["max_margins"] = plots.max_margins(margins, suspect)
     if inversion:

@@ -160,3 +160,13 @@ def test_a_baseline_s_history_without_nft_keys_still_plots(tmp_path):
     nft = training_curve([{"epoch": 1.0, "loss": 2.3, "ce": 2.2, "mask_mean": 0.9, "mask_min": 0.5,
                            "frac_at_lower_bound": 0.1}])
     assert len(nft.axes) == 2 and len(nft.axes[1].lines) == 3
+
+
+def test_the_scan_plot_draws_each_model_s_runner_up_bound_where_its_top_class_would_flag_it():
+    from harden.plots import scan_labels
+
+    shares = {"candidate": [0.5, 0.06, 0.04, 0.4], "hardened": [0.2, 0.3, 0.5, 0.0], "nothing flipped": [0.0] * 4}
+    fig = scan_labels(shares, 0.6, 3.0)
+    lines = {line.get_label(): line.get_ydata()[0] for line in fig.axes[0].lines}
+    assert lines == pytest.approx({"flags at 0.6": 0.6, "candidate: 3x the runner-up": 1.2,
+                                   "hardened: 3x the runner-up": 0.9})  # no bound where fewer than two drew flips
