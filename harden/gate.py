@@ -39,7 +39,8 @@ OnMissing = Literal["error", "fail"]
 #: Metric-name patterns and the direction in which the metric gets better (first match wins).
 DIRECTIONS: tuple[tuple[str, Direction], ...] = (
     ("acc", "higher"), ("min_class_acc", "higher"), ("robust_acc/*", "higher"),
-    ("asr/*", "lower"), ("asr_lift/*", "lower"), ("scan/top_share", "lower"), ("scan/backdoor_score", "lower"),
+    ("asr/*", "lower"), ("asr_lift/*", "lower"), ("scan/top_share", "lower"), ("scan/runner_up_ratio", "lower"),
+    ("scan/backdoor_score", "lower"),
     ("inverted/asr", "lower"), ("inverted/asr_lift", "lower"), ("inverted/anomaly_index", "lower"),
     ("inverted/norm_ratio", "higher"), ("margin/pvalue", "higher"), ("margin/suspect_pvalue", "higher"),
     ("margin/ratio", "lower"),
@@ -49,7 +50,8 @@ DIRECTIONS: tuple[tuple[str, Direction], ...] = (
 #: direction in :data:`DIRECTIONS` is a rate.
 RANGES: tuple[tuple[str, float, float], ...] = (
     ("asr_lift/*", -1.0, 1.0), ("inverted/asr_lift", -1.0, 1.0),
-    ("scan/backdoor_score", 0.0, math.inf), ("inverted/norm_ratio", 0.0, math.inf),
+    ("scan/backdoor_score", 0.0, math.inf), ("scan/runner_up_ratio", 1.0, math.inf),
+    ("inverted/norm_ratio", 0.0, math.inf),
     ("inverted/anomaly_index", -math.inf, math.inf), ("margin/ratio", -math.inf, math.inf),
 )
 

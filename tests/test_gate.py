@@ -168,6 +168,7 @@ def test_rate_thresholds_outside_unit_interval_are_refused(check):
 @pytest.mark.parametrize("check, allowed", [({"metric": "asr_lift/*", "min": -1.5}, r"\[-1, 1\]"),
                                             ({"metric": "inverted/asr_lift", "max_increase": 2.5}, r"\[0, 2\]"),
                                             ({"metric": "scan/backdoor_score", "max": -1}, r"\[0, inf\]"),
+                                            ({"metric": "scan/runner_up_ratio", "max": 0.3}, r"\[1, inf\]"),
                                             ({"metric": "inverted/norm_ratio", "min": -0.1}, r"\[0, inf\]")])
 def test_thresholds_outside_the_range_of_a_metric_that_is_not_a_rate_are_refused(check, allowed):
     with pytest.raises(ValidationError, match=rf"outside {allowed}"):
@@ -179,7 +180,7 @@ def test_thresholds_of_other_metrics_are_not_limited_to_unit_interval():
     # the backdoor score flags at 1 and reaches 4 on the demo's candidate; a looser gate may bound it at 2
     GateConfig(metrics=[{"metric": "scan/backdoor_score", "max": 2.0}, {"metric": "asr_lift/*", "min": -0.5},
                         {"metric": "inverted/anomaly_index", "max": 3.0}, {"metric": "margin/ratio", "max": 2.5},
-                        {"metric": "inverted/norm_ratio", "min": 1.5}])
+                        {"metric": "inverted/norm_ratio", "min": 1.5}, {"metric": "scan/runner_up_ratio", "max": 3}])
 
 
 @pytest.mark.parametrize("metric", ["ASR/*", "Robust_acc/*", "accuracy", "asr", "scan/top"])
