@@ -149,11 +149,11 @@ def runner_up(metrics: dict[str, Any]) -> float | None:
 def score(metrics: dict[str, Any], *, margin: bool = True, ratio: bool = True) -> float:
     """The library's :func:`backdoor_score` of a row (with the runner-up ratio of rows that stored only the label
     shares), or the score without MM-BD's term or without the ratio's, as it was before each joined it."""
-    kept = {k: v for k, v in metrics.items() if (margin or not k.startswith("margin/"))
-            and (ratio or k != "scan/runner_up_ratio")}
-    shares_ratio = runner_up(metrics) if ratio else None
-    if shares_ratio is not None and math.isfinite(shares_ratio):
-        kept["scan/runner_up_ratio"] = shares_ratio
+    kept = {k: v for k, v in metrics.items()
+            if k != "scan/runner_up_ratio" and (margin or not k.startswith("margin/"))}
+    reported = runner_up(metrics) if ratio else None  # the one place the ratio comes from
+    if reported is not None and math.isfinite(reported):
+        kept["scan/runner_up_ratio"] = reported
     return backdoor_score(kept)
 
 
