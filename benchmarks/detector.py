@@ -45,9 +45,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.gtsrb import data_digest
-from harden.evaluate import (MARGIN_P_FLAG, NORM_RATIO_FACTOR, RUNNER_UP_FLAG, SCAN_SHARE_FLAG, InvertedTrigger,
-                             backdoor_score, evaluate_torch, invert_trigger, margin_metrics, runner_up_ratio, scan_metrics,
-                             suspect_margin_pvalue)
+from harden.evaluate import (BUDGET_RATIO_FACTOR, MARGIN_P_FLAG, NORM_RATIO_FACTOR, RUNNER_UP_FLAG, SCAN_SHARE_FLAG,
+                             InvertedTrigger, backdoor_score, evaluate_torch, invert_trigger, margin_metrics,
+                             runner_up_ratio, scan_metrics, suspect_margin_pvalue, universal_metrics)
 from harden.gate import GateConfig, evaluate_gate
 from harden.params import Params, PurifyParams, load_params, load_yaml, parse_params
 from harden.probes import Probe
@@ -131,6 +131,7 @@ def scan_model(model: torch.nn.Module, test: ImageData, probes: Any, seed: int, 
     metrics.update(scan_metrics(model, test, samples=probes.scan.samples, eps=probes.scan.eps,
                                 steps=probes.scan.steps, seed=seed))
     metrics.update(margin_metrics(model, test, seed=seed, **probes.margin.model_dump(exclude={"enabled"})))
+    metrics.update(universal_metrics(model, test, seed=seed, **probes.universal.model_dump(exclude={"enabled"})))
     metrics["scan/backdoor_score"] = backdoor_score(metrics)
     metrics["norms"] = inv.inversion.norms
     metrics["scan_time_s"] = time.perf_counter() - t0
@@ -146,11 +147,12 @@ def runner_up(metrics: dict[str, Any]) -> float | None:
     return math.inf if ratio is None else ratio
 
 
-def score(metrics: dict[str, Any], *, margin: bool = True, ratio: bool = True) -> float:
+def score(metrics: dict[str, Any], *, margin: bool = True, ratio: bool = True, universal: bool = True) -> float:
     """The library's :func:`backdoor_score` of a row (with the runner-up ratio of rows that stored only the label
-    shares), or the score without MM-BD's term or without the ratio's, as it was before each joined it."""
-    kept = {k: v for k, v in metrics.items()
-            if k != "scan/runner_up_ratio" and (margin or not k.startswith("margin/"))}
+    shares), or the score without MM-BD's term, the ratio's or the universal perturbation's, as it was before each
+    joined it."""
+    kept = {k: v for k, v in metrics.items() if k != "scan/runner_up_ratio"
+            and (margin or not k.startswith("margin/")) and (universal or not k.startswith("universal/"))}
     reported = runner_up(metrics) if ratio else None  # the one place the ratio comes from
     if reported is not None and math.isfinite(reported):
         kept["scan/runner_up_ratio"] = reported
@@ -161,6 +163,9 @@ def rules() -> dict[str, Any]:
     """Rule name -> whether it flags a model's metrics (None: the row lacks what the rule needs)."""
     def needs_ratio(rule: Any) -> Any:
         return lambda m: None if runner_up(m) is None else bool(rule(m))
+
+    def with_universal(rule: Any) -> Any:
+        return lambda m: None if "universal/budget_ratio" not in m else needs_ratio(rule)(m)
 
     def ratio_flags(metrics: dict[str, Any]) -> bool | None:
         ratio = runner_up(metrics)
@@ -174,9 +179,15 @@ def rules() -> dict[str, Any]:
         f"MM-BD p <= {PAPER_ALPHA:g} (the paper's)": lambda m: m["margin/pvalue"] <= PAPER_ALPHA,
         f"MM-BD p <= {MARGIN_P_FLAG:g}": lambda m: m["margin/pvalue"] <= MARGIN_P_FLAG,
         f"MM-BD p <= {MARGIN_P_FLAG:g}, the candidate's suspect": lambda m: m["margin/suspect_pvalue"] <= MARGIN_P_FLAG,
-        "backdoor score without MM-BD or the ratio >= 1": lambda m: score(m, margin=False, ratio=False) >= 1,
-        "backdoor score without the ratio >= 1": lambda m: score(m, ratio=False) >= 1,
-        "backdoor score >= 1 (mask ratio, scan share or ratio, MM-BD p)": needs_ratio(lambda m: score(m) >= 1),
+        f"universal perturbation {BUDGET_RATIO_FACTOR:g}x below the median":
+            lambda m: m["universal/budget_ratio"] <= 1 / BUDGET_RATIO_FACTOR,
+        "backdoor score without MM-BD, the ratio or the universal perturbation >= 1":
+            lambda m: score(m, margin=False, ratio=False, universal=False) >= 1,
+        "backdoor score without the ratio or the universal perturbation >= 1":
+            lambda m: score(m, ratio=False, universal=False) >= 1,
+        "backdoor score without the universal perturbation >= 1": needs_ratio(lambda m: score(m, universal=False) >= 1),
+        "backdoor score >= 1 (mask ratio, scan share or ratio, MM-BD p, universal perturbation)":
+            with_universal(lambda m: score(m) >= 1),
     }
 
 
@@ -211,6 +222,10 @@ def _scan(m: dict[str, Any]) -> str:
     ratio = runner_up(m)
     shown = "" if ratio is None else "; no runner-up" if math.isinf(ratio) else f"; {ratio:.2f}x"
     return f"{m['scan/top_label']} ({m['scan/top_share']:.2f}{shown})"
+
+
+def _universal(m: dict[str, Any]) -> str:
+    return f"{m['universal/target']} ({m['universal/budget_ratio']:.2f})" if "universal/budget_ratio" in m else "-"
 
 
 def _mmbd(m: dict[str, Any]) -> str:
@@ -268,20 +283,21 @@ def render(rows: list[dict[str, Any]]) -> str:
                      f"{pct([rule(r['candidate']) for r in benign])} | "
                      f"{pct([rule(shipped(r)[1]) for r in hardened])} | {pct([rule(shipped(r)[1]) for r in blessed])} |")
     header = ("candidate", "rate", "ACC", "ASR", "suspect (target 0)", "anomaly index", "norm ratio",
-              "scan top (share; runner-up ratio)", "MM-BD top (p)", "score", "shipped", "after: ACC", "ASR", "inverted ASR", "norm ratio",
-              "MM-BD top (p); the candidate's suspect (p)", "score")
+              "scan top (share; runner-up ratio)", "MM-BD top (p)", "universal: suspect (budget ratio)", "score",
+              "shipped", "after: ACC", "ASR", "inverted ASR", "norm ratio", "MM-BD top (p); the candidate's suspect (p)",
+              "universal", "score")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c, (method, h, ok) = r["candidate"], shipped(r)
         h = h or {}
         asr = c.get("asr/real")
         after = (f"{method}{'' if ok else ' (fails)'} | {100 * h['acc']:.1f} | {100 * h['asr/real']:.1f} | {100 * h['inverted/asr']:.1f} | "
-                 f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)}; {_suspect(c, h)} | "
-                 f"{score(h):.2f}") if h else "| | | | | |"
+                 f"{h['inverted/norm_ratio']:.2f} | {_mmbd(h)}; {_suspect(c, h)} | {_universal(h)} | "
+                 f"{score(h):.2f}") if h else "| | | | | | |"
         lines.append(f"| {r['attack']} s{r['seed']} | {r['rate']:.3f} | {100 * c['acc']:.1f} | "
                      f"{'' if asr is None else f'{100 * asr:.1f}'} | {c['inverted/target']} | "
                      f"{c['inverted/anomaly_index']:.2f} | {c['inverted/norm_ratio']:.2f} | "
-                     f"{_scan(c)} | {_mmbd(c)} | {score(c):.2f} | "
+                     f"{_scan(c)} | {_mmbd(c)} | {_universal(c)} | {score(c):.2f} | "
                      f"{after} |")
     return "\n".join(lines)
 
@@ -432,7 +448,8 @@ def main() -> None:
             before, (method_name, h, _) = row["candidate"], shipped(row)
             print(f"{attack_name} rate {info['rate']:.3f} seed {seed}: ACC {100 * before['acc']:.1f} "
                   f"index {before['inverted/anomaly_index']:.2f} ratio {before['inverted/norm_ratio']:.2f} "
-                  f"suspect {before['inverted/target']} MM-BD {_mmbd(before)} scan {before['scan/top_label']}/{before['scan/top_share']:.2f}"
+                  f"suspect {before['inverted/target']} MM-BD {_mmbd(before)} scan {before['scan/top_label']}/{before['scan/top_share']:.2f} "
+                  f"universal {_universal(before)}"
                   + (f" | after ({method_name}) ACC {100 * h['acc']:.1f} ASR {100 * h['asr/real']:.1f} inverted ASR "
                      f"{100 * h['inverted/asr']:.1f} index {h['inverted/anomaly_index']:.2f}" if h else ""), flush=True)
     print(render(list(done.values())))

@@ -14,6 +14,8 @@ Both paths feed the same metric functions (:mod:`nft_core.metrics`) and return o
   inverted; the candidate's reconstructed trigger, stamped on test images it was not reconstructed from, is a
   probe for both models: ``inverted/asr``, ``inverted/clean_rate``, ``inverted/asr_lift``. With both the scan and
   the inversion, ``scan/backdoor_score`` (:func:`backdoor_score`) sums them up: 1 or more flags the model.
+- The maximum-margin statistic (:func:`margin_metrics`, MM-BD) adds ``margin/*``, and every class's smallest
+  universal perturbation (:func:`universal_metrics`) adds ``universal/*``; both feed the score when they ran.
 
 A :class:`Probe` is a named attack applied to the clean test set, or a user-supplied npz of triggered inputs.
 Mask statistics of a purification (per layer mean/min/share at the lower bound) live here as well.
@@ -45,6 +47,7 @@ from nft_core.metrics import (accuracy, attack_success_rate, clean_target_rate, 
 from nft_core.purify import PurifyResult
 from nft_core.invert import Inversion, reconstruct_triggers, stamp
 from nft_core.maxmargin import NonFiniteMargins, margin_pvalue, max_margin_statistics
+from nft_core.perturb import smallest_perturbations
 from nft_core.scan import adversarial_label_concentration
 
 log = logging.getLogger(__name__)
@@ -270,6 +273,21 @@ def margin_metrics(model: nn.Module, test: ImageData, *, seed: int = 0, progress
     return {"margin/pvalue": result.pvalue, "margin/target": result.target, **ratio, "margin/values": result.margins}
 
 
+def universal_metrics(model: nn.Module, test: ImageData, *, samples: int = 200, seed: int = 0, progress: bool = False,
+                      **settings: Any) -> dict[str, Any]:
+    """Every class's smallest universal additive perturbation (:func:`nft_core.perturb.smallest_perturbations`,
+    which takes ``settings``), searched on ``samples`` random test images (at most half the test set).
+
+    Returns ``universal/budget_ratio`` (the suspect's L-inf budget over the median class's: small when one class
+    is reached by a far smaller perturbation than the others), ``universal/target`` (that class),
+    ``universal/budget`` (its budget, in [0, 1] pixel units) and ``universal/budgets`` (every class's)."""
+    fitted = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:min(samples, len(test) // 2)]
+    found = smallest_perturbations(model, test.images()[fitted], test.y[fitted], num_classes=test.num_classes,
+                                   seed=seed, progress=progress, **settings)
+    return {"universal/budget_ratio": found.budget_ratio, "universal/target": found.suspect,
+            "universal/budget": found.budgets[found.suspect], "universal/budgets": found.budgets}
+
+
 def suspect_margin_pvalue(candidate: Mapping[str, Any], model: Mapping[str, Any]) -> float:
     """``margin/suspect_pvalue`` of ``model``: the p-value of the margin of the *candidate's* suspect
     (``margin/target``) among ``model``'s classes (:func:`nft_core.maxmargin.margin_pvalue` with that label).
@@ -295,6 +313,9 @@ RUNNER_UP_FLAG = 3.0
 #: A maximum-margin p-value at or below this flags a model (the MM-BD paper uses 0.05; see :func:`backdoor_score`).
 MARGIN_P_FLAG = 1e-3
 
+#: A suspect whose smallest universal perturbation is this many times smaller than the median class's is flagged.
+BUDGET_RATIO_FACTOR = 2.0
+
 #: p-values below this count as this: ``margin/pvalue`` can underflow to 0, and the score stays finite.
 MARGIN_P_FLOOR = 1e-12
 
@@ -305,7 +326,7 @@ NORM_RATIO_FLOOR = 1e-3
 def backdoor_score(metrics: Mapping[str, Any]) -> float:
     """One number from the trigger-free evidence of a model; 1 or more flags it as backdoored.
 
-    The largest of up to four ratios, each 1 at its own flag threshold:
+    The largest of up to five ratios, each 1 at its own flag threshold:
 
     - how many times smaller the suspect's reconstructed mask is than the median class's, over
       :data:`NORM_RATIO_FACTOR`;
@@ -321,7 +342,11 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
       null is fitted to nine values and its tail is loose (hardened models' own largest margins reach p 0.006
       and 9.4e-4 on classes no backdoor targets), so the threshold sits below the paper's 0.05: on the
       synthetic population no benign model falls below 0.1, and 0.01 and 0.001 flag the same six of ten
-      backdoored candidates.
+      backdoored candidates;
+    - when reported, how many times smaller the suspect's smallest universal perturbation is than the median
+      class's (``universal/budget_ratio``), over :data:`BUDGET_RATIO_FACTOR`: a trigger added to the whole image
+      (SIG's sinusoid) covers every pixel, so its reconstructed mask is no smaller than a benign class's, while
+      the perturbation that carries images to its target is far fainter than any other class's.
 
     Neural Cleanse's own flag (anomaly index above 2) is reported as ``inverted/anomaly_index`` but left out:
     with ten classes the median absolute deviation is unstable. A Blend target whose mask is 5x smaller than
@@ -335,6 +360,9 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
     pvalue = metrics.get("margin/suspect_pvalue", metrics.get("margin/pvalue"))
     if pvalue is not None:
         terms.append(math.log(max(pvalue, MARGIN_P_FLOOR)) / math.log(MARGIN_P_FLAG))
+    if "universal/budget_ratio" in metrics:
+        budget_ratio = max(metrics["universal/budget_ratio"], NORM_RATIO_FLOOR)
+        terms.append(1 / budget_ratio / BUDGET_RATIO_FACTOR)
     return max(terms)
 
 

@@ -43,7 +43,7 @@ DIRECTIONS: tuple[tuple[str, Direction], ...] = (
     ("scan/backdoor_score", "lower"),
     ("inverted/asr", "lower"), ("inverted/asr_lift", "lower"), ("inverted/anomaly_index", "lower"),
     ("inverted/norm_ratio", "higher"), ("margin/pvalue", "higher"), ("margin/suspect_pvalue", "higher"),
-    ("margin/ratio", "lower"),
+    ("margin/ratio", "lower"), ("universal/budget_ratio", "higher"),
 )
 
 #: Known metrics that are not rates in [0, 1], with their range (first match wins); every other metric with a
@@ -51,7 +51,7 @@ DIRECTIONS: tuple[tuple[str, Direction], ...] = (
 RANGES: tuple[tuple[str, float, float], ...] = (
     ("asr_lift/*", -1.0, 1.0), ("inverted/asr_lift", -1.0, 1.0),
     ("scan/backdoor_score", 0.0, math.inf), ("scan/runner_up_ratio", 1.0, math.inf),
-    ("inverted/norm_ratio", 0.0, math.inf),
+    ("inverted/norm_ratio", 0.0, math.inf), ("universal/budget_ratio", 0.0, math.inf),
     ("inverted/anomaly_index", -math.inf, math.inf), ("margin/ratio", -math.inf, math.inf),
 )
 
@@ -63,7 +63,7 @@ METRIC_FAMILIES: tuple[str, ...] = (
     "scan/flip_rate", "scan/top_label", "scan/top_share", "scan/runner_up_ratio", "scan/backdoor_score",
     "inverted/asr", "inverted/clean_rate", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio",
     "inverted/mask_l1", "inverted/target", "margin/pvalue", "margin/suspect_pvalue", "margin/target",
-    "margin/ratio",
+    "margin/ratio", "universal/budget_ratio", "universal/budget", "universal/target",
 )
 
 #: Metrics whose presence shows that an attack probe was evaluated.

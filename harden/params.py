@@ -220,11 +220,24 @@ class MarginParams(_Section):
     lr: float = Field(0.05, gt=0, description="Adam's learning rate, in [0, 1] pixel units")
 
 
+class UniversalParams(_Section):
+    """The smallest universal additive perturbation of every class, on the candidate and on the hardened model:
+    a trigger added to the whole image (SIG's sinusoid, a blend) makes its target's far smaller."""
+
+    enabled: bool = Field(True, description="search every class's smallest universal L-inf perturbation; flag an outlier")
+    samples: int = Field(200, ge=10, description="clean test images the perturbations are searched on")
+    steps: int = Field(100, ge=1, description="signed-gradient steps per class")
+    batch_size: int = Field(16, ge=1, description="images per step (each perturbed once per class)")
+    success_threshold: float = Field(0.8, gt=0, le=1,
+                                     description="share of other classes' images a perturbation must send to its class")
+
+
 class ProbesParams(_Section):
     attacks: list[Probe] = Field(default_factory=list, description="attack probes measuring ASR")
     scan: ScanParams = ScanParams()
     inversion: InversionParams = InversionParams()
     margin: MarginParams = MarginParams()
+    universal: UniversalParams = UniversalParams()
 
 
 class PromoteParams(_Section):

@@ -188,3 +188,17 @@ def inversion_norms(norms: Mapping[str, Sequence[float]], ratio_factor: float) -
 
     return _per_class_bars(norms, {model: model for model in norms}, "mask L1 norm (pixels)",
                            "Reconstructed trigger size per class", lines)
+
+
+def universal_budgets(budgets: Mapping[str, Sequence[float]], ratio_factor: float) -> Figure:
+    """Per-class L-inf budget of the smallest universal perturbation for each model (in 1/255 steps), with each
+    model's median and the budget a class must fall below to flag the model (median / ``ratio_factor``: a
+    trigger added to the whole image makes its target reachable by a far fainter perturbation)."""
+    def lines(model: str, values: Sequence[float]) -> list[HLine]:
+        median = float(torch.tensor(values).median())  # the lower median, as nft_core.perturb takes it
+        return [(median, "--", f"{model}: median"),
+                (median / ratio_factor, ":", f"{model}: median / {ratio_factor:g}")]
+
+    return _per_class_bars({model: [255 * b for b in values] for model, values in budgets.items()},
+                           {model: model for model in budgets}, "L-inf budget (x 1/255)",
+                           "Smallest universal perturbation per class", lines)

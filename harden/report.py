@@ -33,8 +33,8 @@ import jinja2
 import numpy as np
 
 from harden import plots
-from harden.evaluate import (NORM_RATIO_FACTOR, RUNNER_UP_FLAG, SCAN_SHARE_FLAG, LayerMasks, compare, flatten,
-                             mask_statistics)
+from harden.evaluate import (BUDGET_RATIO_FACTOR, NORM_RATIO_FACTOR, RUNNER_UP_FLAG, SCAN_SHARE_FLAG, LayerMasks,
+                             compare, flatten, mask_statistics)
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
 from harden.records import Attempt
@@ -54,6 +54,9 @@ PLOTS: dict[str, tuple[str, str]] = {
     "max_margins": ("max_margins.png", "Largest reachable margin per class (MM-BD, no images needed): one class far "
                     "above the others flags the model; the legend gives the p-value of the candidate's suspect in "
                     "each model, which the backdoor score uses"),
+    "universal_budgets": ("universal_budgets.png", "Smallest universal perturbation per class: the faintest change, "
+                          "the same for every image, that sends 80 % of other classes' images to the class; a class "
+                          "at or below median / 2 flags the model (backdoor score >= 1)"),
 }
 
 
@@ -116,7 +119,8 @@ def _table_rows(comparison: Mapping[str, Mapping[str, float | None]]) -> list[di
     keys += ["inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio", "inverted/target",
              "scan/top_share", "scan/top_label", "scan/flip_rate", "scan/runner_up_ratio", "margin/pvalue",
              "margin/ratio", "margin/target",
-             "margin/suspect_pvalue", "scan/backdoor_score"]
+             "margin/suspect_pvalue", "universal/budget_ratio", "universal/budget", "universal/target",
+             "scan/backdoor_score"]
     return [{"metric": k, **comparison[k]} for k in keys if k in comparison]
 
 
@@ -194,12 +198,14 @@ def write_plot_data(plot_dir: Path, comparison: Mapping[str, Mapping[str, float 
 def _figures(comparison: Mapping[str, Mapping[str, float | None]], history: Sequence[Mapping[str, float]] | None,
              masks: Sequence[LayerMasks] | None, inversion: Mapping[str, TriggerView] | None,
              margins: Mapping[str, tuple[Sequence[float], float]], suspect: int | None,
-             scans: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+             scans: Mapping[str, Sequence[float]], budgets: Mapping[str, Sequence[float]]) -> dict[str, Any]:
     figures = {"before_after": plots.before_after_bars(comparison)}
     if scans:
         figures["scan_labels"] = plots.scan_labels(scans, SCAN_SHARE_FLAG, RUNNER_UP_FLAG)
     if margins and suspect is not None:
         figures["max_margins"] = plots.max_margins(margins, suspect)
+    if budgets:
+        figures["universal_budgets"] = plots.universal_budgets(budgets, BUDGET_RATIO_FACTOR)
     if inversion:
         figures["triggers"] = plots.reconstructed_triggers(
             {model: (v.mask, v.pattern, v.target, v.anomaly_index) for model, v in inversion.items()})
@@ -276,7 +282,9 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
     suspect = before.get("margin/target")
     scans = {model: m["scan/label_shares"] for model, m in (("candidate", before), ("hardened", after))
              if "scan/label_shares" in m}
-    for key, fig in _figures(comparison, history, masks, inversion, margins, suspect, scans).items():
+    budgets = {model: m["universal/budgets"] for model, m in (("candidate", before), ("hardened", after))
+               if "universal/budgets" in m}
+    for key, fig in _figures(comparison, history, masks, inversion, margins, suspect, scans, budgets).items():
         file_name, caption = PLOTS[key]
         plot_paths[key] = plots.save_png(fig, out / "plots" / file_name)
         images.append({"key": key, "caption": caption, "file": f"plots/{file_name}",

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from harden.errors import ChainError, DataError, ParamsError, RegistryError
 from harden.evaluate import (InvertedTrigger, LayerMasks, backdoor_score, compare, evaluate_onnx, evaluate_torch,
                              finite_metrics, flatten, invert_trigger, layer_masks, margin_metrics, mask_statistics,
-                             scan_metrics, suspect_margin_pvalue)
+                             scan_metrics, suspect_margin_pvalue, universal_metrics)
 from harden.gate import Blessing, GateConfig, evaluate_gate
 from harden.integrity import atomic_dir, atomic_file, sha256_file, write_json_atomic
 from harden.onnx_export import check_parity, export_onnx
@@ -260,7 +260,7 @@ def _load_model(pkg_dir: Path) -> tuple[Normalized, ModelSpec]:
 
 
 #: Metric families of the trigger-free evidence (reconstruction statistics, scan, maximum margins).
-TRIGGER_FREE_PREFIXES = ("inverted/", "scan/", "margin/")
+TRIGGER_FREE_PREFIXES = ("inverted/", "scan/", "margin/", "universal/")
 
 #: Gate checks the policy can judge on held-out clean data (the rest need the test set or ONNX).
 JUDGED_PREFIXES = ("acc", "min_class_acc", "asr/", "asr_lift/", "clean_rate/", "robust_acc/", *TRIGGER_FREE_PREFIXES)
@@ -297,6 +297,9 @@ def trigger_free_metrics(model: torch.nn.Module, data: ImageData, probes: Probes
         metrics.update(margin_metrics(model, data, seed=seed, progress=progress,
                                       **probes.margin.model_dump(exclude={"enabled"})))
         metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(metrics if candidate is None else candidate, metrics)
+    if probes.universal.enabled:
+        metrics.update(universal_metrics(model, data, seed=seed, progress=progress,
+                                         **probes.universal.model_dump(exclude={"enabled"})))
     if inverted is not None and probes.scan.enabled:
         metrics["scan/backdoor_score"] = backdoor_score(metrics)
     return metrics

@@ -244,6 +244,30 @@ def test_the_scan_s_runner_up_ratio_joins_the_score_at_its_own_threshold():
     assert backdoor_score({**benign, "scan/runner_up_ratio": 1.48}) < 1  # the largest on a benign GTSRB model
 
 
+def test_the_universal_perturbation_s_budget_ratio_joins_the_score_at_its_own_threshold():
+    from harden.evaluate import BUDGET_RATIO_FACTOR, backdoor_score
+
+    # a SIG target on GTSRB: its stamp no smaller than a benign class's, its universal perturbation a third of theirs
+    sig = {"inverted/norm_ratio": 0.48, "scan/top_share": 0.09, "scan/runner_up_ratio": 1.13}
+    assert backdoor_score(sig) < 1
+    assert backdoor_score({**sig, "universal/budget_ratio": 0.33}) == pytest.approx(1 / 0.33 / BUDGET_RATIO_FACTOR)
+    assert backdoor_score({**sig, "universal/budget_ratio": 1 / BUDGET_RATIO_FACTOR}) == pytest.approx(1)
+    assert backdoor_score({**sig, "universal/budget_ratio": 0.8}) == backdoor_score(sig)  # a benign ratio adds nothing
+    assert 100 < backdoor_score({**sig, "universal/budget_ratio": 0.0}) < float("inf")  # a zero budget: finite, flags
+
+
+def test_universal_metrics_name_the_class_with_the_smallest_budget():
+    from harden.evaluate import universal_metrics
+
+    torch.manual_seed(0)
+    model = Normalized(build_model("small_cnn", num_classes=5, width=4), [0.5] * 3, [0.25] * 3)
+    test = make_synthetic(40, seed=0, train=False, num_classes=5, image_size=16)
+    metrics = universal_metrics(model, test, samples=20, steps=10, batch_size=4)
+    budgets = metrics["universal/budgets"]
+    assert len(budgets) == 5 and metrics["universal/budget"] == budgets[metrics["universal/target"]] == min(budgets)
+    assert metrics["universal/budget_ratio"] == pytest.approx(min(budgets) / sorted(budgets)[2])  # the median of 5
+
+
 def test_a_hardened_model_is_scored_on_the_candidate_s_suspect_not_on_its_own_largest_margin():
     from harden.evaluate import backdoor_score, suspect_margin_pvalue
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harden.evaluate import (Probe, evaluate_torch, invert_trigger, layer_masks, margin_metrics,
-                             purification_summary, scan_metrics, suspect_margin_pvalue)
+                             purification_summary, scan_metrics, suspect_margin_pvalue, universal_metrics)
 from harden.gate import evaluate_gate
 from harden.report import TriggerView, write_report
 from nft_core.config import NFTConfig
@@ -54,6 +54,8 @@ def run(tmp_path_factory):
     after.update(margin_metrics(hardened, test, starts=1, steps=3))
     before.update(scan_metrics(candidate, test, steps=2))
     after.update(scan_metrics(hardened, test, steps=2))
+    before.update(universal_metrics(candidate, test, samples=20, steps=5, batch_size=4))
+    after.update(universal_metrics(hardened, test, samples=20, steps=5, batch_size=4))
     for metrics in (before, after):
         metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(before, metrics)
     blessing = evaluate_gate({"metrics": [{"metric": "acc", "max_drop": 0.02}, {"metric": "asr/*", "max": 0.05}]},
@@ -74,7 +76,8 @@ def test_html_is_self_contained_with_real_pngs(run):
     parser = _Collector()
     parser.feed(files.html.read_text())
     parser.close()
-    assert len(parser.images) == 8 and parser.tables >= 4  # 4 purification plots, trigger, norms, scan, margins
+    assert len(parser.images) == 9 and parser.tables >= 4  # 4 purification plots, trigger, norms, scan, margins,
+    # universal perturbations
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1])
@@ -85,6 +88,7 @@ def test_html_is_self_contained_with_real_pngs(run):
     assert all(c.reason in text for c in blessing.checks)
     assert "margin/pvalue" in text and "Largest reachable margin per class" in text  # the table row, the caption
     assert "scan/top_share" in text and "the scan's untargeted adversarial examples land" in text
+    assert "universal/budget_ratio" in text and "Smallest universal perturbation per class" in text
 
 
 def test_markdown_has_tables_and_references_png_files(run):
@@ -170,3 +174,14 @@ def test_the_scan_plot_draws_each_model_s_runner_up_bound_where_its_top_class_wo
     lines = {line.get_label(): line.get_ydata()[0] for line in fig.axes[0].lines}
     assert lines == pytest.approx({"flags at 0.6": 0.6, "candidate: 3x the runner-up": 1.2,
                                    "hardened: 3x the runner-up": 0.9})  # no bound where fewer than two drew flips
+
+
+def test_the_universal_plot_draws_each_model_s_median_and_the_budget_that_would_flag_it():
+    from harden.plots import universal_budgets
+
+    fig = universal_budgets({"candidate": [10 / 255, 30 / 255, 31 / 255], "hardened": [28 / 255, 30 / 255, 33 / 255]}, 2.0)
+    lines = {line.get_label(): line.get_ydata()[0] for line in fig.axes[0].lines}
+    assert lines == pytest.approx({"candidate: median": 30, "candidate: median / 2": 15, "hardened: median": 30,
+                                   "hardened: median / 2": 15})
+    bars = [patch.get_height() for patch in fig.axes[0].patches]
+    assert bars == pytest.approx([10, 30, 31, 28, 30, 33])  # drawn in 1/255 steps
