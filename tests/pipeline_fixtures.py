@@ -59,7 +59,8 @@ def tiny_params(tracking_uri: str = "sqlite:///mlflow.db", *, candidate: str = "
     """The repository's ``params.yaml`` shrunk to seconds of CPU work.
 
     600 synthetic training images / 300 test images, 5 clean images per class, a 2-epoch demo candidate,
-    3 NFT epochs on CPU, no policy fallbacks, one badnets probe, a 20-sample, 2-step scan and a 5-step trigger reconstruction. ``overrides`` are section dicts merged
+    3 NFT epochs on CPU, no policy fallbacks, one badnets probe, a 20-sample, 2-step scan, a 5-step trigger
+    reconstruction and 5-step universal perturbations. ``overrides`` are section dicts merged
     in last (``purify={"epochs": 2}``).
     """
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -74,7 +75,8 @@ def tiny_params(tracking_uri: str = "sqlite:///mlflow.db", *, candidate: str = "
         "probes": {"attacks": [{"attack": "badnets", "target": 0, "mode": "all2one"}],
                    "scan": {"enabled": True, "samples": 20, "steps": 2},
                    "inversion": {"enabled": True, "samples": 20, "steps": 5, "batch_size": 4},
-                   "margin": {"enabled": True, "starts": 2, "steps": 5}},
+                   "margin": {"enabled": True, "starts": 2, "steps": 5},
+                   "universal": {"enabled": True, "samples": 20, "steps": 5, "batch_size": 4}},
         "gate": dict(gate if gate is not None else BLESSING_GATE),
         "promote": {"name": promote, "alias": "champion"},
     })

@@ -179,7 +179,8 @@ def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_p
     every metric a real evaluation (PyTorch, ONNX Runtime and the scan) writes, or a valid check is refused."""
     import fnmatch
 
-    from harden.evaluate import backdoor_score, invert_trigger, margin_metrics, scan_metrics, suspect_margin_pvalue
+    from harden.evaluate import (backdoor_score, invert_trigger, margin_metrics, scan_metrics, suspect_margin_pvalue,
+                                 universal_metrics)
     from harden.gate import METRIC_FAMILIES
 
     torch.manual_seed(0)
@@ -188,13 +189,15 @@ def test_every_metric_the_evaluation_produces_belongs_to_a_gateable_family(tmp_p
     probes = [Probe(attack="badnets", target=1), Probe(attack="blend", target=2)]
     trigger = invert_trigger(model, test_set, samples=20, steps=2, batch_size=4)
     metrics = {**evaluate_torch(model, test_set, probes, trigger=trigger), **trigger.metrics(),
-               **scan_metrics(model, test_set, samples=20, steps=1), **margin_metrics(model, test_set, starts=1, steps=2)}
+               **scan_metrics(model, test_set, samples=20, steps=1), **margin_metrics(model, test_set, starts=1, steps=2),
+               **universal_metrics(model, test_set, samples=20, steps=2, batch_size=4)}
     metrics["scan/backdoor_score"] = backdoor_score(metrics)
     names = set(flatten(metrics)) | set(flatten(evaluate_onnx(path, test_set, probes, trigger=trigger)))
     metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(metrics, metrics)
     names |= set(flatten(metrics))
     assert {"inverted/asr", "inverted/asr_lift", "inverted/anomaly_index", "scan/backdoor_score", "margin/pvalue",
-            "margin/suspect_pvalue", "margin/target"} <= names  # margin/ratio too, when the median margin is > 0
+            "margin/suspect_pvalue", "margin/target", "universal/budget_ratio", "universal/budget",
+            "universal/target"} <= names  # margin/ratio too, when the median margin is > 0
     orphans = [n for n in sorted(names) if not any(fnmatch.fnmatchcase(n, f) for f in METRIC_FAMILIES)]
     assert not orphans, f"metrics outside METRIC_FAMILIES: {orphans}"
 

@@ -73,7 +73,7 @@ def tiny_params(tracking_uri: str, promote: str) -> dict[str, Any]:
         "purify": {"method": "nft", "epochs": 2, "batch_size": 32, "amp": False},
         "export": {"parity_samples": 16},
         "probes": {"attacks": [{"attack": "badnets", "target": 0}], "scan": {"enabled": False},
-                   "margin": {"enabled": False}},
+                   "margin": {"enabled": False}, "universal": {"enabled": False}},
         "gate": BLESS_GATE,
         "promote": {"name": promote, "alias": ALIAS},
     }
