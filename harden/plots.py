@@ -88,16 +88,26 @@ def before_after_bars(comparison: Mapping[str, Mapping[str, float | None]]) -> F
 
 def training_curve(history: Sequence[Mapping[str, float]]) -> Figure:
     """Purification loss terms per epoch (left) and, for NFT, the mask statistics (right). Each defense logs its
-    own keys (fine-tuning baselines: ``loss`` only); a panel shows the keys every epoch has."""
+    own keys (fine-tuning baselines: ``loss`` only); a panel shows the keys every epoch has. A defense that runs
+    in phases restarts its epoch count in each (PBE: adversarial, then clean fine-tuning): the phases are drawn
+    one after another, a dotted line where each begins."""
     def present(keys: tuple[str, ...]) -> list[str]:
         return [k for k in keys if all(k in row for row in history)]
 
     loss_keys, mask_keys = present(("loss", "ce")), present(("mask_mean", "mask_min", "frac_at_lower_bound"))
     fig, axes = _figure(9.0 if mask_keys else 5.0, 3.4, ncols=2 if mask_keys else 1)
-    epochs = [row["epoch"] for row in history]
+    epochs: list[float] = []
+    phases: list[float] = []  # where each phase after the first begins
+    for i, row in enumerate(history):
+        if i and row["epoch"] <= history[i - 1]["epoch"]:
+            phases.append(epochs[-1] + 0.5)
+        epochs.append(row["epoch"] + (phases[-1] - 0.5 if phases else 0.0))
     for key in loss_keys:
         axes[0].plot(epochs, [row[key] for row in history], marker=".", label=key)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="Purification objective")
+    for start in phases:
+        axes[0].axvline(start, color="0.6", lw=0.8, ls=":")
+    axes[0].set(xlabel="epoch (phases one after another)" if phases else "epoch", ylabel="loss",
+                title="Purification objective")
     if mask_keys:
         for key in mask_keys:
             axes[1].plot(epochs, [row[key] for row in history], marker=".", label=key)

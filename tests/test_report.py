@@ -166,6 +166,18 @@ def test_a_baseline_s_history_without_nft_keys_still_plots(tmp_path):
     assert len(nft.axes) == 2 and len(nft.axes[1].lines) == 3
 
 
+def test_a_defense_run_in_phases_is_drawn_phase_after_phase_not_folded_back_onto_epoch_one():
+    from harden.plots import training_curve
+
+    # PBE: 3 epochs of adversarial fine-tuning, then 3 of clean fine-tuning, each counting from 1
+    history = [{"epoch": float(e), "loss": loss} for e, loss in zip([1, 2, 3, 1, 2, 3], [4.5, 1.1, 1.2, 0.4, 0.3, 0.2])]
+    ax = training_curve(history).axes[0]
+    loss, phase = ax.lines
+    assert list(loss.get_xdata()) == [1, 2, 3, 4, 5, 6] and list(phase.get_xdata()) == [3.5, 3.5]
+    assert ax.get_xlabel() == "epoch (phases one after another)"
+    assert list(training_curve(history[:3]).axes[0].lines[0].get_xdata()) == [1, 2, 3]  # one phase: as it was
+
+
 def test_the_scan_plot_draws_each_model_s_runner_up_bound_where_its_top_class_would_flag_it():
     from harden.plots import scan_labels
 
