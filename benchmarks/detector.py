@@ -188,7 +188,16 @@ def rules() -> dict[str, Any]:
         "backdoor score without the universal perturbation >= 1": needs_ratio(lambda m: score(m, universal=False) >= 1),
         "backdoor score >= 1 (mask ratio, scan share or ratio, MM-BD p, universal perturbation)":
             with_universal(lambda m: score(m) >= 1),
+        "the same, MM-BD's term only where the stamp, the scan or the universal perturbation names its class":
+            with_universal(lambda m: score(m, margin=corroborated(m)) >= 1),
     }
+
+
+def corroborated(metrics: dict[str, Any]) -> bool:
+    """Whether MM-BD's class (``margin/target``) is also the reconstructed stamp's suspect, the scan's top label or
+    the universal perturbation's suspect: a class with a naturally large margin (GTSRB's "no entry") is none of
+    these in a benign model."""
+    return metrics.get("margin/target") in {metrics.get(k) for k in ("inverted/target", "scan/top_label", "universal/target")}
 
 
 def pct(flags: list[bool | None]) -> str:
