@@ -346,7 +346,9 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
     - when reported, how many times smaller the suspect's smallest universal perturbation is than the median
       class's (``universal/budget_ratio``), over :data:`BUDGET_RATIO_FACTOR`: a trigger added to the whole image
       (SIG's sinusoid) covers every pixel, so its reconstructed mask is no smaller than a benign class's, while
-      the perturbation that carries images to its target is far fainter than any other class's.
+      the perturbation that carries images to its target is far fainter than any other class's. Measured:
+      SIG and WaNet on GTSRB 0.26-0.31, benign models 0.64-0.74 there and 0.57-0.74 on the synthetic shapes
+      (where backdoored ones reach only 0.56-0.70: the small CNN is fragile to every class).
 
     Neural Cleanse's own flag (anomaly index above 2) is reported as ``inverted/anomaly_index`` but left out:
     with ten classes the median absolute deviation is unstable. A Blend target whose mask is 5x smaller than

@@ -259,7 +259,8 @@ def _load_model(pkg_dir: Path) -> tuple[Normalized, ModelSpec]:
     return spec.wrap(net).eval(), spec
 
 
-#: Metric families of the trigger-free evidence (reconstruction statistics, scan, maximum margins).
+#: Metric families of the trigger-free evidence (reconstruction statistics, scan, maximum margins, universal
+#: perturbations).
 TRIGGER_FREE_PREFIXES = ("inverted/", "scan/", "margin/", "universal/")
 
 #: Gate checks the policy can judge on held-out clean data (the rest need the test set or ONNX).
@@ -285,8 +286,9 @@ def trigger_free_metrics(model: torch.nn.Module, data: ImageData, probes: Probes
 
     ``inverted``'s statistics (the reconstruction is made beforehand: the candidate's also probes both
     models), the scan, the maximum margins with ``margin/suspect_pvalue`` of the candidate's suspect
-    (``candidate``: the candidate's metrics, which hold ``margin/target``; None: this model is the candidate)
-    and ``scan/backdoor_score`` when the reconstruction and the scan both ran. The evaluate stage asks this of
+    (``candidate``: the candidate's metrics, which hold ``margin/target``; None: this model is the candidate),
+    every class's smallest universal perturbation, and ``scan/backdoor_score`` when the reconstruction and the
+    scan both ran. The evaluate stage asks this of
     both models on the test set; the hardening policy of each attempt on the held-out clean images."""
     metrics: dict[str, Any] = inverted.metrics() if inverted is not None else {}
     if probes.scan.enabled:

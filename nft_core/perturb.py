@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from nft_core.classes import class_chunks
 from nft_core.progress import bar as progress_bar
 
 
@@ -92,25 +93,16 @@ def smallest_perturbations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     Raises:
         ValueError: empty input, mismatched lengths, labels outside the classes, or invalid settings.
     """
-    if len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"need as many labels as images and at least one image, got {len(x)} images and {len(y)} labels")
     if steps < 1 or batch_size < 1 or window < 1 or classes_per_chunk < 1 or not 0 < init_budget <= 1 or factor <= 1:
         raise ValueError(f"invalid settings: steps={steps}, batch_size={batch_size}, window={window}, "
                          f"classes_per_chunk={classes_per_chunk} (all must be positive), init_budget={init_budget} "
                          f"(in (0, 1]), factor={factor} (above 1)")
     if not 0 < success_threshold <= 1:
         raise ValueError(f"success_threshold={success_threshold} must lie in (0, 1]")
-    device = next(model.parameters()).device
-    y = torch.as_tensor(y).long().cpu()
+    device, y, num_classes, chunks = class_chunks(model, x, y, num_classes, classes_per_chunk)
+    generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        width = model(x[:1].to(device)).shape[-1]
-    num_classes = width if num_classes is None else num_classes
-    if num_classes < 2 or num_classes > width or y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"labels span [{y.min()}, {y.max()}] and num_classes={num_classes}; the model has {width} outputs")
-    generator = torch.Generator().manual_seed(seed)
-    chunks = [list(range(i, min(i + classes_per_chunk, num_classes))) for i in range(0, num_classes, classes_per_chunk)]
     bar = progress_bar(total=steps * len(chunks), desc="perturb", unit="step", disable=not progress)
     parts = []
     try:

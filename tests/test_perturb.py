@@ -77,8 +77,10 @@ def test_a_model_without_a_shortcut_is_not_flagged():
                                              ({"num_classes": 9}, "num_classes=9")])
 def test_invalid_settings(kwargs, message):
     x, y = data(8)
+    model = Planted().train()
     with pytest.raises(ValueError, match=message):
-        smallest_perturbations(Planted(), x, y, **kwargs)
+        smallest_perturbations(model, x, y, **kwargs)
+    assert model.training  # refused before the search, in the mode it came in
 
 
 def test_mismatched_inputs():
