@@ -47,7 +47,7 @@ from nft_core.metrics import (accuracy, attack_success_rate, clean_target_rate, 
 from nft_core.purify import PurifyResult
 from nft_core.invert import Inversion, reconstruct_triggers, stamp
 from nft_core.maxmargin import NonFiniteMargins, margin_pvalue, max_margin_statistics
-from nft_core.perturb import smallest_perturbations
+from nft_core.perturb import NonFiniteOutputs, smallest_perturbations
 from nft_core.scan import adversarial_label_concentration
 
 log = logging.getLogger(__name__)
@@ -280,10 +280,18 @@ def universal_metrics(model: nn.Module, test: ImageData, *, samples: int = 200, 
 
     Returns ``universal/budget_ratio`` (the suspect's L-inf budget over the median class's: small when one class
     is reached by a far smaller perturbation than the others), ``universal/target`` (that class),
-    ``universal/budget`` (its budget, in [0, 1] pixel units) and ``universal/budgets`` (every class's)."""
+    ``universal/budget`` (its budget, in [0, 1] pixel units) and ``universal/budgets`` (every class's).
+
+    Raises:
+        PackageError: the model's outputs overflow on the perturbed images: it is refused (exit 3), never given a
+            budget ratio that means nothing.
+    """
     fitted = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:min(samples, len(test) // 2)]
-    found = smallest_perturbations(model, test.images()[fitted], test.y[fitted], num_classes=test.num_classes,
-                                   seed=seed, progress=progress, **settings)
+    try:
+        found = smallest_perturbations(model, test.images()[fitted], test.y[fitted], num_classes=test.num_classes,
+                                       seed=seed, progress=progress, **settings)
+    except NonFiniteOutputs as err:
+        raise PackageError(f"model refused: {err}") from err
     return {"universal/budget_ratio": found.budget_ratio, "universal/target": found.suspect,
             "universal/budget": found.budgets[found.suspect], "universal/budgets": found.budgets}
 

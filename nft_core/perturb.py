@@ -38,6 +38,10 @@ from nft_core.classes import class_chunks
 from nft_core.progress import bar as progress_bar
 
 
+class NonFiniteOutputs(ValueError):
+    """A model whose outputs are not finite on perturbed images in [0, 1]: no budget it seems to reach means anything."""
+
+
 @dataclass(frozen=True)
 class UniversalPerturbation:
     """Outcome of :func:`smallest_perturbations`, one entry per class (index = label).
@@ -92,6 +96,7 @@ def smallest_perturbations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
 
     Raises:
         ValueError: empty input, mismatched lengths, labels outside the classes, or invalid settings.
+        NonFiniteOutputs: the model's outputs overflow on the perturbed images.
     """
     if steps < 1 or batch_size < 1 or window < 1 or classes_per_chunk < 1 or not 0 < init_budget <= 1 or factor <= 1:
         raise ValueError(f"invalid settings: steps={steps}, batch_size={batch_size}, window={window}, "
@@ -138,6 +143,8 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: lis
         xb, yb = x[idx].to(device), y[idx].to(device)
         perturbed = (xb[None] + delta[:, None]).clamp(0, 1)  # (k, B, C, H, W)
         logits = model(perturbed.flatten(0, 1)).float().view(k, batch_size, -1)
+        if not torch.isfinite(logits).all():  # argmax would still pick a class, and the search report a budget
+            raise NonFiniteOutputs("the model's outputs are not finite on perturbed images in [0, 1]: they overflow")
         other = (yb[None] != targets[:, None]).float()  # a class's own images say nothing about its direction
         ce = F.cross_entropy(logits.flatten(0, 1), targets.repeat_interleave(batch_size), reduction="none").view(k, -1)
         (grad,) = torch.autograd.grad(((ce * other).sum(1) / other.sum(1).clamp(min=1)).sum(), delta)

@@ -86,3 +86,23 @@ def test_invalid_settings(kwargs, message):
 def test_mismatched_inputs():
     with pytest.raises(ValueError, match="3 images and 2 labels"):
         smallest_perturbations(Planted(), torch.rand(3, 3, SIZE, SIZE), torch.zeros(2, dtype=torch.long))
+
+
+def test_a_model_whose_outputs_overflow_is_refused_not_given_a_budget():
+    """Finite weights, infinite logits: argmax would still pick a class and the search report budgets (a ratio of
+    0.51 on such a model before this check). The library says so; the evaluation refuses the model (exit 3)."""
+    from harden.errors import PackageError, exit_code
+    from harden.evaluate import universal_metrics
+    from nft_core.data import ImageData
+    from nft_core.perturb import NonFiniteOutputs
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, K))
+    with torch.no_grad():
+        model[1].weight.fill_(3e38)  # any non-black image sums past float32's largest value
+    x, y = data(16)
+    with pytest.raises(NonFiniteOutputs, match="not finite"):
+        smallest_perturbations(model, x, y, steps=2)
+    test = ImageData((255 * x).to(torch.uint8), y, num_classes=K)
+    with pytest.raises(PackageError, match="model refused: the model's outputs are not finite") as err:
+        universal_metrics(model, test, samples=10, steps=2)
+    assert exit_code(err.value) == 3
