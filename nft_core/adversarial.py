@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nft_core.modes import eval_mode
+
 
 def pgd_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
                    step_size: float | None = None, random_start: bool = True) -> torch.Tensor:
@@ -29,9 +31,7 @@ def pgd_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         Detached adversarial images, clamped to [0, 1].
     """
     step_size = 2.5 * eps / steps if step_size is None else step_size
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
         x_adv = (x + delta).clamp(0, 1).detach()
         for _ in range(steps):
@@ -40,6 +40,4 @@ def pgd_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
             (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = x_adv.detach() + step_size * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1).detach()
-    finally:
-        model.train(was_training)
     return x_adv

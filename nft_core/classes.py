@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nft_core.modes import eval_mode
+
 
 def class_chunks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int | None,
                  classes_per_chunk: int) -> tuple[torch.device, torch.Tensor, int, list[list[int]]]:
@@ -21,13 +23,8 @@ def class_chunks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes
         raise ValueError(f"need as many labels as images and at least one image, got {len(x)} images and {len(y)} labels")
     device = next(model.parameters()).device
     y = torch.as_tensor(y).long().cpu()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            width = model(x[:1].to(device)).shape[-1]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        width = model(x[:1].to(device)).shape[-1]
     num_classes = width if num_classes is None else num_classes
     if num_classes < 2 or num_classes > width or y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels span [{y.min()}, {y.max()}] and num_classes={num_classes}; the model has {width} outputs")

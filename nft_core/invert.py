@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nft_core.classes import class_chunks
+from nft_core.modes import eval_mode
 from nft_core.progress import bar as progress_bar
 
 #: Scale of the median absolute deviation that makes it estimate a normal distribution's standard deviation.
@@ -140,20 +141,14 @@ def reconstruct_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         raise ValueError(f"success_threshold={success_threshold} must lie in (0, 1]")
     device, y, num_classes, chunks = class_chunks(model, x, y, num_classes, classes_per_chunk)
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    bar = progress_bar(total=steps * len(chunks), desc="invert", unit="step", disable=not progress)
     parts = []
-    try:
+    with eval_mode(model), progress_bar(total=steps * len(chunks), desc="invert", unit="step", disable=not progress) as bar:
         for chunk in chunks:
             parts.append(_invert_chunk(model, x, y, chunk, device, generator, steps=steps, batch_size=batch_size, lr=lr,
                                        init_cost=init_cost, threshold=success_threshold, window=window,
                                        patience=patience, bar=bar))
         masks, patterns = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         success = [_success(model, x, y, k, masks[k], patterns[k], device, batch_size * 8) for k in range(num_classes)]
-    finally:
-        bar.close()
-        model.train(was_training)
     reached = [r for p in parts for r in p[2]]
     norms = masks.flatten(1).sum(1).tolist()
     return Inversion(masks, patterns, norms, success, reached, anomaly_indices(norms))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nft_core.modes import eval_mode
 from nft_core.reparam import NeuronMask, attach
 
 WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -51,12 +52,10 @@ def forward_order(model: nn.Module, placement: str, example_input: torch.Tensor)
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, _inp: order.append(candidates[mod]) if candidates[mod] not in order else None)
              for m in candidates]
-    was_training = model.training
     try:
-        model.eval()
-        model(example_input)
+        with eval_mode(model):
+            model(example_input)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return order

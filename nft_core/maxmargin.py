@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nft_core.modes import eval_mode
 from nft_core.progress import bar as progress_bar
 
 #: p-value below which the paper flags a model as backdoored.
@@ -127,21 +128,16 @@ def max_margin_statistics(model: nn.Module, image_shape: tuple[int, int, int], n
                          f"lr={lr} (all must be positive)")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        width = model(torch.rand(1, *image_shape, generator=generator).to(device)).shape[-1]
-    if not 3 <= num_classes <= width:
-        raise ValueError(f"num_classes={num_classes}: need at least 3 and at most the model's {width} outputs")
-    chunks = [list(range(i, min(i + classes_per_chunk, num_classes))) for i in range(0, num_classes, classes_per_chunk)]
-    bar = progress_bar(total=steps * len(chunks), desc="margins", unit="step", disable=not progress)
-    margins: list[float] = []
-    try:
-        for chunk in chunks:
-            margins += _ascend(model, image_shape, chunk, starts, steps, lr, device, generator, bar)
-    finally:
-        bar.close()
-        model.train(was_training)
+    with eval_mode(model):
+        with torch.no_grad():
+            width = model(torch.rand(1, *image_shape, generator=generator).to(device)).shape[-1]
+        if not 3 <= num_classes <= width:
+            raise ValueError(f"num_classes={num_classes}: need at least 3 and at most the model's {width} outputs")
+        chunks = [list(range(i, min(i + classes_per_chunk, num_classes))) for i in range(0, num_classes, classes_per_chunk)]
+        margins: list[float] = []
+        with progress_bar(total=steps * len(chunks), desc="margins", unit="step", disable=not progress) as bar:
+            for chunk in chunks:
+                margins += _ascend(model, image_shape, chunk, starts, steps, lr, device, generator, bar)
     if not all(math.isfinite(m) for m in margins):
         raise NonFiniteMargins(f"the model's margins are not finite ({margins}): its outputs overflow")
     return MaxMargin(margins, margin_pvalue(margins))

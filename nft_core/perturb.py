@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nft_core.classes import class_chunks
+from nft_core.modes import eval_mode
 from nft_core.progress import bar as progress_bar
 
 
@@ -106,20 +107,14 @@ def smallest_perturbations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
         raise ValueError(f"success_threshold={success_threshold} must lie in (0, 1]")
     device, y, num_classes, chunks = class_chunks(model, x, y, num_classes, classes_per_chunk)
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    bar = progress_bar(total=steps * len(chunks), desc="perturb", unit="step", disable=not progress)
     parts = []
-    try:
+    with eval_mode(model), progress_bar(total=steps * len(chunks), desc="perturb", unit="step", disable=not progress) as bar:
         for chunk in chunks:
             parts.append(_search_chunk(model, x, y, chunk, device, generator, steps=steps, batch_size=batch_size,
                                        init_budget=init_budget, threshold=success_threshold, window=window,
                                        factor=factor, bar=bar))
         deltas = torch.cat([p[0] for p in parts])
         success = [_success(model, x, y, k, deltas[k], device, batch_size * 8) for k in range(num_classes)]
-    finally:
-        bar.close()
-        model.train(was_training)
     budgets = [b for p in parts for b in p[1]]
     reached = [r for p in parts for r in p[2]]
     return UniversalPerturbation(deltas, budgets, success, reached)

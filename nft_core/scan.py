@@ -20,6 +20,7 @@ from torch import nn
 
 from nft_core.adversarial import pgd_untargeted
 from nft_core.metrics import predict, predict_logits
+from nft_core.modes import eval_mode
 from nft_core.progress import bar as progress_bar
 
 
@@ -76,19 +77,15 @@ def adversarial_label_concentration(model: nn.Module, x: torch.Tensor, y: torch.
     device = next(model.parameters()).device
     y = torch.as_tensor(y).long()
     adv_pred = []
-    was_training = model.training
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            with progress_bar(total=len(x), desc="scan", unit="img", disable=not progress) as bar:
-                for i in range(0, len(x), batch_size):
-                    xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-                    x_adv = pgd_untargeted(model, xb, yb, eps, steps)
-                    adv_pred.append(predict(model, x_adv, batch_size, device))
-                    bar.update(len(xb))
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with progress_bar(total=len(x), desc="scan", unit="img", disable=not progress) as bar:
+            for i in range(0, len(x), batch_size):
+                xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+                x_adv = pgd_untargeted(model, xb, yb, eps, steps)
+                adv_pred.append(predict(model, x_adv, batch_size, device))
+                bar.update(len(xb))
         width = num_classes if num_classes is not None else predict_logits(model, x[:1], 1, device).shape[-1]
-    finally:
-        model.train(was_training)
     pred = torch.cat(adv_pred)
     flipped = pred[pred != y]
     histogram = torch.bincount(flipped, minlength=width).tolist()
