@@ -188,27 +188,28 @@ def scan_labels(shares: Mapping[str, Sequence[float]], flag: float, runner_up: f
                            "Where the scan's adversarial examples land", lines)
 
 
+def _median_lines(ratio_factor: float) -> Callable[[str, Sequence[float]], list[HLine]]:
+    """Lines at a model's median and at median / ``ratio_factor``: the size a class must fall below to flag the
+    model, for the statistics that compare a class with the median class (:mod:`nft_core.invert`,
+    :mod:`nft_core.perturb`; both take the lower median, as ``torch.median`` does)."""
+    def lines(model: str, values: Sequence[float]) -> list[HLine]:
+        median = float(torch.tensor(values).median())
+        return [(median, "--", f"{model}: median"), (median / ratio_factor, ":", f"{model}: median / {ratio_factor:g}")]
+
+    return lines
+
+
 def inversion_norms(norms: Mapping[str, Sequence[float]], ratio_factor: float) -> Figure:
     """Per-class L1 norm of the reconstructed masks for each model, with each model's median and the norm a
     class must fall below to flag the model (median / ``ratio_factor``: a backdoor target needs a small mask)."""
-    def lines(model: str, values: Sequence[float]) -> list[HLine]:
-        median = float(torch.tensor(values).median())  # the lower median, as nft_core.invert takes it
-        return [(median, "--", f"{model}: median"),
-                (median / ratio_factor, ":", f"{model}: median / {ratio_factor:g}")]
-
     return _per_class_bars(norms, {model: model for model in norms}, "mask L1 norm (pixels)",
-                           "Reconstructed trigger size per class", lines)
+                           "Reconstructed trigger size per class", _median_lines(ratio_factor))
 
 
 def universal_budgets(budgets: Mapping[str, Sequence[float]], ratio_factor: float) -> Figure:
     """Per-class L-inf budget of the smallest universal perturbation for each model (in 1/255 steps), with each
     model's median and the budget a class must fall below to flag the model (median / ``ratio_factor``: a
     trigger added to the whole image makes its target reachable by a far fainter perturbation)."""
-    def lines(model: str, values: Sequence[float]) -> list[HLine]:
-        median = float(torch.tensor(values).median())  # the lower median, as nft_core.perturb takes it
-        return [(median, "--", f"{model}: median"),
-                (median / ratio_factor, ":", f"{model}: median / {ratio_factor:g}")]
-
     return _per_class_bars({model: [255 * b for b in values] for model, values in budgets.items()},
                            {model: model for model in budgets}, "L-inf budget (x 1/255)",
-                           "Smallest universal perturbation per class", lines)
+                           "Smallest universal perturbation per class", _median_lines(ratio_factor))

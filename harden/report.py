@@ -46,17 +46,19 @@ PLOTS: dict[str, tuple[str, str]] = {
     "mask_heatmap": ("mask_heatmap.png", "Mask values per layer and neuron (cf. NFT supplementary Fig. 1-2)"),
     "mask_histogram": ("mask_histogram.png", "Distribution of the learned mask values"),
     "triggers": ("triggers.png", "Reconstructed trigger of each model's suspected target (Neural Cleanse)"),
-    "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a class below median / 3 "
-                        "flags the model (backdoor score >= 1)"),
+    "inversion_norms": ("inversion_norms.png", "Reconstructed trigger size per class: a class at or below median / "
+                        f"{NORM_RATIO_FACTOR:g} flags the model (backdoor score >= 1)"),
     "scan_labels": ("scan_labels.png", "Where the scan's untargeted adversarial examples land, per class (PBE): a "
-                    "backdoored model sends most of them to its target; a top share at the dotted line, or at a "
-                    "model's dashed line (3x its runner-up's share), flags the model (backdoor score >= 1)"),
+                    f"backdoored model sends most of them to its target; a top share at the dotted line "
+                    f"({SCAN_SHARE_FLAG:g}), or at a model's dashed line ({RUNNER_UP_FLAG:g}x its runner-up's "
+                    "share), flags the model (backdoor score >= 1)"),
     "max_margins": ("max_margins.png", "Largest reachable margin per class (MM-BD, no images needed): one class far "
                     "above the others flags the model; the legend gives the p-value of the candidate's suspect in "
                     "each model, which the backdoor score uses"),
     "universal_budgets": ("universal_budgets.png", "Smallest universal perturbation per class: the faintest change, "
-                          "the same for every image, that sends 80 % of other classes' images to the class; a class "
-                          "at or below median / 2 flags the model (backdoor score >= 1)"),
+                          "the same for every image, that sends most of the other classes' images to the class "
+                          "(probes.universal.success_threshold of them); a class at or below median / "
+                          f"{BUDGET_RATIO_FACTOR:g} flags the model (backdoor score >= 1)"),
 }
 
 
