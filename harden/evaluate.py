@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harden.errors import PackageError, ProbeError
+from harden.errors import DataError, PackageError, ProbeError
 from harden.probes import Probe
 from harden.onnx_export import onnx_predict_logits, onnx_session
 from nft_core.attacks import make_attack
@@ -240,12 +240,30 @@ class InvertedTrigger:
                 "inverted/mask_l1": inv.norms[self.target], "inverted/norm_ratio": inv.norm_ratio}
 
 
+def _fitted(test: ImageData, samples: int, seed: int, search: str) -> torch.Tensor:
+    """Indices of the ``samples`` random images (at most half of ``test``) a per-class search is fitted to.
+
+    Raises:
+        DataError: ``test`` has fewer than two images, so half of it is empty (exit 5): a search on no image
+            would say nothing, and its statistics must not stand in the evidence as if it had run.
+    """
+    n = min(samples, len(test) // 2)
+    if n < 1:
+        raise DataError(f"{search} is fitted to half the images and {len(test)} image(s) leave none: "
+                        f"it needs at least 2 (a larger test set, clean set or policy.holdout)")
+    return torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def invert_trigger(model: nn.Module, test: ImageData, *, samples: int = 200, seed: int = 0, progress: bool = False,
                    **settings: Any) -> InvertedTrigger:
     """Reconstruct every class's trigger (:func:`nft_core.invert.reconstruct_triggers`, which takes
     ``settings``) from ``samples`` random test images (at most half the test set); the rest of the test set
-    measures the reconstructed trigger (:meth:`InvertedTrigger.probe`)."""
-    fitted = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:min(samples, len(test) // 2)]
+    measures the reconstructed trigger (:meth:`InvertedTrigger.probe`).
+
+    Raises:
+        DataError: fewer than two test images (exit 5).
+    """
+    fitted = _fitted(test, samples, seed, "the trigger reconstruction")
     inversion = reconstruct_triggers(model, test.images()[fitted], test.y[fitted], num_classes=test.num_classes,
                                      seed=seed, progress=progress, **settings)
     return InvertedTrigger(inversion, fitted)
@@ -285,8 +303,9 @@ def universal_metrics(model: nn.Module, test: ImageData, *, samples: int = 200, 
     Raises:
         PackageError: the model's outputs overflow on the perturbed images: it is refused (exit 3), never given a
             budget ratio that means nothing.
+        DataError: fewer than two test images (exit 5).
     """
-    fitted = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:min(samples, len(test) // 2)]
+    fitted = _fitted(test, samples, seed, "the universal perturbation search")
     try:
         found = smallest_perturbations(model, test.images()[fitted], test.y[fitted], num_classes=test.num_classes,
                                        seed=seed, progress=progress, **settings)

@@ -192,6 +192,27 @@ def test_a_holdout_that_leaves_an_empty_part_is_refused(setup: Setup, tmp_path: 
     assert not (tmp_path / "purify").exists()
 
 
+@pytest.mark.parametrize("metric, search", [("inverted/norm_ratio", "the trigger reconstruction"),
+                                            ("universal/budget_ratio", "the universal perturbation search")])
+def test_a_single_held_out_image_is_refused_where_a_search_must_judge_on_it(setup: Setup, tmp_path: Path,
+                                                                            metric: str, search: str):
+    """Class 0 has two clean images and keeps one; every other class has one and keeps it: one image is held out.
+    The per-class searches are fitted to half the held-out images, none here: the stage refuses the clean set
+    (exit 5) instead of judging the attempts by statistics of a search that never saw an image."""
+    x, y = _images(2, seed=3)
+    keep = np.r_[0, 1, np.arange(2, len(y), 2)]  # both images of class 0, one of every other class
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, x=x[keep], y=y[keep])
+    probes = ProbesParams.model_validate({"inversion": {"steps": 2}, "universal": {"steps": 2},
+                                          "scan": {"steps": 1}, "margin": {"starts": 1, "steps": 2}})
+    gate = GateConfig(metrics=[{"metric": metric, "min": 0.0}], required_facts=[], allow_no_probes=True)
+    policy = PolicyParams(fallbacks=[purify(method="ft", epochs=0)], holdout=0.4)
+    with pytest.raises(DataError, match=f"{search} is fitted to half the images and 1 image\\(s\\) leave none"):
+        stages.purify_stage(purify(method="ft", epochs=0), BASE, setup.pull, clean, tmp_path / "purify",
+                            policy=policy, probes=probes, gate=gate, progress=False)
+    assert not (tmp_path / "purify").exists()
+
+
 def test_an_attempt_whose_training_diverges_fails_and_the_next_one_runs(setup: Setup, tmp_path: Path):
     diverging = purify(method="ft", epochs=2, lr=1e12, batch_size=16)
     policy = PolicyParams(fallbacks=[purify(method="ft", epochs=0)], holdout=0.4)
