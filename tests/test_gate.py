@@ -246,3 +246,20 @@ def test_a_tightened_check_asks_for_the_margin_on_every_threshold():
     assert not failed.blessed and "violates the maximum 0.0400" in failed.failed[0].reason
     with pytest.raises(ValueError, match="margin=-0.01 is invalid"):
         check.tightened(-0.01)
+
+
+def test_the_shipped_gate_rejects_a_model_whose_reconstructed_trigger_still_works():
+    """Fine-pruning a WaNet GTSRB candidate (BENCHMARKS.md) left the real trigger a 4.8-point lift, inside the
+    probes' bound, while the stamp reconstructed from the candidate still sent 39.5 points more of the hardened
+    model's images to the target than its clean rate: ``params.yaml``'s gate rejects that model on the stamp alone."""
+    from pathlib import Path
+
+    from harden.params import load_params
+
+    shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml").gate
+    before = {"acc": 0.892, "asr/wanet": 0.768, "asr_lift/wanet": 0.725, "inverted/asr_lift": 0.888, "scan/backdoor_score": 3.84}
+    after = {"acc": 0.926, "asr/wanet": 0.051, "asr_lift/wanet": 0.048, "inverted/asr_lift": 0.395, "scan/backdoor_score": 0.70}
+    rejected = evaluate_gate(shipped, before, after, FACTS)
+    assert not rejected.blessed
+    assert [c.metric for c in rejected.checks if not c.passed] == ["inverted/asr_lift"]
+    assert evaluate_gate(shipped, before, {**after, "inverted/asr_lift": 0.049}, FACTS).blessed
