@@ -147,16 +147,18 @@ def runner_up(metrics: dict[str, Any]) -> float | None:
     return math.inf if ratio is None else ratio
 
 
-def score(metrics: dict[str, Any], *, margin: bool = True, ratio: bool = True, universal: bool = True) -> float:
+def score(metrics: dict[str, Any], *, margin: bool = True, ratio: bool = True, universal: bool = True,
+          corroborate: bool = True) -> float:
     """The library's :func:`backdoor_score` of a row (with the runner-up ratio of rows that stored only the label
     shares), or the score without MM-BD's term, the ratio's or the universal perturbation's, as it was before each
-    joined it."""
+    joined it, or with MM-BD's term counted alone (``corroborate=False``), as it was before it needed another
+    statistic to name its class."""
     kept = {k: v for k, v in metrics.items() if k != "scan/runner_up_ratio"
             and (margin or not k.startswith("margin/")) and (universal or not k.startswith("universal/"))}
     reported = runner_up(metrics) if ratio else None  # the one place the ratio comes from
     if reported is not None and math.isfinite(reported):
         kept["scan/runner_up_ratio"] = reported
-    return backdoor_score(kept)
+    return backdoor_score(kept, corroborate_margin=corroborate)
 
 
 def rules() -> dict[str, Any]:
@@ -184,20 +186,14 @@ def rules() -> dict[str, Any]:
         "backdoor score without MM-BD, the ratio or the universal perturbation >= 1":
             lambda m: score(m, margin=False, ratio=False, universal=False) >= 1,
         "backdoor score without the ratio or the universal perturbation >= 1":
-            lambda m: score(m, ratio=False, universal=False) >= 1,
-        "backdoor score without the universal perturbation >= 1": needs_ratio(lambda m: score(m, universal=False) >= 1),
-        "backdoor score >= 1 (mask ratio, scan share or ratio, MM-BD p, universal perturbation)":
-            with_universal(lambda m: score(m) >= 1),
-        "the same, MM-BD's term only where the stamp, the scan or the universal perturbation names its class":
-            with_universal(lambda m: score(m, margin=corroborated(m)) >= 1),
+            lambda m: score(m, ratio=False, universal=False, corroborate=False) >= 1,
+        "backdoor score without the universal perturbation >= 1":
+            needs_ratio(lambda m: score(m, universal=False, corroborate=False) >= 1),
+        "backdoor score with MM-BD's term counted alone >= 1 (mask ratio, scan share or ratio, MM-BD p, universal "
+        "perturbation)": with_universal(lambda m: score(m, corroborate=False) >= 1),
+        "backdoor score >= 1 (the same, MM-BD's term only where the stamp, the scan or the universal perturbation "
+        "names its class)": with_universal(lambda m: score(m) >= 1),
     }
-
-
-def corroborated(metrics: dict[str, Any]) -> bool:
-    """Whether MM-BD's class (``margin/target``) is also the reconstructed stamp's suspect, the scan's top label or
-    the universal perturbation's suspect: a class with a naturally large margin (GTSRB's "no entry") is none of
-    these in a benign model."""
-    return metrics.get("margin/target") in {metrics.get(k) for k in ("inverted/target", "scan/top_label", "universal/target")}
 
 
 def pct(flags: list[bool | None]) -> str:
@@ -252,16 +248,17 @@ def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def with_suspect(row: dict[str, Any]) -> dict[str, Any]:
-    """The row with ``margin/suspect_pvalue`` on both sides, as the evaluate stage writes it: the hardened
-    model is asked about the candidate's suspect (its own largest margin is kept as ``margin/pvalue``). Rows
+    """The row with ``margin/suspect`` and ``margin/suspect_pvalue`` on both sides, as the evaluate stage writes
+    them: the hardened model is asked about the candidate's suspect (its own largest margin is kept as
+    ``margin/pvalue``). Rows
     from before MM-BD (2026-11-22) have no margins and stay as they are."""
     c = row["candidate"]
     if "margin/pvalue" not in c:
         return row
-    c = {**c, "margin/suspect_pvalue": suspect_margin_pvalue(c, c)}
+    c = {**c, "margin/suspect": c["margin/target"], "margin/suspect_pvalue": suspect_margin_pvalue(c, c)}
 
     def asked(h: dict[str, Any] | None) -> dict[str, Any] | None:
-        return h and {**h, "margin/suspect_pvalue": suspect_margin_pvalue(c, h)}
+        return h and {**h, "margin/suspect": c["margin/target"], "margin/suspect_pvalue": suspect_margin_pvalue(c, h)}
 
     return {**row, "candidate": c, "hardened": asked(row["hardened"]),
             "fallbacks": [{**a, "hardened": asked(a["hardened"])} for a in row.get("fallbacks") or []]}

@@ -56,7 +56,7 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Probes = Sequence["Probe"]
 
 #: Numeric metrics that are labels, not quantities (no delta).
-CATEGORICAL = frozenset({"scan/top_label", "inverted/target", "margin/target"})
+CATEGORICAL = frozenset({"scan/top_label", "inverted/target", "margin/target", "margin/suspect", "universal/target"})
 
 #: Tolerance for "a mask sits at its lower bound" (same as the purify loop's history).
 AT_BOUND_TOL = 1e-6
@@ -350,7 +350,7 @@ MARGIN_P_FLOOR = 1e-12
 NORM_RATIO_FLOOR = 1e-3
 
 
-def backdoor_score(metrics: Mapping[str, Any]) -> float:
+def backdoor_score(metrics: Mapping[str, Any], *, corroborate_margin: bool = True) -> float:
     """One number from the trigger-free evidence of a model; 1 or more flags it as backdoored.
 
     The largest of up to five ratios, each 1 at its own flag threshold:
@@ -363,7 +363,8 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
       share's threshold was set with 10 classes, and with 43 a WaNet target drawing half the flips stays under
       it while drawing 9-10x the next class's. Benign models measured reach 2.26 (synthetic) and 1.48 (GTSRB),
       hardened ones 1.0-1.9;
-    - when the maximum-margin statistic ran: ``log p / log`` :data:`MARGIN_P_FLAG` (2 at p = 1e-6), with p the
+    - when the maximum-margin statistic ran and another statistic names the same class
+      (:func:`margin_corroborated`): ``log p / log`` :data:`MARGIN_P_FLAG` (2 at p = 1e-6), with p the
       p-value of the candidate's suspect in this model (``margin/suspect_pvalue``, see
       :func:`suspect_margin_pvalue`; ``margin/pvalue`` when only that is given). With ten classes the gamma
       null is fitted to nine values and its tail is loose (hardened models' own largest margins reach p 0.006
@@ -377,6 +378,9 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
       SIG and WaNet on GTSRB 0.26-0.31, benign models 0.64-0.74 there and 0.57-0.74 on the synthetic shapes
       (where backdoored ones reach only 0.56-0.70: the small CNN is fragile to every class).
 
+    ``corroborate_margin=False`` counts MM-BD's term alone, as the score did before 2026-11-24 (the detector
+    benchmark compares both).
+
     Neural Cleanse's own flag (anomaly index above 2) is reported as ``inverted/anomaly_index`` but left out:
     with ten classes the median absolute deviation is unstable. A Blend target whose mask is 5x smaller than
     the median scores 1.6, while a clean model whose masks all lie within 6 % of each other scores 3.4.
@@ -387,12 +391,30 @@ def backdoor_score(metrics: Mapping[str, Any]) -> float:
     if "scan/runner_up_ratio" in metrics:  # absent when fewer than two classes drew flips: the top share says it
         terms.append(metrics["scan/runner_up_ratio"] / RUNNER_UP_FLAG)
     pvalue = metrics.get("margin/suspect_pvalue", metrics.get("margin/pvalue"))
-    if pvalue is not None:
+    if pvalue is not None and (margin_corroborated(metrics) or not corroborate_margin):
         terms.append(math.log(max(pvalue, MARGIN_P_FLOOR)) / math.log(MARGIN_P_FLAG))
     if "universal/budget_ratio" in metrics:
         budget_ratio = max(metrics["universal/budget_ratio"], NORM_RATIO_FLOOR)
         terms.append(1 / budget_ratio / BUDGET_RATIO_FACTOR)
     return max(terms)
+
+
+def margin_corroborated(metrics: Mapping[str, Any]) -> bool:
+    """Whether the class MM-BD asks about (``margin/suspect``; ``margin/target`` when absent) is also the
+    reconstructed stamp's suspect (``inverted/target``), the scan's top label (``scan/top_label``) or the universal
+    perturbation's suspect (``universal/target``) in the same metrics: only then does its p-value count in
+    :func:`backdoor_score`.
+
+    Some classes reach an outlying margin without any backdoor: GTSRB's "no entry" sign (class 17) or its
+    neighbour is MM-BD's top class in 10 of 12 benign ResNet-18s measured, and one of them reached a margin of 112
+    against a median of 52 (p underflowing to 0), the only benign GTSRB model the score flagged. No other
+    statistic named that class. Every backdoored GTSRB candidate MM-BD flagged had its target named by another
+    statistic too, the Trojan ones (whose stamp and scan point elsewhere) by the universal perturbation
+    (BENCHMARKS.md, *Backdoor detection without the trigger*).
+    """
+    suspect = metrics.get("margin/suspect", metrics.get("margin/target"))
+    return suspect is not None and any(metrics.get(k) == suspect
+                                       for k in ("inverted/target", "scan/top_label", "universal/target"))
 
 
 def finite_metrics(metrics: dict[str, Any], what: str) -> dict[str, Any]:

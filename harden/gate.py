@@ -62,8 +62,8 @@ METRIC_FAMILIES: tuple[str, ...] = (
     "eval_time_s",
     "scan/flip_rate", "scan/top_label", "scan/top_share", "scan/runner_up_ratio", "scan/backdoor_score",
     "inverted/asr", "inverted/clean_rate", "inverted/asr_lift", "inverted/anomaly_index", "inverted/norm_ratio",
-    "inverted/mask_l1", "inverted/target", "margin/pvalue", "margin/suspect_pvalue", "margin/target",
-    "margin/ratio", "universal/budget_ratio", "universal/budget", "universal/target",
+    "inverted/mask_l1", "inverted/target", "margin/pvalue", "margin/suspect_pvalue", "margin/suspect",
+    "margin/target", "margin/ratio", "universal/budget_ratio", "universal/budget", "universal/target",
 )
 
 #: Metrics whose presence shows that an attack probe was evaluated.

@@ -53,8 +53,9 @@ PLOTS: dict[str, tuple[str, str]] = {
                     f"({SCAN_SHARE_FLAG:g}), or at a model's dashed line ({RUNNER_UP_FLAG:g}x its runner-up's "
                     "share), flags the model (backdoor score >= 1)"),
     "max_margins": ("max_margins.png", "Largest reachable margin per class (MM-BD, no images needed): one class far "
-                    "above the others flags the model; the legend gives the p-value of the candidate's suspect in "
-                    "each model, which the backdoor score uses"),
+                    "above the others flags the model when the stamp, the scan or the universal perturbation names "
+                    "the same class; the legend gives the p-value of the candidate's suspect in each model, which "
+                    "the backdoor score uses"),
     "universal_budgets": ("universal_budgets.png", "Smallest universal perturbation per class: the faintest change, "
                           "the same for every image, that sends most of the other classes' images to the class "
                           "(probes.universal.success_threshold of them); a class at or below median / "

@@ -298,7 +298,9 @@ def trigger_free_metrics(model: torch.nn.Module, data: ImageData, probes: Probes
     if probes.margin.enabled:
         metrics.update(margin_metrics(model, data, seed=seed, progress=progress,
                                       **probes.margin.model_dump(exclude={"enabled"})))
-        metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(metrics if candidate is None else candidate, metrics)
+        asked = metrics if candidate is None else candidate
+        metrics["margin/suspect"] = int(asked["margin/target"])
+        metrics["margin/suspect_pvalue"] = suspect_margin_pvalue(asked, metrics)
     if probes.universal.enabled:
         metrics.update(universal_metrics(model, data, seed=seed, progress=progress,
                                          **probes.universal.model_dump(exclude={"enabled"})))

@@ -129,6 +129,7 @@ def test_run_blesses_then_strict_rerun_rejects(tmp_path: Path) -> None:
     assert len(candidate["margin/values"]) == len(hardened["margin/values"]) == 10
     assert candidate["margin/suspect_pvalue"] == candidate["margin/pvalue"]
     assert hardened["margin/suspect_pvalue"] == margin_pvalue(hardened["margin/values"], label=candidate["margin/target"])
+    assert candidate["margin/suspect"] == hardened["margin/suspect"] == candidate["margin/target"]
     assert [int(v.version) for v in versions(uri, HARDENED)] == [1]
     first_tags = _check_registered(tmp_path, uri, 1, "blessed", source_version=1)
     assert alias_version(uri, HARDENED, ALIAS) == 1

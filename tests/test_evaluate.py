@@ -227,12 +227,30 @@ def test_non_finite_metrics_are_left_out_so_a_check_on_them_cannot_pass(caplog):
 def test_the_maximum_margin_p_value_joins_the_score_at_its_own_threshold():
     from harden.evaluate import MARGIN_P_FLAG, backdoor_score
 
-    clean = {"inverted/norm_ratio": 0.7, "scan/top_share": 0.3}
+    clean = {"inverted/norm_ratio": 0.7, "scan/top_share": 0.3, "inverted/target": 4, "margin/target": 4}
     assert backdoor_score({**clean, "margin/pvalue": MARGIN_P_FLAG}) == pytest.approx(1)
     assert backdoor_score({**clean, "margin/pvalue": MARGIN_P_FLAG ** 2}) == pytest.approx(2)
     assert backdoor_score({**clean, "margin/pvalue": 0.3}) == backdoor_score(clean) < 1  # a benign p-value adds nothing
     underflow = backdoor_score({**clean, "margin/pvalue": 0.0})
     assert 1 < underflow < float("inf"), "a p-value that underflowed to 0 flags, with a finite score"
+
+
+@pytest.mark.parametrize("named_by", ["inverted/target", "scan/top_label", "universal/target"])
+def test_the_margin_counts_only_where_another_statistic_names_its_class(named_by):
+    """A benign GTSRB ResNet-18 (BENCHMARKS.md): class 17's margin 112 against a median of 52, p underflowing to
+    0, while the stamp, the scan and the universal perturbation point at classes 25, 2 and 25."""
+    from harden.evaluate import backdoor_score, margin_corroborated
+
+    benign = {"inverted/norm_ratio": 0.61, "inverted/target": 25, "scan/top_share": 0.08, "scan/top_label": 2,
+              "scan/runner_up_ratio": 1.09, "universal/budget_ratio": 0.74, "universal/target": 25,
+              "margin/target": 17, "margin/pvalue": 0.0, "margin/suspect": 17, "margin/suspect_pvalue": 0.0}
+    assert not margin_corroborated(benign)
+    assert backdoor_score(benign) < 1 < backdoor_score(benign, corroborate_margin=False)
+    named = {**benign, named_by: 17}  # a backdoor's target: another statistic names the class too
+    assert margin_corroborated(named) and backdoor_score(named) > 1
+    # a hardened model is asked about the candidate's suspect (margin/suspect), not its own top class
+    hardened = {**benign, "margin/target": 25, named_by: 25}
+    assert not margin_corroborated(hardened) and backdoor_score(hardened) < 1
 
 
 def test_the_scan_s_runner_up_ratio_joins_the_score_at_its_own_threshold():
@@ -284,6 +302,8 @@ def test_a_hardened_model_is_scored_on_the_candidate_s_suspect_not_on_its_own_la
     hardened["margin/suspect_pvalue"] = suspect_margin_pvalue(candidate, hardened)
     assert hardened["margin/suspect_pvalue"] > 0.9
     assert backdoor_score(hardened) == backdoor_score(clean) < 1
-    kept = {**hardened, "margin/values": [125.0, *hardened["margin/values"][1:]]}  # the backdoor survived
+    # the backdoor survived: class 0's margin stands out again, and the reconstructed stamp names it too
+    kept = {**hardened, "margin/values": [125.0, *hardened["margin/values"][1:]], "inverted/target": 0,
+            "margin/suspect": 0}
     kept["margin/suspect_pvalue"] = suspect_margin_pvalue(candidate, kept)
     assert backdoor_score(kept) > 1
