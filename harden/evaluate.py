@@ -408,9 +408,9 @@ def margin_corroborated(metrics: Mapping[str, Any]) -> bool:
     Some classes reach an outlying margin without any backdoor: GTSRB's "no entry" sign (class 17) or its
     neighbour is MM-BD's top class in 10 of 12 benign ResNet-18s measured, and one of them reached a margin of 112
     against a median of 52 (p underflowing to 0), the only benign GTSRB model the score flagged. No other
-    statistic named that class. Every backdoored GTSRB candidate MM-BD flagged had its target named by another
-    statistic too, the Trojan ones (whose stamp and scan point elsewhere) by the universal perturbation
-    (BENCHMARKS.md, *Backdoor detection without the trigger*).
+    statistic named that class. Every backdoored GTSRB candidate scanned with the universal perturbation that
+    MM-BD flagged had its target named by another statistic too, the Trojan ones (whose stamp and scan may point
+    elsewhere) by the universal perturbation (BENCHMARKS.md, *Backdoor detection without the trigger*).
     """
     suspect = metrics.get("margin/suspect", metrics.get("margin/target"))
     return suspect is not None and any(metrics.get(k) == suspect
