@@ -1,11 +1,13 @@
 """The promotion gate: thresholds, boundaries, directions, wildcards, missing evidence, the blessing file."""
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from harden.gate import Blessing, GateConfig, MetricCheck, MissingMetricError, evaluate_gate
+from harden.params import load_params
 
 FACTS = {"onnx_parity": True, "fold_check": True}
 BEFORE = {"acc": 0.90, "asr/badnets": 0.98, "asr/blend": 0.95, "asr_lift/badnets": 0.97, "asr_lift/blend": 0.93,
@@ -252,10 +254,6 @@ def test_the_shipped_gate_rejects_a_model_whose_reconstructed_trigger_still_work
     """Fine-pruning a WaNet GTSRB candidate (BENCHMARKS.md) left the real trigger a 4.8-point lift, inside the
     probes' bound, while the stamp reconstructed from the candidate still sent 39.5 points more of the hardened
     model's images to the target than its clean rate: ``params.yaml``'s gate rejects that model on the stamp alone."""
-    from pathlib import Path
-
-    from harden.params import load_params
-
     shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml").gate
     before = {"acc": 0.892, "asr/wanet": 0.768, "asr_lift/wanet": 0.725, "inverted/asr_lift": 0.888, "scan/backdoor_score": 3.84}
     after = {"acc": 0.926, "asr/wanet": 0.051, "asr_lift/wanet": 0.048, "inverted/asr_lift": 0.395, "scan/backdoor_score": 0.70}
