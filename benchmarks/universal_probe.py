@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.detector import REPO, Source, candidate, load_settings, load_splits, unflipped
-from harden.evaluate import _fitted
+from harden.evaluate import fitted_indices
 from nft_core.data import stratified_split
 from nft_core.defenses import run_defense
 from nft_core.metrics import predict
@@ -49,7 +49,7 @@ def main() -> None:
         model, _ = candidate(Source(train, "resnet18", False), attack, int(level), int(seed), args.epochs,
                              args.cache / "candidates")
         t0 = time.perf_counter()
-        fitted = _fitted(test, params.probes.universal.samples, 0, "the universal perturbation search")
+        fitted = fitted_indices(test, params.probes.universal.samples, 0, "the universal perturbation search")
         found = smallest_perturbations(model, images[fitted], test.y[fitted], num_classes=test.num_classes, seed=0,
                                        **settings)
         k, delta = found.suspect, found.perturbations[found.suspect]

@@ -240,7 +240,7 @@ class InvertedTrigger:
                 "inverted/mask_l1": inv.norms[self.target], "inverted/norm_ratio": inv.norm_ratio}
 
 
-def _fitted(test: ImageData, samples: int, seed: int, search: str) -> torch.Tensor:
+def fitted_indices(test: ImageData, samples: int, seed: int, search: str) -> torch.Tensor:
     """Indices of the ``samples`` random images (at most half of ``test``) a per-class search is fitted to.
 
     Raises:
@@ -263,7 +263,7 @@ def invert_trigger(model: nn.Module, test: ImageData, *, samples: int = 200, see
     Raises:
         DataError: fewer than two test images (exit 5).
     """
-    fitted = _fitted(test, samples, seed, "the trigger reconstruction")
+    fitted = fitted_indices(test, samples, seed, "the trigger reconstruction")
     inversion = reconstruct_triggers(model, test.images()[fitted], test.y[fitted], num_classes=test.num_classes,
                                      seed=seed, progress=progress, **settings)
     return InvertedTrigger(inversion, fitted)
@@ -305,7 +305,7 @@ def universal_metrics(model: nn.Module, test: ImageData, *, samples: int = 200, 
             budget ratio that means nothing.
         DataError: fewer than two test images (exit 5).
     """
-    fitted = _fitted(test, samples, seed, "the universal perturbation search")
+    fitted = fitted_indices(test, samples, seed, "the universal perturbation search")
     try:
         found = smallest_perturbations(model, test.images()[fitted], test.y[fitted], num_classes=test.num_classes,
                                        seed=seed, progress=progress, **settings)

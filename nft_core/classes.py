@@ -1,4 +1,5 @@
-"""What the per-class searches (:mod:`nft_core.invert`, :mod:`nft_core.perturb`) check and share before they start."""
+"""What the per-class searches (:mod:`nft_core.invert`, :mod:`nft_core.perturb`, :mod:`nft_core.maxmargin`) check
+and share before they start."""
 
 from __future__ import annotations
 
@@ -28,5 +29,9 @@ def class_chunks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes
     num_classes = width if num_classes is None else num_classes
     if num_classes < 2 or num_classes > width or y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels span [{y.min()}, {y.max()}] and num_classes={num_classes}; the model has {width} outputs")
-    chunks = [list(range(i, min(i + classes_per_chunk, num_classes))) for i in range(0, num_classes, classes_per_chunk)]
-    return device, y, num_classes, chunks
+    return device, y, num_classes, chunked(num_classes, classes_per_chunk)
+
+
+def chunked(num_classes: int, classes_per_chunk: int) -> list[list[int]]:
+    """Classes ``0 .. num_classes - 1`` in consecutive chunks of at most ``classes_per_chunk``."""
+    return [list(range(i, min(i + classes_per_chunk, num_classes))) for i in range(0, num_classes, classes_per_chunk)]

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nft_core.classes import chunked
 from nft_core.modes import eval_mode
 from nft_core.progress import bar as progress_bar
 
@@ -133,7 +134,7 @@ def max_margin_statistics(model: nn.Module, image_shape: tuple[int, int, int], n
             width = model(torch.rand(1, *image_shape, generator=generator).to(device)).shape[-1]
         if not 3 <= num_classes <= width:
             raise ValueError(f"num_classes={num_classes}: need at least 3 and at most the model's {width} outputs")
-        chunks = [list(range(i, min(i + classes_per_chunk, num_classes))) for i in range(0, num_classes, classes_per_chunk)]
+        chunks = chunked(num_classes, classes_per_chunk)
         margins: list[float] = []
         with progress_bar(total=steps * len(chunks), desc="margins", unit="step", disable=not progress) as bar:
             for chunk in chunks:
