@@ -250,8 +250,7 @@ def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def with_suspect(row: dict[str, Any]) -> dict[str, Any]:
     """The row with ``margin/suspect`` and ``margin/suspect_pvalue`` on both sides, as the evaluate stage writes
     them: the hardened model is asked about the candidate's suspect (its own largest margin is kept as
-    ``margin/pvalue``). Rows
-    from before MM-BD (2026-11-22) have no margins and stay as they are."""
+    ``margin/pvalue``). Rows from before MM-BD (2026-11-22) have no margins and stay as they are."""
     c = row["candidate"]
     if "margin/pvalue" not in c:
         return row
