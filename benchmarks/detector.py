@@ -5,10 +5,11 @@ models of the same architecture over several seeds) is scanned exactly as the ev
 (:func:`harden.evaluate.invert_trigger`, :func:`harden.evaluate.scan_metrics`,
 :func:`harden.evaluate.margin_metrics`, the settings of ``params.yaml``'s ``probes`` section). Each backdoored
 candidate that learned its backdoor is then hardened with ``params.yaml``'s ``purify`` section on a clean set drawn
-from the training images and scanned again; when that model fails the gate's ACC and ASR-lift checks, the
-``policy.fallbacks`` are tried in turn, as the step does (judged here on the test set with the real trigger, where
-the step judges on held-out clean images with its probes), and the first that passes is what a blessed hardening
-ships. By default the candidates are the demo's: its small CNN on the synthetic shapes, trained for
+from the training images and scanned again; when that model fails the gate's ACC and ASR-lift checks (the real
+trigger's and the one reconstructed from the candidate), the ``policy.fallbacks`` are tried in turn, as the step
+does (judged here on the test set with the real trigger, where the step judges on held-out clean images with its
+probes), and the first that passes is what a blessed hardening ships. Cached rows are judged again by today's gate.
+By default the candidates are the demo's: its small CNN on the synthetic shapes, trained for
 ``candidate.demo.epochs`` epochs. ``--data`` takes a dataset spec with both splits instead (real photographs:
 ``torchvision:GTSRB:ROOT``) and ``--arch`` a real architecture (torchvision's ResNet-18, PreActResNet-18 at width
 64). The table gives, per rule (NC's anomaly index, the norm ratio, the scan, its runner-up ratio, MM-BD's p-value,
@@ -278,7 +279,8 @@ def render(rows: list[dict[str, Any]]) -> str:
     attacks = ", ".join(sorted({r["attack"] for r in bad}))
     lines = [f"Candidates ({sources}): {len(bad)} backdoored ({attacks}), {len(benign)} benign; poisoned but the "
              f"backdoor not learned, left out: {', '.join(unlearned) or 'none'}. "
-             f"Hardened: {len(hardened)}; the purify section passes the gate's ACC and ASR-lift checks on {first}, "
+             f"Hardened: {len(hardened)}; the purify section passes the gate's ACC and ASR-lift checks (the real and the "
+             f"reconstructed trigger's) on {first}, "
              f"the policy's fallbacks on {len(blessed) - first} more, nothing on {len(hardened) - len(blessed)}.",
              "", "| rule | TPR (backdoored) | FPR (benign) | flagged after hardening | flagged after a blessed hardening |",
              "|---|---|---|---|---|"]
@@ -307,15 +309,35 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-#: The gate's checks this benchmark judges a hardening by (with the gate's own bounds): accuracy and ASR lift.
-JUDGED = ("acc", "asr_lift/")
+#: The gate's checks this benchmark judges a hardening by (with the gate's own bounds): accuracy, the ASR lift of
+#: each probe (here the real trigger) and of the trigger reconstructed from the candidate.
+JUDGED = ("acc", "asr_lift/", "inverted/asr_lift")
 
 
 def passes(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> bool:
-    """Whether ``gate``'s accuracy and ASR-lift checks pass, here on the test set with the real trigger."""
+    """Whether ``gate``'s :data:`JUDGED` checks pass, here on the test set with the real trigger."""
     checks = [c for c in gate.metrics if c.metric.startswith(JUDGED)]
     return evaluate_gate(gate.model_copy(update={"metrics": checks, "required_facts": [], "on_missing": "fail"}),
                          before, after, {}).blessed
+
+
+def rejudged(row: dict[str, Any], gate: GateConfig) -> dict[str, Any]:
+    """``row`` with every attempt's verdict read again from its stored metrics by ``gate``: a cached row carries
+    the verdict of the gate it was measured under, and the table (and a rerun's policy) must use today's."""
+    if not row.get("hardened"):
+        return row
+    return {**row, "blessed": passes(gate, row["candidate"], row["hardened"]),
+            "fallbacks": [{**a, "blessed": passes(gate, row["candidate"], a["hardened"])}
+                          for a in row.get("fallbacks") or []]}
+
+
+def policy_pending(row: dict[str, Any], fallbacks: list[dict[str, Any]]) -> bool:
+    """Whether the policy's ``fallbacks`` still have to run on ``row``: its first attempt fails, none of the
+    recorded fallbacks passes, and they are not this policy's (another one's, or cut short by an attempt that
+    passed under an earlier gate)."""
+    tried = row.get("fallbacks") or []
+    return (row["blessed"] is False and not any(a["blessed"] for a in tried)
+            and (row.get("policy") != fallbacks or len(tried) < len(fallbacks)))
 
 
 def harden(method: PurifyParams, model: Normalized, clean: ImageData, test: ImageData, params: Params,
@@ -331,10 +353,13 @@ def harden(method: PurifyParams, model: Normalized, clean: ImageData, test: Imag
 
 def shipped(row: dict[str, Any]) -> tuple[str, dict[str, Any] | None, bool]:
     """What the policy ships for a row: the first attempt that passes, else the ``purify`` section's (rejected)."""
+    first = (row.get("method", "nft"), row.get("hardened"), bool(row.get("blessed")))
+    if first[2]:
+        return first
     for attempt in row.get("fallbacks") or []:
         if attempt["blessed"]:
             return attempt["method"], attempt["hardened"], True
-    return row.get("method", "nft"), row.get("hardened"), bool(row.get("blessed"))
+    return first
 
 
 def load_splits(spec: str, n_train: int | None, n_test: int | None) -> tuple[ImageData, ImageData]:
@@ -401,9 +426,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = args.cache / "rows.jsonl"
-    done = {row["key"]: row for row in map(json.loads, results.read_text().splitlines())} if results.exists() else {}
+    params = load_settings(args.params, args.override)
+    done = {row["key"]: rejudged(row, params.gate)
+            for row in map(json.loads, results.read_text().splitlines())} if results.exists() else {}
     if not args.table_only:
-        params = load_settings(args.params, args.override)
         epochs = args.epochs or params.candidate.demo.epochs
         if args.npz:
             train, test = (load_dataset(f"npz:{path}") for path in args.npz)
@@ -435,12 +461,12 @@ def main() -> None:
                 if attack_name != "none" and not args.no_harden and before["asr/real"] >= LEARNED_ASR:
                     row["hardened"], row["blessed"] = harden(params.purify, model, clean, test, params, probe, inv,
                                                              before, args.device)
-            elif row["blessed"] is False and row.get("policy") != fallbacks and not args.no_harden:
+            elif policy_pending(row, fallbacks) and not args.no_harden:
                 inv = invert_trigger(model, test, seed=0, **params.probes.inversion.model_dump(exclude={"enabled"}))
                 before = row["candidate"]
             else:
                 continue
-            if row["blessed"] is False and row.get("policy") != fallbacks:  # the step's policy: its fallbacks in turn
+            if policy_pending(row, fallbacks):  # the step's policy: its fallbacks in turn
                 row["policy"], row["fallbacks"] = fallbacks, []
                 for method in params.policy.fallbacks:
                     after, passed = harden(method, model, clean, test, params, probe, inv, before, args.device)
