@@ -17,9 +17,11 @@ What one command does:
    setting), 1 %, one image per class; the low-data regime gets 250 images it was not trained on.
 3. Runs each purifier (NFT at the library defaults, every baseline at its paper settings) on the same
    candidates and clean sets, and measures ACC on the 12,630 test images, ASR and RA (robust accuracy:
-   triggered images classified as their true label) on the triggered test images, and wall time. Each
-   measured cell is cached under the candidate's hash, the clean set and the method's full config, so the
-   matrix can be filled in by several runs and the table rendered from all of them (``--table-only``).
+   triggered images classified as their true label) on the triggered test images, and wall time. A purifier
+   whose loss becomes non-finite is a cell too ("diverged", left out of the means and counted beside them),
+   not the end of the run. Each measured cell is cached under the candidate's hash, the clean set and the
+   method's full config, so the matrix can be filled in by several runs and the table rendered from all of
+   them (``--table-only``).
 4. Prints the candidates, every cell, and the mean and worst case per method and clean regime.
 
     .venv/bin/python benchmarks/gtsrb.py --data /data/gtsrb --arch resnet18 --out runs/bench/gtsrb.md
@@ -260,12 +262,16 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
     if key in done and not args.fresh:
         return done[key]
     torch.manual_seed(0)
+    diverged = None
     with GpuMonitor(resolve_device(args.device)) as gpu:
         t0 = time.perf_counter()
-        result = run_defense(name, cand.model, clean.dataset(), config)
+        try:
+            result = run_defense(name, cand.model, clean.dataset(), config)
+        except FloatingPointError as exc:  # the training loop's refusal of a non-finite loss: a result, not a crash
+            diverged = str(exc)
         wall = time.perf_counter() - t0
-    after = evaluate(result.model, test, probe, args.device)
-    row = {"key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
+    after = None if diverged else evaluate(result.model, test, probe, args.device)
+    row = {"diverged": diverged, "key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
            "mode": cand.attack.mode, "regime": cand.regime, "clean": clean_name, "n_clean": len(clean),
            "method": label, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
            "time_s": wall, "threads": torch.get_num_threads(), "torch": f"torch {torch.__version__}", "device": args.device, "candidate": cand.key,
@@ -305,18 +311,25 @@ def render(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], header:
     for r in rows:
         b, a = r["before"], r["after"]
         attack = r["attack"] + ("" if r["mode"] == "all2one" else f" ({r['mode']})")
+        changes = (f"{pct(b[k])} -> {pct(a[k])}" if a else f"{pct(b[k])} -> diverged" for k in ("acc", "asr", "ra"))
         out.append(f"| {r['arch']} | {attack} | {r['regime']} / {r['clean']} ({r['n_clean']}) | {r['method']} | "
-                   + " | ".join(f"{pct(b[k])} -> {pct(a[k])}" for k in ("acc", "asr", "ra")) + f" | {r['time_s']:.0f} |")
+                   + " | ".join(changes) + f" | {r['time_s']:.0f} |")
     out += ["", "### Mean and worst case per method", "",
             "| arch | regime / clean | method | cells | mean ACC drop | worst ACC drop | mean ASR | worst ASR | mean RA | mean time (s) |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["arch"], r["regime"], r["clean"], r["method"]), []).append(r)
-    for (arch, regime, clean, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], order.get(kv[0][3], 99))):
+    for (arch, regime, clean, method), all_rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], order.get(kv[0][3], 99))):
+        rs = [r for r in all_rs if r["after"]]  # a diverged purification has no model to measure
+        cells = f"{len(all_rs)}" + (f" ({len(all_rs) - len(rs)} diverged)" if len(rs) < len(all_rs) else "")
+        if not rs:
+            out.append(f"| {arch} | {regime} / {clean} | {method} | {cells} | | | | | | "
+                       f"{statistics.mean(r['time_s'] for r in all_rs):.0f} |")
+            continue
         drops = [r["before"]["acc"] - r["after"]["acc"] for r in rs]
         asrs = [r["after"]["asr"] for r in rs]
-        out.append(f"| {arch} | {regime} / {clean} | {method} | {len(rs)} | {pct(statistics.mean(drops))} | "
+        out.append(f"| {arch} | {regime} / {clean} | {method} | {cells} | {pct(statistics.mean(drops))} | "
                    f"{pct(max(drops))} | {pct(statistics.mean(asrs))} | {pct(max(asrs))} | "
                    f"{pct(statistics.mean(r['after']['ra'] for r in rs))} | {statistics.mean(r['time_s'] for r in rs):.0f} |")
     gpu_rows = [r for r in rows if r.get("gpu")]
@@ -457,8 +470,9 @@ def main() -> None:
             for label in labels:
                 r = run_cell(cand, clean_name, clean, label, args, test, probe, results)
                 rows.append(r)
-                print(f"  {arch} {name}/{mode} {regime}/{clean_name} {label}: ACC {pct(r['before']['acc'])} -> "
-                      f"{pct(r['after']['acc'])}, ASR {pct(r['before']['asr'])} -> {pct(r['after']['asr'])} "
+                outcome = (f"ACC {pct(r['before']['acc'])} -> {pct(r['after']['acc'])}, ASR {pct(r['before']['asr'])} -> "
+                           f"{pct(r['after']['asr'])}" if r["after"] else f"diverged: {r['diverged']}")
+                print(f"  {arch} {name}/{mode} {regime}/{clean_name} {label}: {outcome} "
                       f"({r['time_s']:.1f}s" + (f", peak {r['peak_gpu_mib']:.0f} MiB, util {r['gpu_util']}" if r.get("gpu")
                                                  else "") + ")", flush=True)
     write(args.out, render(rows, candidates, header))
