@@ -425,7 +425,8 @@ def main() -> None:
     results = args.cache / "results.jsonl"
     if args.table_only:
         cached = [json.loads(p.read_text()) for p in args.cache.glob("*.json")]
-        write(args.out, render(read_results(results), cached, make_header(args, None, None)))
+        latest = {r["key"]: r for r in read_results(results)}  # a --fresh rerun appends; its row wins
+        write(args.out, render(list(latest.values()), cached, make_header(args, None, None)))
         return
     if args.data is None and (args.npz is None or args.pack):
         parser.error("--data GTSRB_ROOT is needed (only --table-only and --npz work without it)")

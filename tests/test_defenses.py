@@ -2,6 +2,7 @@
 model alone, validates its config, and (slow) lowers the ASR of a backdoored SmallCNN; PBE's clean-image
 ranking puts poisoned training samples at the bottom."""
 
+import math
 import os
 import subprocess
 import sys
@@ -185,3 +186,40 @@ def test_fp_fine_tuning_on_the_cpu_does_not_crash_in_onednn(layout):
     proc = subprocess.run([sys.executable, "-c", _ONEDNN_CRASH_PROBE, layout], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_fip_retention_stays_stable_where_the_fisher_is_concentrated():
+    """Regression: a real network's empirical Fisher is spiky (on a GTSRB ResNet-18 its largest entry was 2e4
+    times its mean), and SGD with momentum diverges on the retention quadratic once lr x curvature exceeds
+    2 (1 + momentum): FIP's loss became inf within 2 to 23 epochs. The same spike, FIP's own objective and
+    optimiser settings: uncapped it overflows, capped by ``stable_retention`` it settles at the anchor."""
+    from nft_core.defenses.fip import fip_loss, stable_retention
+
+    cfg = FIPConfig()
+    lr, eta_r = cfg.lr, cfg.eta_r
+
+    def descend(cap: bool) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        params = list(model.parameters())
+        anchors = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            model.weight.add_(0.1)  # start away from the anchor
+        fisher = [torch.ones_like(p) for p in params]
+        fisher[0][0, 0] = 2e4
+        if cap:
+            fisher = stable_retention(fisher, lr, eta_r)
+            assert max(f.max().item() for f in fisher) * 2 * lr * eta_r <= 1.0
+        loss_fn = fip_loss(params, anchors, fisher, eta_f=0.0, eta_r=eta_r)
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
+        x, y = torch.randn(8, 4), torch.arange(8) % 3
+        for _ in range(200):
+            opt.zero_grad()
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            opt.step()
+        return loss.item(), abs(model.weight[0, 0].item() - anchors[0][0, 0].item())
+
+    assert not math.isfinite(descend(cap=False)[0])
+    loss, offset = descend(cap=True)
+    assert math.isfinite(loss) and offset < 0.05, (loss, offset)
