@@ -258,7 +258,7 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
              test: ImageData, probe: tuple, results: Path) -> dict[str, Any]:
     name, config = method_config(label, args.device)
     key = digest({"candidate": cand.key, "clean": data_digest(clean), "method": name, "config": config.to_dict()})
-    done = {r["key"]: r for r in read_results(results)}
+    done = read_results(results)
     if key in done and not args.fresh:
         return done[key]
     torch.manual_seed(0)
@@ -282,10 +282,11 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
     return row
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
+def read_results(path: Path) -> dict[str, dict[str, Any]]:
+    """The cached cells by key; a ``--fresh`` rerun appends, and its row wins."""
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {}
+    return {(r := json.loads(line))["key"]: r for line in path.read_text().splitlines() if line.strip()}
 
 
 def gpu_name(device: str) -> str | None:
@@ -425,8 +426,7 @@ def main() -> None:
     results = args.cache / "results.jsonl"
     if args.table_only:
         cached = [json.loads(p.read_text()) for p in args.cache.glob("*.json")]
-        latest = {r["key"]: r for r in read_results(results)}  # a --fresh rerun appends; its row wins
-        write(args.out, render(list(latest.values()), cached, make_header(args, None, None)))
+        write(args.out, render(list(read_results(results).values()), cached, make_header(args, None, None)))
         return
     if args.data is None and (args.npz is None or args.pack):
         parser.error("--data GTSRB_ROOT is needed (only --table-only and --npz work without it)")

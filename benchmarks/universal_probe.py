@@ -44,17 +44,17 @@ def main() -> None:
     clean = stratified_split(train, fraction=params.data.clean_fraction, seed=1)[0]
     settings = params.probes.universal.model_dump(exclude={"enabled", "samples"})
     images = test.images()
+    fitted = fitted_indices(test, params.probes.universal.samples, 0, "the universal perturbation search")
+    rest = torch.ones(len(test), dtype=torch.bool)
+    rest[fitted] = False
     for spec in args.candidates.split(","):
         attack, level, seed = (spec.split(":") + ["0"])[:3]
         model, _ = candidate(Source(train, "resnet18", False), attack, int(level), int(seed), args.epochs,
                              args.cache / "candidates")
         t0 = time.perf_counter()
-        fitted = fitted_indices(test, params.probes.universal.samples, 0, "the universal perturbation search")
         found = smallest_perturbations(model, images[fitted], test.y[fitted], num_classes=test.num_classes, seed=0,
                                        **settings)
         k, delta = found.suspect, found.perturbations[found.suspect]
-        rest = torch.ones(len(test), dtype=torch.bool)
-        rest[fitted] = False
         x = images[rest & (test.y != k)]
 
         def rates(m: torch.nn.Module) -> dict[str, float]:
