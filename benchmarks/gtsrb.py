@@ -204,7 +204,7 @@ def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, ar
     epochs = args.train_epochs if regime == "full" else args.low_train_epochs
     recipe = {"recipe": CANDIDATE_RECIPE, "data": data_digest(train), "attack": repr(attack), "builder": builder,
               "kwargs": kwargs, "epochs": epochs, "lr": args.train_lr, "poison_rate": poison_rate(attack, train),
-              "flip": FLIP, "seed": 0}
+              "flip": FLIP, "seed": args.seed}
     key = digest(recipe)[:20]
     weights, meta = cache / f"{key}.safetensors", cache / f"{key}.json"
     mean, std = channel_stats(train)
@@ -217,9 +217,9 @@ def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, ar
           flush=True)
     model, info = make_backdoored_candidate(train, attack, builder=builder, builder_kwargs=kwargs,
                                             poison_rate=recipe["poison_rate"], epochs=epochs, lr=args.train_lr,
-                                            mean=mean, std=std, flip=FLIP, progress=args.progress)
+                                            mean=mean, std=std, flip=FLIP, seed=args.seed, progress=args.progress)
     metrics = evaluate(model, test, probe, args.device)
-    record = {"recipe": recipe, "arch": arch, "attack": attack.name, "mode": attack.mode, "regime": regime,
+    record = {"recipe": recipe, "seed": args.seed, "arch": arch, "attack": attack.name, "mode": attack.mode, "regime": regime,
               "train_images": len(train), "poisoned": info["poisoned"], "train_time_s": info["wall_time_s"],
               "final_train_acc": info["history"][-1]["train_acc"], **metrics}
     cache.mkdir(parents=True, exist_ok=True)
@@ -230,14 +230,15 @@ def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, ar
     return Candidate(arch, attack, regime, model.eval(), key, record)
 
 
-def clean_set(train: ImageData, regime: str, clean_name: str, rest: ImageData | None) -> ImageData:
+def clean_set(train: ImageData, regime: str, clean_name: str, rest: ImageData | None, seed: int = 0) -> ImageData:
+    """The defender's clean images; each benchmark ``seed`` draws its own (seed 0 draws what every earlier run drew)."""
     if regime == "low":
         assert rest is not None
-        return stratified_split(rest, fraction=LOW_DATA_CLEAN / len(rest), seed=1)[0]
+        return stratified_split(rest, fraction=LOW_DATA_CLEAN / len(rest), seed=1 + seed)[0]
     fraction, per_class = CLEAN[clean_name]
     if fraction is None and per_class is None:
         fraction = CIFAR_SIZED / len(train)
-    return stratified_split(train, fraction=fraction, per_class=per_class, seed=1)[0]
+    return stratified_split(train, fraction=fraction, per_class=per_class, seed=1 + seed)[0]
 
 
 def method_config(label: str, device: str) -> tuple[str, Any]:
@@ -261,7 +262,7 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
     done = read_results(results)
     if key in done and not args.fresh:
         return done[key]
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     diverged = None
     with GpuMonitor(resolve_device(args.device)) as gpu:
         t0 = time.perf_counter()
@@ -273,7 +274,7 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
     after = None if diverged else evaluate(result.model, test, probe, args.device)
     row = {"diverged": diverged, "key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
            "mode": cand.attack.mode, "regime": cand.regime, "clean": clean_name, "n_clean": len(clean),
-           "method": label, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
+           "method": label, "seed": args.seed, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
            "time_s": wall, "threads": torch.get_num_threads(), "torch": f"torch {torch.__version__}", "device": args.device, "candidate": cand.key,
            "gpu": gpu_name(args.device), "peak_gpu_mib": gpu.peak_mib, "gpu_util": gpu.utilisation,
            "config": config.to_dict()}
@@ -300,20 +301,21 @@ def pct(v: float) -> str:
 
 def render(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], header: list[str]) -> str:
     out = [*header, setup_line(rows, candidates), ""]
-    out += ["### Candidates", "", "| arch | attack | mode | regime | train images | poisoned | ACC | ASR | train time (s) |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for c in sorted(candidates, key=lambda c: (c["arch"], c["regime"], c["attack"], c["mode"])):
-        out.append(f"| {c['arch']} | {c['attack']} | {c['mode']} | {c['regime']} | {c['train_images']} | "
+    out += ["### Candidates", "", "| arch | attack | mode | regime | seed | train images | poisoned | ACC | ASR | train time (s) |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for c in sorted(candidates, key=lambda c: (c["arch"], c["regime"], c["attack"], c["mode"], c["recipe"]["seed"])):
+        out.append(f"| {c['arch']} | {c['attack']} | {c['mode']} | {c['regime']} | {c['recipe']['seed']} | {c['train_images']} | "
                    f"{c['poisoned']} | {pct(c['acc'])} | {pct(c['asr'])} | {c['train_time_s']:.0f} |")
     out += ["", "### Every cell (before -> after, %)", "",
-            "| arch | attack | regime / clean | method | ACC | ASR | RA | time (s) |", "|---|---|---|---|---|---|---|---:|"]
+            "| arch | attack | regime / clean | seed | method | ACC | ASR | RA | time (s) |", "|---|---|---|---:|---|---|---|---|---:|"]
     order = {m: i for i, m in enumerate(METHODS)}
-    rows = sorted(rows, key=lambda r: (r["arch"], r["regime"], r["clean"], r["attack"], r["mode"], order.get(r["method"], 99)))
+    rows = sorted(rows, key=lambda r: (r["arch"], r["regime"], r["clean"], r["attack"], r["mode"], r.get("seed", 0),
+                                       order.get(r["method"], 99)))
     for r in rows:
         b, a = r["before"], r["after"]
         attack = r["attack"] + ("" if r["mode"] == "all2one" else f" ({r['mode']})")
         changes = (f"{pct(b[k])} -> {pct(a[k])}" if a else f"{pct(b[k])} -> diverged" for k in ("acc", "asr", "ra"))
-        out.append(f"| {r['arch']} | {attack} | {r['regime']} / {r['clean']} ({r['n_clean']}) | {r['method']} | "
+        out.append(f"| {r['arch']} | {attack} | {r['regime']} / {r['clean']} ({r['n_clean']}) | {r.get('seed', 0)} | {r['method']} | "
                    + " | ".join(changes) + f" | {r['time_s']:.0f} |")
     out += ["", "### Mean and worst case per method", "",
             "| arch | regime / clean | method | cells | mean ACC drop | worst ACC drop | mean ASR | worst ASR | mean RA | mean time (s) |",
@@ -412,6 +414,8 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=6, help="candidates' training epochs (full regime)")
     parser.add_argument("--low-train-epochs", type=int, default=40, help="candidates' training epochs (low-data regime)")
     parser.add_argument("--train-lr", type=float, default=0.05, help="candidates' peak learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the candidates' poisoning and training, the "
+                        "clean sets' draw and the purifiers (0: the cells measured before this option existed)")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench/gtsrb"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
@@ -467,7 +471,7 @@ def main() -> None:
         if args.candidates_only:
             continue
         for clean_name in (args.clean.split(",") if regime == "full" else [f"{LOW_DATA_CLEAN}"]):
-            clean = clean_set(train, regime, clean_name, low_rest if regime == "low" else None)
+            clean = clean_set(train, regime, clean_name, low_rest if regime == "low" else None, args.seed)
             for label in labels:
                 r = run_cell(cand, clean_name, clean, label, args, test, probe, results)
                 rows.append(r)
