@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import shlex
 import statistics
@@ -230,8 +231,14 @@ def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, ar
     return Candidate(arch, attack, regime, model.eval(), key, record)
 
 
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of a clean set's draw and of its purifications: ``--seed`` for the first draw, so that seed 0's first
+    draw is what every run drew before ``--seed`` and ``--draws`` existed."""
+    return seed + 1000 * draw
+
+
 def clean_set(train: ImageData, regime: str, clean_name: str, rest: ImageData | None, seed: int = 0) -> ImageData:
-    """The defender's clean images; each benchmark ``seed`` draws its own (seed 0 draws what every earlier run drew)."""
+    """The defender's clean images, drawn with ``seed`` (see ``draw_seed``)."""
     if regime == "low":
         assert rest is not None
         return stratified_split(rest, fraction=LOW_DATA_CLEAN / len(rest), seed=1 + seed)[0]
@@ -256,13 +263,13 @@ def method_config(label: str, device: str) -> tuple[str, Any]:
 
 
 def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, args: argparse.Namespace,
-             test: ImageData, probe: tuple, results: Path) -> dict[str, Any]:
+             test: ImageData, probe: tuple, results: Path, draw: int = 0) -> dict[str, Any]:
     name, config = method_config(label, args.device)
     key = digest({"candidate": cand.key, "clean": data_digest(clean), "method": name, "config": config.to_dict()})
     done = read_results(results)
     if key in done and not args.fresh:
         return done[key]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(draw_seed(args.seed, draw))
     diverged = None
     with GpuMonitor(resolve_device(args.device)) as gpu:
         t0 = time.perf_counter()
@@ -274,7 +281,7 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
     after = None if diverged else evaluate(result.model, test, probe, args.device)
     row = {"diverged": diverged, "key": key, "date": str(date.today()), "arch": cand.arch, "attack": cand.attack.name,
            "mode": cand.attack.mode, "regime": cand.regime, "clean": clean_name, "n_clean": len(clean),
-           "method": label, "seed": args.seed, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
+           "method": label, "seed": args.seed, "draw": draw, "before": {k: cand.info[k] for k in ("acc", "asr", "ra")}, "after": after,
            "time_s": wall, "threads": torch.get_num_threads(), "torch": f"torch {torch.__version__}", "device": args.device, "candidate": cand.key,
            "gpu": gpu_name(args.device), "peak_gpu_mib": gpu.peak_mib, "gpu_util": gpu.utilisation,
            "config": config.to_dict()}
@@ -307,15 +314,16 @@ def render(rows: list[dict[str, Any]], candidates: list[dict[str, Any]], header:
         out.append(f"| {c['arch']} | {c['attack']} | {c['mode']} | {c['regime']} | {c['recipe']['seed']} | {c['train_images']} | "
                    f"{c['poisoned']} | {pct(c['acc'])} | {pct(c['asr'])} | {c['train_time_s']:.0f} |")
     out += ["", "### Every cell (before -> after, %)", "",
-            "| arch | attack | regime / clean | seed | method | ACC | ASR | RA | time (s) |", "|---|---|---|---:|---|---|---|---|---:|"]
+            "| arch | attack | regime / clean | seed / draw | method | ACC | ASR | RA | time (s) |",
+            "|---|---|---|---:|---|---|---|---|---:|"]
     order = {m: i for i, m in enumerate(METHODS)}
     rows = sorted(rows, key=lambda r: (r["arch"], r["regime"], r["clean"], r["attack"], r["mode"], r.get("seed", 0),
-                                       order.get(r["method"], 99)))
+                                       r.get("draw", 0), order.get(r["method"], 99)))
     for r in rows:
         b, a = r["before"], r["after"]
         attack = r["attack"] + ("" if r["mode"] == "all2one" else f" ({r['mode']})")
         changes = (f"{pct(b[k])} -> {pct(a[k])}" if a else f"{pct(b[k])} -> diverged" for k in ("acc", "asr", "ra"))
-        out.append(f"| {r['arch']} | {attack} | {r['regime']} / {r['clean']} ({r['n_clean']}) | {r.get('seed', 0)} | {r['method']} | "
+        out.append(f"| {r['arch']} | {attack} | {r['regime']} / {r['clean']} ({r['n_clean']}) | {r.get('seed', 0)} / {r.get('draw', 0)} | {r['method']} | "
                    + " | ".join(changes) + f" | {r['time_s']:.0f} |")
     out += ["", "### Mean and worst case per method", "",
             "| arch | regime / clean | method | cells | mean ACC drop | worst ACC drop | mean ASR | worst ASR | mean RA | mean time (s) |",
@@ -416,6 +424,8 @@ def main() -> None:
     parser.add_argument("--train-lr", type=float, default=0.05, help="candidates' peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seeds the candidates' poisoning and training, the "
                         "clean sets' draw and the purifiers (0: the cells measured before this option existed)")
+    parser.add_argument("--draws", type=int, default=1, help="clean sets drawn per clean regime (each with its "
+                        "own purification seed), to see how much a cell owes to the images drawn")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench/gtsrb"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
@@ -470,14 +480,17 @@ def main() -> None:
         candidates.append(cand.info)
         if args.candidates_only:
             continue
-        for clean_name in (args.clean.split(",") if regime == "full" else [f"{LOW_DATA_CLEAN}"]):
-            clean = clean_set(train, regime, clean_name, low_rest if regime == "low" else None, args.seed)
+        regimes = args.clean.split(",") if regime == "full" else [f"{LOW_DATA_CLEAN}"]
+        for clean_name, draw in itertools.product(regimes, range(args.draws)):
+            clean = clean_set(train, regime, clean_name, low_rest if regime == "low" else None,
+                              draw_seed(args.seed, draw))
             for label in labels:
-                r = run_cell(cand, clean_name, clean, label, args, test, probe, results)
+                r = run_cell(cand, clean_name, clean, label, args, test, probe, results, draw)
                 rows.append(r)
                 outcome = (f"ACC {pct(r['before']['acc'])} -> {pct(r['after']['acc'])}, ASR {pct(r['before']['asr'])} -> "
                            f"{pct(r['after']['asr'])}" if r["after"] else f"diverged: {r['diverged']}")
-                print(f"  {arch} {name}/{mode} {regime}/{clean_name} {label}: {outcome} "
+                print(f"  {arch} {name}/{mode} {regime}/{clean_name}"
+                      + (f" draw {draw}" if draw else "") + f" {label}: {outcome} "
                       f"({r['time_s']:.1f}s" + (f", peak {r['peak_gpu_mib']:.0f} MiB, util {r['gpu_util']}" if r.get("gpu")
                                                  else "") + ")", flush=True)
     write(args.out, render(rows, candidates, header))
