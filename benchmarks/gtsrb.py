@@ -435,6 +435,8 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if not 0 <= args.seed < 1000 or args.draws < 1:  # draw_seed(seed, draw) must not repeat another pair's
+        parser.error("--seed must be in [0, 1000) and --draws at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = args.cache / "results.jsonl"
