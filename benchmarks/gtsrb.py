@@ -220,7 +220,7 @@ def build_candidate(arch: str, attack: Attack, regime: str, train: ImageData, ar
                                             poison_rate=recipe["poison_rate"], epochs=epochs, lr=args.train_lr,
                                             mean=mean, std=std, flip=FLIP, seed=args.seed, progress=args.progress)
     metrics = evaluate(model, test, probe, args.device)
-    record = {"recipe": recipe, "seed": args.seed, "arch": arch, "attack": attack.name, "mode": attack.mode, "regime": regime,
+    record = {"recipe": recipe, "arch": arch, "attack": attack.name, "mode": attack.mode, "regime": regime,
               "train_images": len(train), "poisoned": info["poisoned"], "train_time_s": info["wall_time_s"],
               "final_train_acc": info["history"][-1]["train_acc"], **metrics}
     cache.mkdir(parents=True, exist_ok=True)
@@ -263,10 +263,12 @@ def method_config(label: str, device: str) -> tuple[str, Any]:
 
 
 def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, args: argparse.Namespace,
-             test: ImageData, probe: tuple, results: Path, draw: int = 0) -> dict[str, Any]:
+             test: ImageData, probe: tuple, results: Path, done: dict[str, dict[str, Any]],
+             draw: int = 0) -> dict[str, Any]:
+    """One purification and its scores, or the cached row from ``done`` (``results`` read once); a new row is
+    appended to ``results`` and added to ``done``."""
     name, config = method_config(label, args.device)
     key = digest({"candidate": cand.key, "clean": data_digest(clean), "method": name, "config": config.to_dict()})
-    done = read_results(results)
     if key in done and not args.fresh:
         return done[key]
     torch.manual_seed(draw_seed(args.seed, draw))
@@ -287,6 +289,7 @@ def run_cell(cand: Candidate, clean_name: str, clean: ImageData, label: str, arg
            "config": config.to_dict()}
     with results.open("a") as f:
         f.write(json.dumps(row) + "\n")
+    done[key] = row
     return row
 
 
@@ -469,6 +472,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method or arch: {unknown}")
     probes: dict[tuple[str, str], tuple] = {}
+    done = read_results(results)
     rows: list[dict[str, Any]] = []
     candidates: list[dict[str, Any]] = []
     for arch, row, regime in plan:
@@ -487,7 +491,7 @@ def main() -> None:
             clean = clean_set(train, regime, clean_name, low_rest if regime == "low" else None,
                               draw_seed(args.seed, draw))
             for label in labels:
-                r = run_cell(cand, clean_name, clean, label, args, test, probe, results, draw)
+                r = run_cell(cand, clean_name, clean, label, args, test, probe, results, done, draw)
                 rows.append(r)
                 outcome = (f"ACC {pct(r['before']['acc'])} -> {pct(r['after']['acc'])}, ASR {pct(r['before']['asr'])} -> "
                            f"{pct(r['after']['asr'])}" if r["after"] else f"diverged: {r['diverged']}")
