@@ -61,13 +61,15 @@ def run_once(params: dict, seed: int, threads: int) -> tuple[Blessing, PurifyRec
 
 
 def attempts_cell(record: PurifyRecord) -> str:
-    """Each policy attempt in a few words with its held-out clean accuracy and worst probe ASR lift (%)."""
+    """Each policy attempt in a few words with its held-out clean accuracy and worst probe ASR lift (%), and the
+    held-out checks it failed."""
     cells = []
     for a in record.attempts:
         acc = a.holdout.get("acc")
         lifts = [v for k, v in a.holdout.items() if k.startswith("asr_lift/")]
         scores = f" {100 * acc:.1f} / {100 * max(lifts):.1f}" if acc is not None and lifts else ""
-        cells.append(a.word + scores)
+        failed = f" (failed: {'; '.join(a.failed)})" if a.failed else ""
+        cells.append(a.word + scores + failed)
     return "; ".join(cells) or "-"
 
 
