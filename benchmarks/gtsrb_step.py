@@ -108,6 +108,8 @@ def main() -> None:
            "--runs", str(out / "runs"), "--data", str(out / "data"), "--no-progress"]
     print("$", " ".join(cmd), flush=True)
     step = subprocess.run(cmd, cwd=out, env=env, check=False)
+    if step.returncode != 0:  # a rejection exits 0 without --strict; anything else left no model to score
+        raise SystemExit(f"nft-harden run exited {step.returncode} (its output above): nothing to score")
 
     test = load_dataset(args.data, train=False)
     probe = attack_for(info["attack"], info["mode"]).probe(test)
@@ -116,7 +118,7 @@ def main() -> None:
     blessing = json.loads((out / "runs/gate" / Blessing.FILE).read_text())
     net, spec = load_package(out / "runs/fold" / PACKAGE)
     after = evaluate(spec.wrap(net).eval(), test, probe, args.device)
-    print(f"\nnft-harden run exited {step.returncode}; gate: {'BLESSED' if blessing['blessed'] else 'REJECTED'}")
+    print(f"\ngate: {'BLESSED' if blessing['blessed'] else 'REJECTED'}")
     print("\n| attempt | time (s) | held-out checks failed | chosen |\n|---|---:|---|---|")
     for a in attempts:
         print(f"| {a.get('defense')} | {a.get('wall_time_s') or 0:.0f} | {', '.join(a.get('failed') or []) or '-'} | "

@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500,
                         help="with --detector-attack: stamp this many random test images (every class's stamp on "
                              "every model costs a forward pass each)")
+    parser.add_argument("--classes", default="", help="comma-separated classes whose stamps get a column too "
+                        "(the real target, when the reconstruction's suspect is another class)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,12 +88,15 @@ def main() -> None:
     print(f"the candidate's reconstruction: suspect class {suspect}, anomaly index {inversion.anomaly_index:.2f}, "
           f"mask {inversion.norms[suspect]:.1f} px (median class {statistics.median(inversion.norms):.1f}); "
           f"stamped on {where}\n")
-    print("| model | suspect's stamp | other classes' stamps: median | max |\n|---|---:|---:|---:|")
+    extra = [int(k) for k in args.classes.split(",") if k]
+    print("| model | suspect's stamp | other classes' stamps: median | max |"
+          + "".join(f" class {k}'s stamp ({inversion.norms[k]:.1f} px) |" for k in extra)
+          + "\n|---|---:|---:|---:|" + "---:|" * len(extra))
     for name, model in models.items():
         rates = stamp_rates(model, inversion, images)
         others = [r for k, r in enumerate(rates) if k != suspect]
         print(f"| {name} | {100 * rates[suspect]:.1f} % | {100 * statistics.median(others):.1f} % | "
-              f"{100 * max(others):.1f} % |", flush=True)
+              f"{100 * max(others):.1f} % |" + "".join(f" {100 * rates[k]:.1f} % |" for k in extra), flush=True)
 
 
 if __name__ == "__main__":
