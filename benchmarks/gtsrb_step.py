@@ -57,10 +57,11 @@ def package_candidate(cache: Path, key: str, train_spec: str, out: Path) -> tupl
         raise SystemExit(f"candidate {key} was trained on other images than {train_spec}'s training split "
                          "(its normalisation is theirs): pass the data it was made from")
     mean, std = channel_stats(train)
+    channels, height, width = train.x.shape[1:]
     net = build_model(recipe["builder"], **recipe["kwargs"])
     net.load_state_dict(load_file(str(cache / f"{key}.safetensors")))
     spec = ModelSpec(builder=recipe["builder"], kwargs=recipe["kwargs"], num_classes=recipe["kwargs"]["num_classes"],
-                     input=InputSpec(channels=3, height=32, width=32, mean=mean, std=std))
+                     input=InputSpec(channels=channels, height=height, width=width, mean=mean, std=std))
     save_package(net, spec, out)
     return Normalized(net, mean, std).eval(), info
 

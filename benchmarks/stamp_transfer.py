@@ -17,6 +17,7 @@ from the candidate far better than on independent ones.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from benchmarks.detector import Source, candidate, load_settings, load_splits
 from harden.evaluate import invert_trigger
 from harden.package import load_package
+from harden.records import PurifyRecord
 from harden.stages import PACKAGE, read_npz
 from nft_core.data import ImageData, stratified_split
 from nft_core.invert import Inversion, stamp
@@ -38,6 +40,19 @@ def stamp_rates(model: torch.nn.Module, inversion: Inversion, images: ImageData)
     x, y = images.images(), images.y
     return [float((predict(model, stamp(x[y != k], inversion.masks[k], inversion.patterns[k]), batch_size=512) == k)
                   .float().mean()) for k in range(len(inversion.norms))]
+
+
+def check_against_step(run: Path, rate: float, stamped: int) -> None:
+    """Refuse to go on unless the suspect's stamp works on the shipped model as the step's judge recorded
+    (``inverted/asr`` of the chosen attempt in ``purify.json``, to one image): the held-out split and the
+    reconstruction above re-derive the step's, and a drift between the two would make this table about another
+    stamp."""
+    chosen = next(a for a in json.loads((run / "runs/purify" / PurifyRecord.FILE).read_text())["attempts"]
+                  if a.get("chosen"))
+    recorded = chosen.get("holdout", {}).get("inverted/asr")
+    if recorded is None or abs(recorded - rate) > 1.5 / stamped:
+        raise SystemExit(f"the re-derived stamp sends {rate:.4f} of the held-out images to the suspect on the shipped "
+                         f"model; the step recorded {recorded}: not the step's reconstruction")
 
 
 def main() -> None:
@@ -94,6 +109,8 @@ def main() -> None:
           + "\n|---|---:|---:|---:|" + "---:|" * len(extra))
     for name, model in models.items():
         rates = stamp_rates(model, inversion, images)
+        if args.step_run and name == "shipped by the step":
+            check_against_step(args.step_run, rates[suspect], int((images.y != suspect).sum()))
         others = [r for k, r in enumerate(rates) if k != suspect]
         print(f"| {name} | {100 * rates[suspect]:.1f} % | {100 * statistics.median(others):.1f} % | "
               f"{100 * max(others):.1f} % |" + "".join(f" {100 * rates[k]:.1f} % |" for k in extra), flush=True)
