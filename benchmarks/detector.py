@@ -315,10 +315,11 @@ JUDGED = ("acc", "asr_lift/", "inverted/asr_lift")
 
 
 def passes(gate: GateConfig, before: dict[str, Any], after: dict[str, Any]) -> bool:
-    """Whether ``gate``'s :data:`JUDGED` checks pass, here on the test set with the real trigger."""
+    """Whether ``gate``'s :data:`JUDGED` checks pass, here on the test set with the real trigger (a check's
+    condition reads the candidate's backdoor score as the library computes it today, not as the row stored it)."""
     checks = [c for c in gate.metrics if c.metric.startswith(JUDGED)]
     return evaluate_gate(gate.model_copy(update={"metrics": checks, "required_facts": [], "on_missing": "fail"}),
-                         before, after, {}).blessed
+                         {**before, "scan/backdoor_score": score(before)}, after, {}).blessed
 
 
 def rejudged(row: dict[str, Any], gate: GateConfig) -> dict[str, Any]:

@@ -4,15 +4,17 @@ What the other GTSRB benchmarks do not show: the step as a user runs it, on a re
 policy's attempts the only way it can (clean images held out of purification, the probes, the trigger it
 reconstructs, the trigger-free score), never with the real trigger. This script
 
-1. packages one cached candidate of ``benchmarks/gtsrb.py`` (``--cache``, ``--candidate KEY``) and registers it in
-   a fresh sqlite MLflow registry under ``--out``, as a supplier would hand it over;
+1. packages one cached candidate of ``benchmarks/gtsrb.py`` or ``benchmarks/detector.py`` (``--cache``,
+   ``--candidate KEY``; the detector's cache also holds benign models, ``attack: none``) and registers it in a fresh
+   sqlite MLflow registry under ``--out``, as a supplier would hand it over;
 2. writes a ``params.yaml`` there: ``--params`` with ``--override``'s sections in place of its own (as
    ``benchmarks/detector.py`` does), the registry, the candidate and the data (``--data``, both splits, and
    ``--clean-fraction`` of the training images) set, and runs ``nft-harden run`` on it in a subprocess, as a user
    would (every stage: prepare ... promote);
 3. then scores the shipped model (the folded package the step exported and registered) and the candidate on the
-   12,630 test images with the candidate's real trigger, which the step never saw, and prints what each attempt
-   was judged by, the gate's verdict and the real trigger's ASR before and after.
+   12,630 test images with the candidate's real trigger, which the step never saw (a benign candidate has none:
+   accuracy only), and prints what each attempt was judged by, the gate's verdict and the real trigger's ASR
+   before and after.
 
     .venv/bin/python -m benchmarks.gtsrb_step --data /data/gtsrb --candidate 10484df96d131667a5d7 \\
         --override benchmarks/params-gtsrb-fp-ftsam.yaml --out runs/bench/gtsrb-step/trojan-s0
@@ -34,6 +36,7 @@ from typing import Any
 import yaml
 from safetensors.torch import load_file
 
+from benchmarks.detector import ARCHS as DETECTOR_ARCHS
 from benchmarks.detector import load_settings
 from benchmarks.gtsrb import attack_for, data_digest, evaluate
 from harden.package import InputSpec, ModelSpec, load_package, save_package
@@ -51,8 +54,13 @@ def package_candidate(cache: Path, key: str, train_spec: str, out: Path) -> tupl
     """The cached candidate ``key`` as a package under ``out`` (the normalisation is the training images', as
     ``benchmarks/gtsrb.py`` trained it with), and the model with its record."""
     info = json.loads((cache / f"{key}.json").read_text())
-    recipe = info["recipe"]
     train = load_dataset(train_spec, train=True)
+    if "recipe" in info:  # benchmarks/gtsrb.py
+        recipe = info["recipe"]
+    else:  # benchmarks/detector.py: every attack all2one, and benign models (attack "none")
+        recipe = {"data": info["data"], "builder": DETECTOR_ARCHS[info["arch"]],
+                  "kwargs": {"num_classes": train.num_classes}}
+        info = info | {"mode": "all2one"}
     if data_digest(train) != recipe["data"]:
         raise SystemExit(f"candidate {key} was trained on other images than {train_spec}'s training split "
                          "(its normalisation is theirs): pass the data it was made from")
@@ -113,20 +121,28 @@ def main() -> None:
         raise SystemExit(f"nft-harden run exited {step.returncode} (its output above): nothing to score")
 
     test = load_dataset(args.data, train=False)
-    probe = attack_for(info["attack"], info["mode"]).probe(test)
+    benign = info["attack"] == "none"
+    # a benign candidate has no trigger: a one-image stand-in probe, and ACC alone is kept
+    stand_in = (test.images()[:1], test.y[:1], (test.y[:1] + 1) % test.num_classes)
+    probe = stand_in if benign else attack_for(info["attack"], info["mode"]).probe(test)
     before = evaluate(model, test, probe, args.device)
     attempts = json.loads((out / "runs/purify" / PurifyRecord.FILE).read_text())["attempts"]
     blessing = json.loads((out / "runs/gate" / Blessing.FILE).read_text())
     net, spec = load_package(out / "runs/fold" / PACKAGE)
     after = evaluate(spec.wrap(net).eval(), test, probe, args.device)
+    if benign:
+        before, after = {"acc": before["acc"]}, {"acc": after["acc"]}
     print(f"\ngate: {'BLESSED' if blessing['blessed'] else 'REJECTED'}")
     print("\n| attempt | time (s) | held-out checks failed | chosen |\n|---|---:|---|---|")
     for a in attempts:
         print(f"| {a.get('defense')} | {a.get('wall_time_s') or 0:.0f} | {', '.join(a.get('failed') or []) or '-'} | "
               f"{'yes' if a.get('chosen') else ''} |")
-    print(f"\nreal {info['attack']} trigger, test set: ACC {100 * before['acc']:.1f} -> {100 * after['acc']:.1f}, "
-          f"ASR {100 * before['asr']:.1f} -> {100 * after['asr']:.1f}, RA {100 * before['ra']:.1f} -> "
-          f"{100 * after['ra']:.1f}")
+    if benign:
+        print(f"\nbenign candidate, test set: ACC {100 * before['acc']:.1f} -> {100 * after['acc']:.1f}")
+    else:
+        print(f"\nreal {info['attack']} trigger, test set: ACC {100 * before['acc']:.1f} -> {100 * after['acc']:.1f}, "
+              f"ASR {100 * before['asr']:.1f} -> {100 * after['asr']:.1f}, RA {100 * before['ra']:.1f} -> "
+              f"{100 * after['ra']:.1f}")
     (out / "real_trigger.json").write_text(json.dumps({"candidate": args.candidate, "attack": info["attack"],
                                                        "before": before, "after": after,
                                                        "blessed": blessing["blessed"], "exit": step.returncode},

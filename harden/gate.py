@@ -108,6 +108,48 @@ def value_range(metric: str) -> tuple[float, float] | None:
     return next(((low, high) for pattern, low, high in RANGES if fnmatch.fnmatchcase(metric, pattern)), (0.0, 1.0))
 
 
+class Condition(BaseModel):
+    """When a check applies: the *candidate's* ``metric`` at or above ``min`` and at or below ``max``.
+
+    A check about what purification removed means something only where there was something to remove: the
+    candidate's reconstructed trigger is a trigger only when the candidate looks backdoored. Where it does not,
+    the smallest class's stamp is an ordinary adversarial patch, and any model fine-tuned from the candidate
+    obeys it as the candidate does (BENCHMARKS.md, *The step end to end on a real candidate*).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = Field(min_length=1)
+    min: float | None = None
+    max: float | None = None
+
+    @field_validator("min", "max")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"bound {value} is invalid: must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Condition:
+        where = f"condition on the candidate's {self.metric!r}"
+        if is_wildcard(self.metric) or not could_match(self.metric):
+            raise ValueError(f"{where}: must name one metric of the evaluation ({', '.join(METRIC_FAMILIES)})")
+        if self.min is None and self.max is None:
+            raise ValueError(f"{where} has no bound: set min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"{where}: min={self.min} is above max={self.max}; min must be <= max")
+        return self
+
+    def holds(self, value: float) -> bool:
+        return ((self.min is None or value >= self.min - TOLERANCE) and
+                (self.max is None or value <= self.max + TOLERANCE))
+
+    def describe(self) -> str:
+        bounds = [f">= {self.min:g}" if self.min is not None else "", f"<= {self.max:g}" if self.max is not None else ""]
+        return f"the candidate's {self.metric} {' and '.join(b for b in bounds if b)}"
+
+
 class MetricCheck(BaseModel):
     """Thresholds on one metric (or every metric matching a wildcard pattern).
 
@@ -118,6 +160,9 @@ class MetricCheck(BaseModel):
         max_drop: the hardened value may be at most this much below the candidate's (higher-is-better metrics).
         max_increase: the hardened value may be at most this much above the candidate's (lower-is-better metrics).
         direction: overrides :data:`DIRECTIONS`; needed for change thresholds on metrics it does not know.
+        when: the check applies only where the candidate meets this :class:`Condition`; elsewhere it is
+            recorded as not applied (and passes), with the candidate's value. A condition metric missing from
+            the candidate's evidence is a missing metric (``on_missing``): it never lets the check off.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -128,6 +173,7 @@ class MetricCheck(BaseModel):
     max_drop: float | None = Field(default=None, ge=0)
     max_increase: float | None = Field(default=None, ge=0)
     direction: Direction | None = None
+    when: Condition | None = None
 
     @field_validator("min", "max", "max_drop", "max_increase")
     @classmethod
@@ -267,8 +313,29 @@ def _change_check(metric: str, kind: Literal["max_drop", "max_increase"], value:
                        threshold=threshold, baseline=baseline, passed=passed, reason=reason)
 
 
+def _not_applied(check: MetricCheck, before: Mapping[str, Any], on_missing: OnMissing) -> CheckResult | None:
+    """The record of ``check`` left out by its condition, or None when it applies (no condition, or met)."""
+    when = check.when
+    if when is None:
+        return None
+    name = f"{check.metric} (when {when.describe()})"
+    if when.metric not in before:
+        return _missing(name, "condition", when.metric, None, f"the candidate's metric {when.metric!r} (the condition)",
+                        on_missing)
+    value = _number(before, when.metric, "candidate")
+    if not math.isfinite(value) or when.holds(value):  # a value that cannot be compared lets nothing off
+        return None
+    missed = when.min if when.min is not None and value < when.min - TOLERANCE else when.max
+    return CheckResult(name=name, kind="condition", metric=when.metric, value=value, threshold=missed, passed=True,
+                       reason=f"Not applied: the candidate's {when.metric} is {_fmt(value)}, and the check applies "
+                              f"only when {when.describe()}.")
+
+
 def _metric_results(check: MetricCheck, before: Mapping[str, Any], after: Mapping[str, Any],
                     on_missing: OnMissing) -> list[CheckResult]:
+    skipped = _not_applied(check, before, on_missing)
+    if skipped is not None:
+        return [skipped]
     results: list[CheckResult] = []
     matched = expand(check.metric, after)
     probe_family = check.metric.startswith(("asr/", "asr_lift/", "clean_rate/", "robust_acc/"))

@@ -138,6 +138,9 @@ class PurifyRecord(Record):
     #: every attempt of the hardening policy, in order; the one written here is ``chosen``
     attempts: list[Attempt] = []
     holdout_samples: int | None = None
+    #: the candidate's judged metrics on the same held-out images: the baseline of change checks and what a
+    #: check's condition (``when``) reads (None: nothing judged)
+    holdout_candidate: dict[str, float] | None = None
     #: ``policy.margin``: each held-out check was passed only with this much to spare (None: nothing judged)
     holdout_margin: float | None = None
 
@@ -316,7 +319,7 @@ LINKS: tuple[tuple[str, str, str], ...] = (
 )
 
 #: What a gate check compares: a bound, a change against the candidate, a fact, the probes' presence, a pattern
-CheckKind = Literal["min", "max", "max_drop", "max_increase", "fact", "probes", "pattern"]
+CheckKind = Literal["min", "max", "max_drop", "max_increase", "fact", "probes", "pattern", "condition"]
 #: Float slack of every comparison, so that a value equal to its threshold passes despite rounding.
 TOLERANCE = 1e-9
 
@@ -377,6 +380,9 @@ def _rejudge(check: CheckResult) -> bool | None:
         return value is True
     if check.kind in ("probes", "pattern") or isinstance(value, bool) or isinstance(threshold, bool):
         return None
+    if check.kind == "condition":  # left out by its condition: passes only with the candidate's value off the bound
+        return (value is not None and threshold is not None and math.isfinite(value)
+                and abs(value - threshold) > TOLERANCE)
     if value is None or threshold is None or not math.isfinite(value):
         return False
     if check.kind == "min":

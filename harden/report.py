@@ -232,14 +232,19 @@ def _identity_rows(identity: Mapping[str, Any], prefix: str = "") -> list[tuple[
     return rows
 
 
-def _attempt_rows(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
-    rows = []
+def _attempt_rows(attempts: Sequence[Attempt], candidate: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """One row per attempt, after the candidate's on the same held-out images (``candidate``, when recorded)."""
+    def judged(metrics: Mapping[str, float]) -> dict[str, Any]:
+        lifts = [v for k, v in metrics.items() if k.startswith("asr_lift/")]
+        return {"acc": metrics.get("acc"), "lift": max(lifts) if lifts else None,
+                "score": metrics.get("scan/backdoor_score")}
+
+    rows = [] if candidate is None else [
+        {"n": "", "defense": "candidate", "chosen": False, "time": None, **judged(candidate), "verdict": "baseline",
+         "css": "", "why": "what each attempt is judged against; a check with a condition (when) reads it"}]
     for n, a in enumerate(attempts, 1):
-        lifts = [v for k, v in a.holdout.items() if k.startswith("asr_lift/")]
-        rows.append({"n": n, "defense": a.defense, "chosen": a.chosen, "time": a.wall_time_s,
-                     "acc": a.holdout.get("acc"), "lift": max(lifts) if lifts else None,
-                     "score": a.holdout.get("scan/backdoor_score"), "verdict": a.verdict,
-                     "passed": bool(a.passed),
+        rows.append({"n": n, "defense": a.defense, "chosen": a.chosen, "time": a.wall_time_s, **judged(a.holdout),
+                     "verdict": a.verdict, "css": "pass" if a.passed else "fail",
                      "why": a.skipped or " ".join(a.failed) or "every judged check passed"})
     return rows
 
@@ -248,7 +253,8 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
                  after: Mapping[str, Any], blessing: Blessing, masks: Sequence[LayerMasks] | None = None,
                  history: Sequence[Mapping[str, float]] | None = None,
                  purification: Mapping[str, Any] | None = None, attempts: Sequence[Attempt] = (),
-                 holdout: int | None = None, margin: float | None = None,
+                 holdout: int | None = None, holdout_candidate: Mapping[str, float] | None = None,
+                 margin: float | None = None,
                  inversion: Mapping[str, TriggerView] | None = None,
                  title: str = "Backdoor hardening report") -> ReportFiles:
     """Write the HTML and Markdown reports, ``metrics.json``, the plots and their DVC data into ``out_dir``.
@@ -265,8 +271,9 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
         purification: summary of the purification (:func:`harden.evaluate.purification_summary`); mask
             statistics are computed from ``masks`` when it has none.
         attempts: the hardening policy's attempts (``PurifyRecord.attempts``), listed when more than one was
-            planned; ``holdout``: how many clean images judged them; ``margin``: how much to spare each held-out
-            check asked for (``policy.margin``).
+            planned; ``holdout``: how many clean images judged them; ``holdout_candidate``: the candidate's
+            metrics on those images (``PurifyRecord.holdout_candidate``), listed first; ``margin``: how much to
+            spare each held-out check asked for (``policy.margin``).
         inversion: each model's trigger reconstruction ({"candidate": ..., "hardened": ...}), plotted.
         title: report heading.
     """
@@ -299,7 +306,7 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
         "blessing": blessing, "identity": _identity_rows(identity), "rows": _table_rows(comparison),
         "per_class": per_class, "mask_layers": mask_layers or [],
         "purification": [(k, _num(v)) for k, v in purification.items() if k != "masks"],
-        "images": images, "attempts": _attempt_rows(attempts) if len(attempts) > 1 or holdout else [],
+        "images": images, "attempts": _attempt_rows(attempts, holdout_candidate) if len(attempts) > 1 or holdout else [],
         "holdout": holdout, "margin": margin,
     }
     env = _environment()

@@ -276,7 +276,8 @@ def _judge(gate: GateConfig, before: dict[str, Any], after: dict[str, Any], marg
 
 
 def _checks(gate: GateConfig, prefixes: tuple[str, ...]) -> bool:
-    return any(c.metric.startswith(prefixes) for c in gate.metrics)
+    """Whether a gate check, or a check's condition, names a metric under ``prefixes``."""
+    return any(m.startswith(prefixes) for c in gate.metrics for m in (c.metric, c.when.metric if c.when else ""))
 
 
 def trigger_free_metrics(model: torch.nn.Module, data: ImageData, probes: ProbesParams, seed: int, *,
@@ -363,8 +364,12 @@ class _Judge:
         verdict = _judge(self.gate, self.candidate, after, self.margin)
         failed = [c.reason for c in verdict.failed]
         rank = (len(_judge(self.gate, self.candidate, after, 0.0).failed), len(failed), -after["acc"])
-        return {"passed": verdict.blessed, "failed": failed,
-                "holdout": {k: v for k, v in flatten(after).items() if k.startswith(JUDGED_PREFIXES)}}, rank
+        return {"passed": verdict.blessed, "failed": failed, "holdout": _judged(after)}, rank
+
+
+def _judged(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric metrics of held-out evidence that a gate check can name (what the record keeps of it)."""
+    return {k: v for k, v in flatten(metrics).items() if k.startswith(JUDGED_PREFIXES)}
 
 
 def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: Path, clean_npz: Path, out_dir: Path,
@@ -454,6 +459,7 @@ def purify_stage(purify_params: PurifyParams, base: BaseParams, candidate_dir: P
               "versions": library_versions(),
               "attempts": [Attempt(**row, chosen=i == chosen) for i, row in enumerate(attempts)],
               "holdout_samples": len(holdout) if holdout is not None else None,
+              "holdout_candidate": None if judge is None else _judged(judge.candidate),
               "holdout_margin": policy.margin if holdout is not None else None}
     trained = result.unfolded if result.unfolded is not None else result.model
     extra = result.extra
@@ -706,7 +712,7 @@ def report_stage(params: Params, pull_dir: Path, purify_dir: Path, fold_dir: Pat
                              before=metrics.candidate, after=metrics.hardened, blessing=blessing,
                              masks=masks, history=purified.history,
                              purification=purification, attempts=purified.attempts,
-                             holdout=purified.holdout_samples,
+                             holdout=purified.holdout_samples, holdout_candidate=purified.holdout_candidate,
                              margin=purified.holdout_margin, inversion=read_triggers(Path(evaluate_dir), metrics))
         outputs = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         ReportRecord(inputs={name: chain.digest(name) for name in ("provenance", "purify", "metrics", "blessing")},

@@ -192,6 +192,11 @@ def test_the_policy_falls_back_when_the_first_purifier_fails_on_held_out_clean_d
     assert "Attempts of the hardening policy" in report and "ft (chosen)" in report
     assert "| Held-out backdoor score |" in report
     assert f"| {second['holdout']['scan/backdoor_score']:.4f} |" in report
+    # the candidate on the same held-out images, what the attempts were judged against, is recorded and listed first
+    baseline = purified["holdout_candidate"]
+    assert baseline["acc"] > first["holdout"]["acc"] and {"inverted/asr", "scan/backdoor_score"} <= set(baseline)
+    rows = [line for line in report.splitlines() if line.startswith("|  | candidate |") or line.startswith("| 1 | ft |")]
+    assert len(rows) == 2 and rows[0].startswith("|  | candidate | — | " + f"{baseline['acc']:.4f}") and "| baseline |" in rows[0]
     assert purified["holdout_margin"] == 0.01
     assert "with a margin of 0.01 on each threshold (`policy.margin`)\n(the test set is not used here)" in report
     version = versions(sqlite_uri(tmp_path), HARDENED)[-1]  # the reviewer sees what was tried on the version page

@@ -261,3 +261,62 @@ def test_the_shipped_gate_rejects_a_model_whose_reconstructed_trigger_still_work
     assert not rejected.blessed
     assert [c.metric for c in rejected.checks if not c.passed] == ["inverted/asr_lift"]
     assert evaluate_gate(shipped, before, {**after, "inverted/asr_lift": 0.049}, FACTS).blessed
+
+
+STAMP_WHEN_FLAGGED = {"metric": "inverted/asr_lift", "max": 0.10, "when": {"metric": "scan/backdoor_score", "min": 1.0}}
+
+
+@pytest.mark.parametrize("score, applied", [(0.74, False), (0.999, False), (1.0, True), (1.63, True)])
+def test_a_check_with_a_condition_applies_only_where_the_candidate_meets_it(score, applied):
+    """The stamp reconstructed from a candidate that looks benign is an ordinary adversarial patch, which any model
+    fine-tuned from it obeys: the check on it applies only when the candidate looks backdoored."""
+    before = {**BEFORE, "scan/backdoor_score": score, "inverted/asr_lift": 0.9}
+    after = {**AFTER, "inverted/asr_lift": 0.85}
+    b = evaluate_gate(gate(STAMP_WHEN_FLAGGED), before, after, FACTS)
+    assert b.blessed is not applied and b.inconsistencies() == []
+    check = next(c for c in b.checks if c.name.startswith("inverted/asr_lift"))
+    if applied:
+        assert (check.kind, check.value, check.passed) == ("max", 0.85, False)
+    else:
+        assert (check.kind, check.metric, check.value, check.threshold) == ("condition", "scan/backdoor_score", score, 1.0)
+        assert check.passed and check.reason.startswith("Not applied: the candidate's scan/backdoor_score is")
+        assert "scan/backdoor_score >= 1" in check.name
+    # where the condition holds, a hardened model the stamp no longer moves passes
+    assert evaluate_gate(gate(STAMP_WHEN_FLAGGED), before, {**after, "inverted/asr_lift": 0.02}, FACTS).blessed
+
+
+def test_a_condition_that_cannot_be_evaluated_lets_nothing_off():
+    after = {**AFTER, "inverted/asr_lift": 0.85}
+    with pytest.raises(MissingMetricError, match="the candidate's metric 'scan/backdoor_score'"):
+        evaluate_gate(gate(STAMP_WHEN_FLAGGED), BEFORE, after, FACTS)
+    b = evaluate_gate(gate(STAMP_WHEN_FLAGGED, on_missing="fail"), BEFORE, after, FACTS)
+    assert not b.blessed and only(b, "condition").passed is False
+    # a candidate value that compares with nothing (NaN) applies the check
+    nan = evaluate_gate(gate(STAMP_WHEN_FLAGGED), {**BEFORE, "scan/backdoor_score": float("nan")}, after, FACTS)
+    assert not nan.blessed and [c.kind for c in nan.failed] == ["max"]
+    # a condition with a max bound, and one with both
+    upper = {"metric": "acc", "max_drop": 0.01, "when": {"metric": "acc", "max": 0.5}}
+    assert only(evaluate_gate(gate(upper), BEFORE, AFTER, FACTS), "condition").threshold == 0.5
+    both = {"metric": "acc", "max_drop": 0.01, "when": {"metric": "acc", "min": 0.5, "max": 0.95}}
+    assert not evaluate_gate(gate(both), BEFORE, AFTER, FACTS).blessed  # 0.90 is inside: the 2-point drop fails
+
+
+def test_a_forged_condition_record_is_inconsistent():
+    before = {**BEFORE, "scan/backdoor_score": 0.74}
+    b = evaluate_gate(gate(STAMP_WHEN_FLAGGED), before, {**AFTER, "inverted/asr_lift": 0.85}, FACTS)
+    record = b.model_dump()
+    record["checks"] = [c | {"value": 1.0} if c["kind"] == "condition" else c for c in record["checks"]]
+    assert any("says passed=True" in p for p in Blessing.model_validate(record).inconsistencies())
+
+
+@pytest.mark.parametrize("when, message", [
+    ({"metric": "scan/backdoor_score"}, "has no bound"),
+    ({"metric": "asr/*", "min": 0.5}, "must name one metric"),
+    ({"metric": "scan/backdor_score", "min": 1}, "must name one metric"),
+    ({"metric": "acc", "min": 0.9, "max": 0.5}, "min=0.9 is above max=0.5"),
+    ({"metric": "acc", "min": float("inf")}, "must be a finite number"),
+    ({"metric": "acc", "min": 0.5, "above": 1}, "above"),
+])
+def test_a_condition_is_checked_when_params_load(when, message):
+    with pytest.raises(ValidationError, match=message):
+        MetricCheck(metric="acc", max_drop=0.02, when=when)

@@ -272,3 +272,24 @@ def test_each_attempt_is_asked_about_the_candidate_s_suspect_class(setup: Setup,
                                                                         label=margins["margin/target"]))
     assert held["margin/suspect_pvalue"] < held["margin/pvalue"], "a named class's p, not the largest of ten's"
     assert "inverted/norm_ratio" not in held, "no check asks for a reconstruction: none is made"
+
+
+@pytest.mark.parametrize("flag, attempts_run", [(1e6, 1), (0.0, 2)])
+def test_a_check_s_condition_reads_the_candidate_s_held_out_evidence(setup: Setup, tmp_path: Path, flag: float,
+                                                                     attempts_run: int):
+    """A check that applies only where the candidate looks backdoored (``when`` on its backdoor score) is judged
+    against the candidate's score on the same held-out images, which the record keeps; the score is measured
+    although only the condition names it. A check no model passes (acc at least 1) is let off where the candidate's
+    score is below ``flag`` (the first attempt passes), and fails every attempt where it is not."""
+    gate = GateConfig(metrics=[{"metric": "acc", "min": 1.0, "when": {"metric": "scan/backdoor_score", "min": flag}}],
+                      required_facts=[], allow_no_probes=True)
+    policy = PolicyParams(fallbacks=[purify(method="ft", epochs=0)], holdout=0.4, margin=0.0)
+    probes = EVIDENCE.model_copy(update={"margin": EVIDENCE.margin.model_copy(update={"enabled": False}),
+                                         "universal": EVIDENCE.universal.model_copy(update={"enabled": False})})
+    record = stages.purify_stage(purify(method="ft", epochs=0), BASE, setup.pull, setup.clean, tmp_path / "purify",
+                                 policy=policy, probes=probes, gate=gate, progress=False)
+    baseline = record.holdout_candidate
+    assert baseline is not None and 0 < baseline["scan/backdoor_score"] < 1e6
+    assert baseline["acc"] == pytest.approx(record.attempts[0].holdout["acc"])  # 0 epochs: the candidate itself
+    assert len(record.attempts) == attempts_run
+    assert [a.passed for a in record.attempts] == ([True] if flag else [False, False])
