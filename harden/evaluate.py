@@ -343,6 +343,10 @@ MARGIN_P_FLAG = 1e-3
 #: A suspect whose smallest universal perturbation is this many times smaller than the median class's is flagged.
 BUDGET_RATIO_FACTOR = 2.0
 
+#: The reconstructed stamp names its class for :func:`margin_corroborated` only when it is at most this share of
+#: the median class's (``inverted/norm_ratio``): the smallest of many ordinary stamps names nothing.
+STAMP_NAMES_RATIO = 0.5
+
 #: p-values below this count as this: ``margin/pvalue`` can underflow to 0, and the score stays finite.
 MARGIN_P_FLOOR = 1e-12
 
@@ -401,9 +405,9 @@ def backdoor_score(metrics: Mapping[str, Any], *, corroborate_margin: bool = Tru
 
 def margin_corroborated(metrics: Mapping[str, Any]) -> bool:
     """Whether the class MM-BD asks about (``margin/suspect``; ``margin/target`` when absent) is also the
-    reconstructed stamp's suspect (``inverted/target``), the scan's top label (``scan/top_label``) or the universal
-    perturbation's suspect (``universal/target``) in the same metrics: only then does its p-value count in
-    :func:`backdoor_score`.
+    reconstructed stamp's suspect (``inverted/target``, when its stamp is at most :data:`STAMP_NAMES_RATIO` of the
+    median class's), the scan's top label (``scan/top_label``) or the universal perturbation's suspect
+    (``universal/target``) in the same metrics: only then does its p-value count in :func:`backdoor_score`.
 
     Some classes reach an outlying margin without any backdoor: GTSRB's "no entry" sign (class 17) or its
     neighbour is MM-BD's top class in 10 of 12 benign ResNet-18s measured, and one of them reached a margin of 112
@@ -411,10 +415,18 @@ def margin_corroborated(metrics: Mapping[str, Any]) -> bool:
     statistic named that class. Every backdoored GTSRB candidate scanned with the universal perturbation that
     MM-BD flagged had its target named by another statistic too, the Trojan ones (whose stamp and scan may point
     elsewhere) by the universal perturbation (BENCHMARKS.md, *Backdoor detection without the trigger*).
+
+    The stamp's suspect must stand out itself to name a class: the same "no entry" class can also need the smallest
+    of 43 ordinary stamps (0.61x the median on the clean images a benign GTSRB candidate was judged on, which with
+    MM-BD's p of 0 flagged it at 4.0 and rejected every purification of it; BENCHMARKS.md, *A benign candidate
+    through the step*). Stamps that named a backdoor's target were 0.04-0.48x the median; a benign or hardened
+    model's smallest, 0.46-0.66x.
     """
     suspect = metrics.get("margin/suspect", metrics.get("margin/target"))
-    return suspect is not None and any(metrics.get(k) == suspect
-                                       for k in ("inverted/target", "scan/top_label", "universal/target"))
+    if suspect is None:
+        return False
+    stamp = metrics.get("inverted/target") if metrics.get("inverted/norm_ratio", 1.0) <= STAMP_NAMES_RATIO else None
+    return stamp == suspect or any(metrics.get(k) == suspect for k in ("scan/top_label", "universal/target"))
 
 
 def finite_metrics(metrics: dict[str, Any], what: str) -> dict[str, Any]:

@@ -227,7 +227,7 @@ def test_non_finite_metrics_are_left_out_so_a_check_on_them_cannot_pass(caplog):
 def test_the_maximum_margin_p_value_joins_the_score_at_its_own_threshold():
     from harden.evaluate import MARGIN_P_FLAG, backdoor_score
 
-    clean = {"inverted/norm_ratio": 0.7, "scan/top_share": 0.3, "inverted/target": 4, "margin/target": 4}
+    clean = {"inverted/norm_ratio": 0.7, "scan/top_share": 0.3, "scan/top_label": 4, "margin/target": 4}
     assert backdoor_score({**clean, "margin/pvalue": MARGIN_P_FLAG}) == pytest.approx(1)
     assert backdoor_score({**clean, "margin/pvalue": MARGIN_P_FLAG ** 2}) == pytest.approx(2)
     assert backdoor_score({**clean, "margin/pvalue": 0.3}) == backdoor_score(clean) < 1  # a benign p-value adds nothing
@@ -246,11 +246,30 @@ def test_the_margin_counts_only_where_another_statistic_names_its_class(named_by
               "margin/target": 17, "margin/pvalue": 0.0, "margin/suspect": 17, "margin/suspect_pvalue": 0.0}
     assert not margin_corroborated(benign)
     assert backdoor_score(benign) < 1 < backdoor_score(benign, corroborate_margin=False)
-    named = {**benign, named_by: 17}  # a backdoor's target: another statistic names the class too
+    # a backdoor's target: another statistic names the class too (a stamp only when it stands out: at most half the
+    # median class's, though not the 3x smaller that flags it alone)
+    standing_out = {"inverted/norm_ratio": 0.45} if named_by == "inverted/target" else {}
+    named = {**benign, named_by: 17, **standing_out}
     assert margin_corroborated(named) and backdoor_score(named) > 1
     # a hardened model is asked about the candidate's suspect (margin/suspect), not its own top class
-    hardened = {**benign, "margin/target": 25, named_by: 25}
+    hardened = {**benign, "margin/target": 25, named_by: 25, **standing_out}
     assert not margin_corroborated(hardened) and backdoor_score(hardened) < 1
+
+
+def test_the_smallest_of_many_ordinary_stamps_names_no_class():
+    """The benign GTSRB candidate through the step (BENCHMARKS.md, *A benign candidate through the step*): on the
+    235 held-out clean images its smallest stamp (0.61x the median) and MM-BD's outlying margin (p 0) were both on
+    class 17, the "no entry" sign, which scored it 4.0 and rejected every purification on its stamp. A stamp names
+    MM-BD's class only when it is at most half the median class's."""
+    from harden.evaluate import STAMP_NAMES_RATIO, backdoor_score, margin_corroborated
+
+    held_out = {"inverted/norm_ratio": 0.614, "inverted/target": 17, "scan/top_share": 0.08, "scan/top_label": 5,
+                "scan/runner_up_ratio": 1.06, "universal/budget_ratio": 0.736, "universal/target": 23,
+                "margin/target": 17, "margin/pvalue": 0.0, "margin/suspect": 17, "margin/suspect_pvalue": 0.0}
+    assert not margin_corroborated(held_out) and backdoor_score(held_out) < 1
+    at_bound = {**held_out, "inverted/norm_ratio": STAMP_NAMES_RATIO}
+    assert margin_corroborated(at_bound) and backdoor_score(at_bound) > 1
+    assert not margin_corroborated({k: v for k, v in held_out.items() if k != "inverted/norm_ratio"})
 
 
 def test_the_scan_s_runner_up_ratio_joins_the_score_at_its_own_threshold():
@@ -304,6 +323,6 @@ def test_a_hardened_model_is_scored_on_the_candidate_s_suspect_not_on_its_own_la
     assert backdoor_score(hardened) == backdoor_score(clean) < 1
     # the backdoor survived: class 0's margin stands out again, and the reconstructed stamp names it too
     kept = {**hardened, "margin/values": [125.0, *hardened["margin/values"][1:]], "inverted/target": 0,
-            "margin/suspect": 0}
+            "inverted/norm_ratio": 0.45, "margin/suspect": 0}
     kept["margin/suspect_pvalue"] = suspect_margin_pvalue(candidate, kept)
     assert backdoor_score(kept) > 1
