@@ -408,7 +408,9 @@ def evaluate_gate(config: GateConfig | Mapping[str, Any], before: Mapping[str, A
         checks += _metric_results(check, before, after, config.on_missing)
     checks += [_fact_result(name, facts, config.on_missing) for name in config.required_facts]
     failed = [c.name for c in checks if not c.passed]
-    summary = (f"Blessed: all {len(checks)} checks passed." if not failed else
+    skipped = sum(c.kind == "condition" and c.passed for c in checks)
+    aside = f" ({skipped} of them not applied: the candidate does not meet their condition)" if skipped else ""
+    summary = (f"Blessed: all {len(checks)} checks passed{aside}." if not failed else
                f"Not blessed: {len(failed)} of {len(checks)} checks failed ({'; '.join(failed)}).")
     return Blessing(inputs={}, blessed=not failed, summary=summary, checks=checks,
                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -281,6 +281,7 @@ def test_a_check_with_a_condition_applies_only_where_the_candidate_meets_it(scor
         assert (check.kind, check.metric, check.value, check.threshold) == ("condition", "scan/backdoor_score", score, 1.0)
         assert check.passed and check.reason.startswith("Not applied: the candidate's scan/backdoor_score is")
         assert "scan/backdoor_score >= 1" in check.name
+        assert b.summary.endswith("(1 of them not applied: the candidate does not meet their condition).")
     # where the condition holds, a hardened model the stamp no longer moves passes
     assert evaluate_gate(gate(STAMP_WHEN_FLAGGED), before, {**after, "inverted/asr_lift": 0.02}, FACTS).blessed
 
