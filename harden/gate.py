@@ -108,6 +108,12 @@ def value_range(metric: str) -> tuple[float, float] | None:
     return next(((low, high) for pattern, low, high in RANGES if fnmatch.fnmatchcase(metric, pattern)), (0.0, 1.0))
 
 
+def _finite(what: str, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{what} {value} is invalid: must be a finite number")
+    return value
+
+
 class Condition(BaseModel):
     """When a check applies: the *candidate's* ``metric`` at or above ``min`` and at or below ``max``.
 
@@ -126,9 +132,7 @@ class Condition(BaseModel):
     @field_validator("min", "max")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"bound {value} is invalid: must be a finite number")
-        return value
+        return _finite("bound", value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Condition:
@@ -178,9 +182,7 @@ class MetricCheck(BaseModel):
     @field_validator("min", "max", "max_drop", "max_increase")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"threshold {value} is invalid: must be a finite number")
-        return value
+        return _finite("threshold", value)
 
     @model_validator(mode="after")
     def _consistent(self) -> MetricCheck:
