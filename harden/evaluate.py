@@ -419,8 +419,9 @@ def margin_corroborated(metrics: Mapping[str, Any]) -> bool:
     The stamp's suspect must stand out itself to name a class: the same "no entry" class can also need the smallest
     of 43 ordinary stamps (0.61x the median on the clean images a benign GTSRB candidate was judged on, which with
     MM-BD's p of 0 flagged it at 4.0 and rejected every purification of it; BENCHMARKS.md, *A benign candidate
-    through the step*). Stamps that named a backdoor's target were 0.04-0.48x the median; a benign or hardened
-    model's smallest, 0.46-0.66x.
+    through the step*). In the benchmark records, stamps that named a backdoor's target with MM-BD were 0.04-0.48x
+    the median, every benign candidate's smallest 0.54-0.72x; hardened models whose smallest stamp sat on MM-BD's
+    class, 0.46-0.59x (a weak corroboration there only lets a small p-value count).
     """
     suspect = metrics.get("margin/suspect", metrics.get("margin/target"))
     if suspect is None:
