@@ -14,7 +14,10 @@ logit difference is within ``atol`` and argmax agreement is 100 %.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,9 @@ from harden.integrity import atomic_file
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+#: ONNX Runtime's own default severity for its default logger (warnings and up); it has no getter to read it back.
+ORT_DEFAULT_SEVERITY = 2
+_ORT_FATAL_ONLY = 4
 
 
 @dataclass
@@ -118,6 +124,31 @@ def onnx_session(path: str | Path) -> ort.InferenceSession:
     if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     return ort.InferenceSession(str(path), providers=providers)
+
+
+@contextlib.contextmanager
+def quiet_gpu_provider_probe() -> Iterator[None]:
+    """On a machine without a usable GPU, keep ONNX Runtime and MLflow quiet about a CUDA provider they cannot start.
+
+    MLflow's onnx flavour checks a logged model's input example by opening it with the providers its MLmodel
+    declares (CUDA first, which is right for serving). With onnxruntime-gpu on a CPU-only machine that throwaway
+    session prints a red error (the CUDA library fails to load), ONNX Runtime's warning and MLflow's, about nothing
+    the logged model carries. Within this block, where torch sees no GPU, ONNX Runtime logs only fatal errors and
+    the ``mlflow.onnx`` logger only errors; both are restored after. Where a GPU is usable, nothing is silenced: a
+    provider that fails to start there is worth hearing.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    mlflow_onnx = logging.getLogger("mlflow.onnx")
+    level = mlflow_onnx.level
+    ort.set_default_logger_severity(_ORT_FATAL_ONLY)
+    mlflow_onnx.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
+        mlflow_onnx.setLevel(level)
 
 
 def session_provider(sess: ort.InferenceSession) -> str:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -13,6 +14,7 @@ from harden.onnx_export import (
     export_onnx,
     onnx_predict_logits,
     onnx_session,
+    quiet_gpu_provider_probe,
     session_provider,
 )
 from nft_core.models import Normalized, build_model
@@ -114,3 +116,34 @@ def test_export_keeps_training_mode_and_leaves_no_temp_files(tmp_path):
 def test_bad_input_shape_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"\(3, 32\)"):
         export_onnx(_model("small_cnn", width=8), (3, 32), tmp_path / "model.onnx")
+
+
+def _session_that_warns() -> None:
+    """An ONNX Runtime session on a graph with an unused initializer: onnxruntime warns that it removes it."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.zeros(1, np.float32), "unused")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_the_quiet_provider_probe_silences_only_its_block_and_only_without_a_gpu(monkeypatch, capfd):
+    import logging
+    mlflow_onnx = logging.getLogger("mlflow.onnx")
+    level = mlflow_onnx.level
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capfd.readouterr()
+    with quiet_gpu_provider_probe():
+        _session_that_warns()
+        assert mlflow_onnx.getEffectiveLevel() == logging.ERROR
+    assert "Removing initializer" not in capfd.readouterr().err
+    _session_that_warns()  # onnxruntime's default severity is back
+    assert "Removing initializer 'unused'" in capfd.readouterr().err and mlflow_onnx.level == level
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a usable GPU: nothing is silenced
+    with quiet_gpu_provider_probe():
+        _session_that_warns()
+    assert "Removing initializer 'unused'" in capfd.readouterr().err

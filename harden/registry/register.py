@@ -34,6 +34,7 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from harden.errors import RegistryError
 from harden.integrity import sha256_file
+from harden.onnx_export import quiet_gpu_provider_probe
 from harden.package import load_package
 from harden.records import RegisteredVersion
 from harden.registry.aliases import claim_alias, mark_failed, sweep_pending
@@ -228,7 +229,7 @@ def _log_onnx(client: Client, tracking_uri: str, experiment_id: str, run_id: str
     check the logged file is byte-identical."""
     logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
     proto = onnx.load(str(onnx_path))
-    with global_tracking_uri(tracking_uri):
+    with global_tracking_uri(tracking_uri), quiet_gpu_provider_probe():
         mlflow.onnx.log_model(proto, name="model", model_id=logged.model_id, run_id=run_id,
                               signature=_onnx_signature(proto), input_example=input_example,
                               save_as_external_data=False,
