@@ -33,8 +33,8 @@ import jinja2
 import numpy as np
 
 from harden import plots
-from harden.evaluate import (BUDGET_RATIO_FACTOR, NORM_RATIO_FACTOR, RUNNER_UP_FLAG, SCAN_SHARE_FLAG, LayerMasks,
-                             compare, flatten, mask_statistics)
+from harden.evaluate import (BUDGET_RATIO_FACTOR, NORM_RATIO_FACTOR, RUNNER_UP_FLAG, SCAN_SHARE_FLAG,
+                             STAMP_NAMES_RATIO, LayerMasks, compare, flatten, mask_statistics)
 from harden.gate import Blessing
 from harden.integrity import write_bytes_atomic, write_json_atomic
 from harden.records import Attempt
@@ -61,6 +61,24 @@ PLOTS: dict[str, tuple[str, str]] = {
                           "(probes.universal.success_threshold of them); a class at or below median / "
                           f"{BUDGET_RATIO_FACTOR:g} flags the model (backdoor score >= 1)"),
 }
+
+
+def caption(key: str, before: Mapping[str, Any]) -> str:
+    """The caption of plot ``key``; the reconstructed triggers' says so when the candidate's stamp names no class.
+
+    A stamp no smaller than ``STAMP_NAMES_RATIO`` times the median class's singles out nothing: it is then most
+    likely an ordinary adversarial patch, which the candidate and every model fine-tuned from it keep obeying
+    (measured on GTSRB: BENCHMARKS.md, *The step end to end on a real candidate*), so a reviewer should not read
+    its ASR on the hardened model as the backdoor's.
+    """
+    text = PLOTS[key][1]
+    ratio = before.get("inverted/norm_ratio")
+    if key == "triggers" and isinstance(ratio, (int, float)) and ratio > STAMP_NAMES_RATIO:
+        text += (f". The candidate's smallest stamp is {ratio:.2f}x the median class's in size, above the "
+                 f"{STAMP_NAMES_RATIO:g} at or below which it names a class: it may be an ordinary adversarial patch, which models fine-tuned from the "
+                 "candidate keep obeying, so its ASR on the hardened model (inverted/asr) does not by itself tell a "
+                 "purified model from an unpurified one")
+    return text
 
 
 @dataclass(frozen=True)
@@ -295,9 +313,9 @@ def write_report(out_dir: str | Path, *, identity: Mapping[str, Any], before: Ma
     budgets = {model: m["universal/budgets"] for model, m in (("candidate", before), ("hardened", after))
                if "universal/budgets" in m}
     for key, fig in _figures(comparison, history, masks, inversion, margins, suspect, scans, budgets).items():
-        file_name, caption = PLOTS[key]
+        file_name = PLOTS[key][0]
         plot_paths[key] = plots.save_png(fig, out / "plots" / file_name)
-        images.append({"key": key, "caption": caption, "file": f"plots/{file_name}",
+        images.append({"key": key, "caption": caption(key, before), "file": f"plots/{file_name}",
                        "data": base64.b64encode(plot_paths[key].read_bytes()).decode("ascii")})
 
     per_class = [{"metric": k.split("/", 1)[1], **v} for k, v in comparison.items() if k.startswith("per_class_acc/")]

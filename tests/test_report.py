@@ -63,6 +63,8 @@ def run(tmp_path_factory):
     identity = {"name": "demo-candidate", "version": 3, "lineage": {"source": "models:/demo@candidate", "sha256": "ab|cd"}}
     triggers = {side: invert_trigger(model, test, samples=20, steps=3, batch_size=4)
                 for side, model in (("candidate", candidate), ("hardened", hardened))}
+    before.update(triggers["candidate"].metrics())
+    after.update(triggers["hardened"].metrics())
     views = {side: TriggerView(*(a.numpy() for a in t.inversion.trigger()), t.target, t.inversion.anomaly_index,
                                t.inversion.norms) for side, t in triggers.items()}
     files = write_report(tmp_path_factory.mktemp("report"), identity=identity, before=before, after=after,
@@ -197,3 +199,20 @@ def test_the_universal_plot_draws_each_model_s_median_and_the_budget_that_would_
                                    "hardened: median / 2": 15})
     bars = [patch.get_height() for patch in fig.axes[0].patches]
     assert bars == pytest.approx([10, 30, 31, 28, 30, 33])  # drawn in 1/255 steps
+
+
+def test_the_trigger_caption_warns_when_the_candidate_s_stamp_names_no_class(run):
+    """The first 12-epoch GTSRB Trojan candidate's smallest stamp was 0.63x the median class's: an adversarial patch
+    its fine-tuned models kept obeying, read by a reviewer as a surviving backdoor unless the report says so."""
+    from harden.report import PLOTS, caption
+
+    warned = caption("triggers", {"inverted/norm_ratio": 0.63})
+    assert warned.startswith(PLOTS["triggers"][1]) and "0.63x the median class's in size, above the 0.5" in warned
+    for ratio in (0.11, 0.5, float("nan"), None):
+        assert caption("triggers", {"inverted/norm_ratio": ratio}) == PLOTS["triggers"][1]
+    assert caption("inversion_norms", {"inverted/norm_ratio": 0.63}) == PLOTS["inversion_norms"][1]
+    files, before, *_ = run
+    html, md = files.html.read_text(), files.markdown.read_text()
+    names_no_class = before["inverted/norm_ratio"] > 0.5
+    assert ("may be an ordinary adversarial patch" in html) == names_no_class
+    assert ("may be an ordinary adversarial patch" in md) == names_no_class
