@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench lock lock-runtime clean
+.PHONY: install browser demo test test-fast bench lock lock-runtime clean
 
 install: $(STAMP)
 
@@ -18,10 +18,23 @@ $(STAMP): pyproject.toml constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet -e '.[local,dev]'
 	touch $(STAMP)
 
+# The MLflow UI tests render the version and run pages in headless Chromium (Debian's package, not PyPI's): installed
+# here when missing and this is a Debian machine we may administer; otherwise the message says what to install.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the MLflow UI tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "make test needs headless Chromium for the MLflow UI tests: install it (Debian: apt-get install chromium)" >&2; \
+	    exit 1; \
+	  fi; }
+
 demo: install
 	$(VENV)/bin/nft-harden demo
 
-test: install
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile
 	# strict on the library and the params schema; torch types nn.Module.__call__ as Any, hence --no-warn-return-any

@@ -66,7 +66,7 @@ PLOTS: dict[str, tuple[str, str]] = {
 def caption(key: str, before: Mapping[str, Any]) -> str:
     """The caption of plot ``key``; the reconstructed triggers' says so when the candidate's stamp names no class.
 
-    A stamp no smaller than ``STAMP_NAMES_RATIO`` times the median class's singles out nothing: it is then most
+    A stamp larger than ``STAMP_NAMES_RATIO`` times the median class's singles out nothing: it is then most
     likely an ordinary adversarial patch, which the candidate and every model fine-tuned from it keep obeying
     (measured on GTSRB: BENCHMARKS.md, *The step end to end on a real candidate*), so a reviewer should not read
     its ASR on the hardened model as the backdoor's.
@@ -75,9 +75,9 @@ def caption(key: str, before: Mapping[str, Any]) -> str:
     ratio = before.get("inverted/norm_ratio")
     if key == "triggers" and isinstance(ratio, (int, float)) and ratio > STAMP_NAMES_RATIO:
         text += (f". The candidate's smallest stamp is {ratio:.2f}x the median class's in size, above the "
-                 f"{STAMP_NAMES_RATIO:g} at or below which it names a class: it may be an ordinary adversarial patch, which models fine-tuned from the "
-                 "candidate keep obeying, so its ASR on the hardened model (inverted/asr) does not by itself tell a "
-                 "purified model from an unpurified one")
+                 f"{STAMP_NAMES_RATIO:g} at or below which it names a class: it may be an ordinary adversarial "
+                 "patch, which models fine-tuned from the candidate keep obeying, so its ASR on the hardened model "
+                 "(inverted/asr) does not by itself tell a purified model from an unpurified one")
     return text
 
 
