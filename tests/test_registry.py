@@ -220,7 +220,6 @@ def test_registered_onnx_is_a_pyfunc_model_with_baked_normalisation(sqlite_regis
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 
-
 def test_logging_the_onnx_flavour_prints_no_cuda_provider_noise_on_a_machine_without_a_gpu(
         sqlite_registry, model_name, hardened, capfd, caplog):
     """MLflow checks the input example by opening the model with the MLmodel's providers, CUDA first (kept for
@@ -236,6 +235,7 @@ def test_logging_the_onnx_flavour_prints_no_cuda_provider_noise_on_a_machine_wit
     mv = MlflowClient(sqlite_registry, sqlite_registry).get_model_version(model_name, "1")
     providers = mlflow.pyfunc.load_model(mv.source).metadata.flavors["onnx"]["providers"]
     assert providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]  # served CUDA first where there is one
+
 
 def test_a_version_in_an_artifact_store_this_environment_cannot_read_is_a_registry_error(tmp_path):
     """Issue 12: a version whose source is s3://... ended in ModuleNotFoundError (exit 1)."""
