@@ -24,8 +24,9 @@ browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian's chromium for the MLflow UI tests"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	    { DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || { \
+	      echo "apt-get could not install chromium (above); install it by hand: make test needs it" >&2; exit 1; }; \
 	  else \
 	    echo "make test needs headless Chromium for the MLflow UI tests: install it (Debian: apt-get install chromium)" >&2; \
 	    exit 1; \
